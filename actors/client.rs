@@ -1,0 +1,202 @@
+//! ClientSession: one actor per client connection.
+//!
+//! The actor is the client's address in the system: it takes [`CancelQuery`] (a CancelRequest
+//! with this client's key arrived elsewhere) and [`Kill`]. Its work runs as one future on the
+//! actor's arbiter: the login ([`client_login`](super::client_login)), the welcome
+//! (ParameterStatus, BackendKeyData, ReadyForQuery), then the [`Relay`] loop until the client
+//! leaves. The actor stops when that future ends, and gives back its `max_client_conn` slot
+//! and its cancel key.
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use actix::fut::wrap_future;
+use actix::prelude::*;
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+use crate::actors::client_login::{accept, Accepted, LoginError, Wire};
+use crate::actors::messages::{CancelQuery, Kill};
+use crate::actors::registry::Shared;
+use crate::actors::relay::{CancelState, CancelTarget, Control, Relay};
+use crate::actors::router::local_router;
+use crate::net::Socket;
+use crate::params::TrackedParams;
+use crate::protocol::backend;
+
+/// PgBouncer's `client_login_timeout` default: a client that does not finish logging in
+/// within this time is disconnected.
+const LOGIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+pub struct ClientSession {
+    shared: Arc<Shared>,
+    socket: Option<Socket>,
+    cancel: Rc<CancelState>,
+    control: mpsc::UnboundedSender<Control>,
+    control_rx: Option<mpsc::UnboundedReceiver<Control>>,
+    admitted: Rc<std::cell::Cell<bool>>,
+    process_id: Rc<std::cell::Cell<Option<i32>>>,
+}
+
+impl ClientSession {
+    pub fn new(shared: Arc<Shared>, socket: Socket) -> ClientSession {
+        let (control, control_rx) = mpsc::unbounded_channel();
+        ClientSession {
+            shared,
+            socket: Some(socket),
+            cancel: Rc::new(CancelState::default()),
+            control,
+            control_rx: Some(control_rx),
+            admitted: Rc::default(),
+            process_id: Rc::default(),
+        }
+    }
+}
+
+impl Actor for ClientSession {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let (Some(socket), Some(control_rx)) = (self.socket.take(), self.control_rx.take()) else {
+            ctx.stop();
+            return;
+        };
+        let session = Session {
+            shared: self.shared.clone(),
+            me: ctx.address(),
+            cancel: self.cancel.clone(),
+            admitted: self.admitted.clone(),
+            process_id: self.process_id.clone(),
+        };
+        ctx.spawn(
+            wrap_future(session.serve(socket, control_rx)).map(|_, _, ctx: &mut Context<Self>| ctx.stop()),
+        );
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        if self.admitted.get() {
+            self.shared.client_left();
+        }
+        if let Some(process_id) = self.process_id.get() {
+            self.shared.forget_cancel_key(process_id);
+        }
+    }
+}
+
+impl Handler<Kill> for ClientSession {
+    type Result = ();
+
+    fn handle(&mut self, msg: Kill, _: &mut Context<Self>) {
+        let _ = self.control.send(Control::Kill(msg.0));
+    }
+}
+
+impl Handler<CancelQuery> for ClientSession {
+    type Result = ();
+
+    fn handle(&mut self, _: CancelQuery, ctx: &mut Context<Self>) {
+        let Some(target) = self.cancel.target.borrow().clone() else {
+            return; // Nothing running on a server: nothing to cancel.
+        };
+        self.cancel.in_flight.set(self.cancel.in_flight.get() + 1);
+        let cancel = self.cancel.clone();
+        let control = self.control.clone();
+        ctx.spawn(wrap_future(async move {
+            if let Err(e) = send_cancel(&target).await {
+                log::warn!("could not forward cancel request to {}: {e}", target.addr);
+            }
+            cancel.in_flight.set(cancel.in_flight.get().saturating_sub(1));
+            let _ = control.send(Control::CancelDelivered);
+        }));
+    }
+}
+
+/// Sends PostgreSQL a CancelRequest with the server's real key, over a new connection, and
+/// waits until the postmaster closes it (by then the backend has been signalled).
+async fn send_cancel(target: &CancelTarget) -> std::io::Result<()> {
+    let mut socket = target.addr.connect().await?;
+    let mut request = BytesMut::new();
+    postgres_protocol::message::frontend::cancel_request(target.process_id, target.secret_key, &mut request);
+    socket.write_all(&request).await?;
+    let mut sink = [0u8; 16];
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut socket, &mut sink),
+    )
+    .await;
+    Ok(())
+}
+
+/// The session's work, run as one future on the actor's arbiter.
+struct Session {
+    shared: Arc<Shared>,
+    me: Addr<ClientSession>,
+    cancel: Rc<CancelState>,
+    admitted: Rc<std::cell::Cell<bool>>,
+    process_id: Rc<std::cell::Cell<Option<i32>>>,
+}
+
+impl Session {
+    async fn serve(self, socket: Socket, control_rx: mpsc::UnboundedReceiver<Control>) {
+        let peer = socket.peer();
+        let mut wire = Wire::new(socket);
+        let mut admitted = false;
+        let login = tokio::time::timeout(LOGIN_TIMEOUT, accept(&mut wire, &self.shared, &mut admitted)).await;
+        self.admitted.set(admitted);
+        let login = match login {
+            Ok(Ok(Accepted::Login(login))) => login,
+            Ok(Ok(Accepted::Cancel { process_id, secret_key })) => {
+                self.shared.cancel(process_id, secret_key);
+                return;
+            }
+            Ok(Err(LoginError::Refused(error))) => {
+                log::info!("client {peer}: login refused: {}", error.message);
+                error.encode(&mut wire.out);
+                let _ = wire.flush().await;
+                return;
+            }
+            Ok(Err(LoginError::Gone)) | Err(_) => return,
+        };
+        log::debug!("client {peer}: login as {} to {}", login.user, login.database);
+
+        let (process_id, secret_key) = self.shared.register_cancel_key(self.me.clone());
+        self.process_id.set(Some(process_id));
+        let config = self.shared.config();
+        let router = local_router(&login.pool);
+        let Wire { socket, inbuf, out } = wire;
+        let mut relay = Relay::new(
+            socket,
+            inbuf,
+            login.pool.clone(),
+            router,
+            TrackedParams::default(),
+            self.cancel.clone(),
+            control_rx,
+            config.general.max_packet_size,
+        );
+        relay.queue_to_client(&out);
+        let welcome = match relay.welcome().await {
+            Ok(welcome) => welcome,
+            Err(error) => {
+                let mut buf = BytesMut::new();
+                error.encode(&mut buf);
+                relay.queue_to_client(&buf);
+                relay.run_closing().await;
+                return;
+            }
+        };
+        let names = TrackedParams::names(&config.general.track_extra_parameters);
+        let (reported, tracked) = TrackedParams::for_new_client(&welcome, &login.startup, &names);
+        let mut hello = BytesMut::new();
+        for (name, value) in &reported {
+            backend::parameter_status(&mut hello, name, value);
+        }
+        backend::backend_key_data(&mut hello, process_id, secret_key);
+        backend::ready_for_query(&mut hello, b'I');
+        relay.queue_to_client(&hello);
+        relay.set_params(tracked);
+        relay.run().await;
+        log::debug!("client {peer}: closed");
+    }
+}

@@ -1,0 +1,269 @@
+//! The login phase of a client connection, before any server is involved.
+//!
+//! Reads the startup packet (answering SSLRequest and GSSENCRequest with `N` until TLS exists),
+//! recognises CancelRequests, enforces `max_client_conn` and `ignore_startup_parameters`, finds
+//! the pool, and authenticates the client against `auth_file` with the configured `auth_type`
+//! (trust, plain, md5, scram-sha-256). Every refusal is a PostgreSQL ErrorResponse with the
+//! SQLSTATE PostgreSQL or PgBouncer would use.
+
+use std::io;
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::actors::pool::PoolShared;
+use crate::actors::registry::Shared;
+use crate::auth::{md5_verify, verify_plaintext, ScramServer, Secret};
+use crate::config::{AuthType, Config};
+use crate::net::Socket;
+use crate::protocol::backend;
+use crate::protocol::error::sqlstate;
+use crate::protocol::frontend::{parse_password, parse_sasl_initial};
+use crate::protocol::startup::{parse_startup, StartupPacket};
+use crate::protocol::{frame_at, PgError};
+
+/// Authentication messages are small; a larger one is an attack or a confused client.
+const MAX_AUTH_MESSAGE: usize = 8 * 1024;
+
+/// Startup parameters PgBouncer accepts without `ignore_startup_parameters`.
+const ACCEPTED_PARAMS: &[&str] = &[
+    "user",
+    "database",
+    "application_name",
+    "client_encoding",
+    "datestyle",
+    "timezone",
+    "standard_conforming_strings",
+];
+
+/// Why a login did not complete.
+#[derive(Debug)]
+pub enum LoginError {
+    /// Tell the client, then close.
+    Refused(PgError),
+    /// The client went away (psql does this to ask for a password); nothing to say.
+    Gone,
+}
+
+impl From<PgError> for LoginError {
+    fn from(e: PgError) -> Self {
+        LoginError::Refused(e)
+    }
+}
+
+impl From<io::Error> for LoginError {
+    fn from(_: io::Error) -> Self {
+        LoginError::Gone
+    }
+}
+
+pub enum Accepted {
+    Cancel { process_id: i32, secret_key: i32 },
+    Login(Login),
+}
+
+pub struct Login {
+    pub user: String,
+    pub database: String,
+    pub startup: Vec<(String, String)>,
+    pub pool: Arc<PoolShared>,
+}
+
+/// A client socket with its read buffer, for the request/response steps of the login.
+pub struct Wire {
+    pub socket: Socket,
+    pub inbuf: BytesMut,
+    pub out: BytesMut,
+}
+
+impl Wire {
+    pub fn new(socket: Socket) -> Wire {
+        Wire { socket, inbuf: BytesMut::new(), out: BytesMut::new() }
+    }
+
+    async fn fill(&mut self) -> Result<(), LoginError> {
+        self.inbuf.reserve(1024);
+        match self.socket.read_buf(&mut self.inbuf).await? {
+            0 => Err(LoginError::Gone),
+            _ => Ok(()),
+        }
+    }
+
+    pub async fn flush(&mut self) -> io::Result<()> {
+        if !self.out.is_empty() {
+            self.socket.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    async fn read_startup(&mut self) -> Result<StartupPacket, LoginError> {
+        loop {
+            match parse_startup(&self.inbuf) {
+                Ok(Some((packet, len))) => {
+                    self.inbuf.advance(len);
+                    return Ok(packet);
+                }
+                Ok(None) => self.fill().await?,
+                Err(e) => return Err(e.to_pg().into()),
+            }
+        }
+    }
+
+    /// Reads one `p` message body (password or SASL data).
+    async fn read_password_message(&mut self) -> Result<BytesMut, LoginError> {
+        loop {
+            match frame_at(&self.inbuf, MAX_AUTH_MESSAGE) {
+                Ok(Some(frame)) if frame.tag == b'p' => {
+                    let mut message = self.inbuf.split_to(frame.len);
+                    message.advance(5);
+                    return Ok(message);
+                }
+                Ok(Some(_)) => {
+                    return Err(PgError::fatal(
+                        sqlstate::PROTOCOL_VIOLATION,
+                        "expected a password message during authentication",
+                    )
+                    .into())
+                }
+                Ok(None) => self.fill().await?,
+                Err(e) => return Err(e.to_pg().into()),
+            }
+        }
+    }
+}
+
+/// Runs the login up to and including AuthenticationOk (queued in `wire.out`, not yet sent).
+pub async fn accept(wire: &mut Wire, shared: &Shared, admitted: &mut bool) -> Result<Accepted, LoginError> {
+    let params = loop {
+        match wire.read_startup().await? {
+            StartupPacket::Ssl | StartupPacket::GssEnc => {
+                wire.socket.write_all(b"N").await?;
+            }
+            StartupPacket::Cancel { process_id, secret_key } => {
+                return Ok(Accepted::Cancel { process_id, secret_key })
+            }
+            StartupPacket::Startup { params } => break params,
+        }
+    };
+    if !shared.admit_client() {
+        return Err(PgError::fatal(
+            sqlstate::TOO_MANY_CONNECTIONS,
+            "no more connections allowed (max_client_conn)",
+        )
+        .into());
+    }
+    *admitted = true;
+    let config = shared.config();
+    let param = |name: &str| params.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+    let user = param("user").filter(|u| !u.is_empty()).ok_or_else(|| {
+        PgError::fatal(sqlstate::INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet")
+    })?;
+    let database = param("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+    check_parameters(&params, &config)?;
+    let pool = shared.pool(&database, &user)?;
+    authenticate(wire, &config, &user).await?;
+    backend::authentication_ok(&mut wire.out);
+    Ok(Accepted::Login(Login { user, database, startup: params, pool }))
+}
+
+fn check_parameters(params: &[(String, String)], config: &Config) -> Result<(), PgError> {
+    let general = &config.general;
+    for (name, _) in params {
+        let lower = name.to_ascii_lowercase();
+        if ACCEPTED_PARAMS.contains(&lower.as_str())
+            || general.track_extra_parameters.iter().any(|p| p.eq_ignore_ascii_case(name))
+            || general.ignore_startup_parameters.iter().any(|p| p.eq_ignore_ascii_case(name))
+        {
+            continue;
+        }
+        if lower == "replication" {
+            return Err(PgError::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                "replication connections are not supported",
+            ));
+        }
+        return Err(PgError::fatal(
+            sqlstate::PROTOCOL_VIOLATION,
+            format!("unsupported startup parameter: {name}"),
+        ));
+    }
+    Ok(())
+}
+
+fn auth_failed(user: &str) -> LoginError {
+    PgError::fatal(sqlstate::INVALID_PASSWORD, format!("password authentication failed for user \"{user}\""))
+        .into()
+}
+
+/// Authenticates `user` against its `auth_file` secret. An unknown user goes through the same
+/// exchange against a throwaway secret and fails the same way, so that a login attempt does
+/// not reveal which users exist.
+async fn authenticate(wire: &mut Wire, config: &Config, user: &str) -> Result<(), LoginError> {
+    let stored = config.secret(user).map(Secret::parse);
+    let has_auth_file = config.general.auth_file.is_some();
+    let known = stored.is_some();
+    let secret = stored.unwrap_or_else(|| Secret::Plain(format!("{:032x}", rand::random::<u128>())));
+    let accepted = match config.general.auth_type {
+        AuthType::Trust => known || !has_auth_file,
+        AuthType::Plain => {
+            backend::authentication_cleartext(&mut wire.out);
+            wire.flush().await?;
+            let message = wire.read_password_message().await?;
+            let password = parse_password(&message).map_err(|e| LoginError::Refused(e.to_pg()))?;
+            known && verify_plaintext(&secret, user, &password)
+        }
+        AuthType::Md5 if matches!(secret, Secret::Scram(_)) => known && scram_exchange(wire, &secret).await?,
+        AuthType::Md5 => {
+            let salt: [u8; 4] = rand::random();
+            backend::authentication_md5(&mut wire.out, salt);
+            wire.flush().await?;
+            let message = wire.read_password_message().await?;
+            let response = parse_password(&message).map_err(|e| LoginError::Refused(e.to_pg()))?;
+            known && md5_verify(&secret, user, salt, &response)
+        }
+        AuthType::ScramSha256 => {
+            if matches!(secret, Secret::Md5(_)) {
+                log::warn!("user \"{user}\": scram-sha-256 login impossible with an md5 secret in auth_file");
+                return Err(auth_failed(user));
+            }
+            known && scram_exchange(wire, &secret).await?
+        }
+    };
+    if accepted {
+        Ok(())
+    } else {
+        Err(auth_failed(user))
+    }
+}
+
+/// SCRAM-SHA-256: AuthenticationSASL, client-first, server-first, client-final, server-final.
+/// Returns whether the client proved it knows the password.
+async fn scram_exchange(wire: &mut Wire, secret: &Secret) -> Result<bool, LoginError> {
+    let mut server = match secret {
+        Secret::Scram(keys) => ScramServer::new(keys.clone()),
+        Secret::Plain(password) => ScramServer::for_plain_password(password),
+        Secret::Md5(_) => return Ok(false),
+    };
+    backend::authentication_sasl(&mut wire.out, &["SCRAM-SHA-256"]);
+    wire.flush().await?;
+    let message = wire.read_password_message().await?;
+    let (mechanism, first) = parse_sasl_initial(&message).map_err(|e| LoginError::Refused(e.to_pg()))?;
+    let refuse = |e: crate::auth::AuthError| {
+        LoginError::Refused(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))
+    };
+    ScramServer::check_mechanism(&mechanism).map_err(refuse)?;
+    let server_first = server.client_first(&first).map_err(refuse)?;
+    backend::authentication_sasl_continue(&mut wire.out, &server_first);
+    wire.flush().await?;
+    let client_final = wire.read_password_message().await?;
+    match server.client_final(&client_final) {
+        Ok(server_final) => {
+            backend::authentication_sasl_final(&mut wire.out, &server_final);
+            Ok(true)
+        }
+        Err(crate::auth::AuthError::WrongPassword) => Ok(false),
+        Err(e) => Err(refuse(e)),
+    }
+}

@@ -1,0 +1,82 @@
+//! Listener: accepts client connections on one listening socket and starts a ClientSession for
+//! each on its own arbiter.
+//!
+//! Each worker has its own TCP listener on every `listen_addr` (SO_REUSEPORT lets the kernel
+//! spread connections across workers), so accepting takes no cross-thread hop and a client's
+//! whole life stays on one worker. The Unix socket (`unix_socket_dir/.s.PGSQL.<port>`) has a
+//! single listener on the first worker. Takes no messages.
+
+use std::sync::Arc;
+
+use actix::fut::wrap_future;
+use actix::prelude::*;
+
+use crate::actors::client::ClientSession;
+use crate::actors::registry::Shared;
+use crate::net::Socket;
+
+/// A bound socket, created before the actor system starts so that bind errors stop start-up.
+pub enum BoundListener {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+pub struct Listener {
+    shared: Arc<Shared>,
+    bound: Option<BoundListener>,
+}
+
+impl Listener {
+    pub fn new(shared: Arc<Shared>, bound: BoundListener) -> Listener {
+        Listener { shared, bound: Some(bound) }
+    }
+}
+
+impl Actor for Listener {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let Some(bound) = self.bound.take() else { return };
+        let shared = self.shared.clone();
+        let accept_loop = async move {
+            match bound {
+                BoundListener::Tcp(std) => {
+                    let listener = match tokio::net::TcpListener::from_std(std) {
+                        Ok(l) => l,
+                        Err(e) => return log::error!("cannot use TCP listener: {e}"),
+                    };
+                    loop {
+                        match listener.accept().await {
+                            Ok((stream, _)) => {
+                                let _ = stream.set_nodelay(true);
+                                ClientSession::new(shared.clone(), Socket::Tcp(stream)).start();
+                            }
+                            Err(e) => accept_failed(e).await,
+                        }
+                    }
+                }
+                BoundListener::Unix(std) => {
+                    let listener = match tokio::net::UnixListener::from_std(std) {
+                        Ok(l) => l,
+                        Err(e) => return log::error!("cannot use Unix listener: {e}"),
+                    };
+                    loop {
+                        match listener.accept().await {
+                            Ok((stream, _)) => {
+                                ClientSession::new(shared.clone(), Socket::Unix(stream)).start();
+                            }
+                            Err(e) => accept_failed(e).await,
+                        }
+                    }
+                }
+            }
+        };
+        ctx.spawn(wrap_future(accept_loop));
+    }
+}
+
+/// Out of file descriptors, typically: log and back off briefly instead of spinning.
+async fn accept_failed(e: std::io::Error) {
+    log::warn!("accept failed: {e}");
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+}

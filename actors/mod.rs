@@ -1,0 +1,13 @@
+//! The live system: one actor per client session, server connection, pool and (per worker)
+//! router, under a supervisor. See README's architecture section for who sends what to whom.
+
+pub mod client;
+pub mod client_login;
+pub mod listener;
+pub mod messages;
+pub mod pool;
+pub mod registry;
+pub mod relay;
+pub mod router;
+pub mod server;
+pub mod supervisor;

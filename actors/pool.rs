@@ -1,0 +1,272 @@
+//! One pool per (database, server user): its settings, its exact limits, and its Pool actor.
+//!
+//! [`PoolShared`] is what every worker sees of a pool. Limits are atomics so that a worker can
+//! take a permit to open a server without a message to anyone, yet the totals stay exact across
+//! workers: `pool_size` (+ `reserve_pool_size` once a client waited `reserve_pool_timeout`),
+//! `max_db_connections` and `max_user_connections`. The per-worker [`Router`]s hold the idle
+//! servers and waiting clients.
+//!
+//! The [`Pool`] actor owns the pool's lifecycle policy; it takes a periodic tick in which it keeps
+//! `min_pool_size` servers open by sending [`Grow`] to a router.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use actix::prelude::*;
+
+use crate::actors::messages::{Grow, PermitFreed};
+use crate::actors::router::Router;
+use crate::auth::Secret;
+use crate::config::PoolMode;
+use crate::net::ServerAddr;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// The database name clients use (the `[databases]` key, or their own name for `*`).
+    pub database: String,
+    /// The user pgcorral logs in to PostgreSQL as.
+    pub user: String,
+}
+
+impl std::fmt::Display for PoolKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.database, self.user)
+    }
+}
+
+/// Everything needed to open and manage this pool's servers, resolved from the config.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub addr: ServerAddr,
+    pub dbname: String,
+    pub server_user: String,
+    pub password: Option<Secret>,
+    /// Sent in every server's startup packet (the `[databases]` client_encoding, datestyle, ...).
+    pub startup_params: Vec<(String, String)>,
+    pub connect_query: Option<String>,
+    pub pool_mode: PoolMode,
+    pub pool_size: usize,
+    pub reserve_pool_size: usize,
+    pub min_pool_size: usize,
+    pub max_db_connections: usize,
+    pub max_user_connections: usize,
+    pub reserve_pool_timeout: Duration,
+    pub reset_query: String,
+    pub reset_query_always: bool,
+}
+
+/// A counter with a ceiling (0 = none), shared by every worker.
+#[derive(Debug, Default)]
+pub struct Limit {
+    count: AtomicUsize,
+    max: AtomicUsize,
+}
+
+impl Limit {
+    pub fn new(max: usize) -> Limit {
+        Limit { count: AtomicUsize::new(0), max: AtomicUsize::new(max) }
+    }
+
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Takes one unit if the count stays within `max + extra`.
+    pub fn try_acquire(&self, extra: usize) -> bool {
+        let max = self.max.load(Ordering::Relaxed);
+        self.count
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (max == 0 || n < max + extra).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    pub fn release(&self) {
+        let _ = self.count.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+}
+
+/// The ParameterStatus list every new client of a pool is greeted with.
+pub type Welcome = Arc<Vec<(String, String)>>;
+
+pub struct PoolShared {
+    pub key: PoolKey,
+    settings: RwLock<Arc<PoolSettings>>,
+    servers: Limit,
+    db_limit: Arc<Limit>,
+    user_limit: Arc<Limit>,
+    /// ParameterStatus of the first server that logged in: what new clients are told.
+    welcome: RwLock<Option<Welcome>>,
+    routers: Mutex<Vec<Option<Addr<Router>>>>,
+    starving: Vec<AtomicBool>,
+}
+
+impl PoolShared {
+    pub fn new(
+        key: PoolKey,
+        settings: PoolSettings,
+        db_limit: Arc<Limit>,
+        user_limit: Arc<Limit>,
+        workers: usize,
+    ) -> PoolShared {
+        let servers = Limit::new(settings.pool_size);
+        PoolShared {
+            key,
+            settings: RwLock::new(Arc::new(settings)),
+            servers,
+            db_limit,
+            user_limit,
+            welcome: RwLock::new(None),
+            routers: Mutex::new(vec![None; workers]),
+            starving: (0..workers).map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+
+    pub fn settings(&self) -> Arc<PoolSettings> {
+        self.settings.read().unwrap().clone()
+    }
+
+    /// Applies reloaded settings; servers already open keep running and follow the new sizes
+    /// as they come and go.
+    pub fn update_settings(&self, settings: PoolSettings) {
+        self.servers.set_max(settings.pool_size);
+        self.db_limit.set_max(settings.max_db_connections);
+        self.user_limit.set_max(settings.max_user_connections);
+        *self.settings.write().unwrap() = Arc::new(settings);
+        self.wake_starving();
+    }
+
+    pub fn server_count(&self) -> usize {
+        self.servers.count()
+    }
+
+    /// A permit to open one server. `reserve` allows `reserve_pool_size` beyond `pool_size`.
+    pub fn try_acquire(&self, reserve: bool) -> bool {
+        let extra = if reserve { self.settings().reserve_pool_size } else { 0 };
+        if !self.servers.try_acquire(extra) {
+            return false;
+        }
+        if !self.db_limit.try_acquire(0) {
+            self.servers.release();
+            return false;
+        }
+        if !self.user_limit.try_acquire(0) {
+            self.db_limit.release();
+            self.servers.release();
+            return false;
+        }
+        true
+    }
+
+    /// Gives a permit back (a server closed) and tells starved routers to try again.
+    pub fn release(&self) {
+        self.user_limit.release();
+        self.db_limit.release();
+        self.servers.release();
+        self.wake_starving();
+    }
+
+    fn wake_starving(&self) {
+        let routers = self.routers.lock().unwrap();
+        for (worker, flag) in self.starving.iter().enumerate() {
+            if flag.load(Ordering::Relaxed) {
+                if let Some(router) = &routers[worker] {
+                    router.do_send(PermitFreed);
+                }
+            }
+        }
+    }
+
+    pub fn set_starving(&self, worker: usize, starving: bool) {
+        self.starving[worker].store(starving, Ordering::Relaxed);
+    }
+
+    /// Some other worker has clients waiting at the limit.
+    pub fn others_starving(&self, worker: usize) -> bool {
+        self.starving.iter().enumerate().any(|(w, f)| w != worker && f.load(Ordering::Relaxed))
+    }
+
+    pub fn router(&self, worker: usize) -> Option<Addr<Router>> {
+        self.routers.lock().unwrap()[worker].clone()
+    }
+
+    pub fn set_router(&self, worker: usize, router: Addr<Router>) {
+        self.routers.lock().unwrap()[worker] = Some(router);
+    }
+
+    pub fn all_routers(&self) -> Vec<(usize, Addr<Router>)> {
+        let routers = self.routers.lock().unwrap();
+        routers.iter().enumerate().filter_map(|(w, r)| r.clone().map(|r| (w, r))).collect()
+    }
+
+    pub fn welcome(&self) -> Option<Welcome> {
+        self.welcome.read().unwrap().clone()
+    }
+
+    pub fn set_welcome_once(&self, params: &[(String, String)]) {
+        let mut welcome = self.welcome.write().unwrap();
+        if welcome.is_none() {
+            *welcome = Some(Arc::new(params.to_vec()));
+        }
+    }
+}
+
+/// The pool's lifecycle policy.
+pub struct Pool {
+    shared: Arc<PoolShared>,
+    next_worker: usize,
+}
+
+const TICK: Duration = Duration::from_secs(1);
+
+impl Pool {
+    pub fn new(shared: Arc<PoolShared>) -> Pool {
+        Pool { shared, next_worker: 0 }
+    }
+
+    /// Keeps `min_pool_size` open, spreading the servers across workers that have a router.
+    fn keep_warm(&mut self) {
+        let min = self.shared.settings().min_pool_size;
+        let routers = self.shared.all_routers();
+        if routers.is_empty() {
+            return;
+        }
+        let missing = min.saturating_sub(self.shared.server_count());
+        for _ in 0..missing {
+            let (_, router) = &routers[self.next_worker % routers.len()];
+            self.next_worker += 1;
+            router.do_send(Grow);
+        }
+    }
+}
+
+impl Actor for Pool {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(TICK, |pool, _| pool.keep_warm());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limit_is_exact_and_zero_means_unlimited() {
+        let l = Limit::new(2);
+        assert!(l.try_acquire(0) && l.try_acquire(0));
+        assert!(!l.try_acquire(0));
+        assert!(l.try_acquire(1), "reserve allows one more");
+        assert!(!l.try_acquire(1));
+        l.release();
+        assert_eq!(l.count(), 2);
+        let unlimited = Limit::new(0);
+        assert!((0..1000).all(|_| unlimited.try_acquire(0)));
+    }
+}

@@ -1,0 +1,191 @@
+//! What every worker shares: the live configuration, the registry of pools, the client count for
+//! `max_client_conn`, and the cancel-key table.
+//!
+//! Owned by the Supervisor and handed to every actor as an `Arc`. Nothing here is touched per
+//! query: pools are looked up once per login, the cancel table once per login, logout and
+//! CancelRequest.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use actix::prelude::*;
+
+use crate::actors::client::ClientSession;
+use crate::actors::messages::CancelQuery;
+use crate::actors::pool::{Limit, Pool, PoolKey, PoolSettings, PoolShared};
+use crate::auth::Secret;
+use crate::config::Config;
+use crate::net::ServerAddr;
+use crate::protocol::error::sqlstate;
+use crate::protocol::PgError;
+
+struct CancelEntry {
+    secret_key: i32,
+    client: Addr<ClientSession>,
+}
+
+pub struct Shared {
+    config: RwLock<Arc<Config>>,
+    pools: Mutex<HashMap<PoolKey, Arc<PoolShared>>>,
+    db_limits: Mutex<HashMap<String, Arc<Limit>>>,
+    user_limits: Mutex<HashMap<String, Arc<Limit>>>,
+    clients: AtomicUsize,
+    cancel_keys: Mutex<HashMap<i32, CancelEntry>>,
+    next_process_id: AtomicI32,
+    pub workers: usize,
+    /// The Supervisor's arbiter, where Pool actors live (they are off the data path).
+    home: ArbiterHandle,
+}
+
+impl Shared {
+    pub fn new(config: Config, workers: usize, home: ArbiterHandle) -> Shared {
+        Shared {
+            config: RwLock::new(Arc::new(config)),
+            pools: Mutex::new(HashMap::new()),
+            db_limits: Mutex::new(HashMap::new()),
+            user_limits: Mutex::new(HashMap::new()),
+            clients: AtomicUsize::new(0),
+            cancel_keys: Mutex::new(HashMap::new()),
+            next_process_id: AtomicI32::new(1),
+            workers,
+            home,
+        }
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap().clone()
+    }
+
+    /// Installs a reloaded configuration: new logins use it at once, and existing pools take
+    /// their new sizes and connection settings (servers already open keep running).
+    pub fn set_config(&self, config: Config) {
+        let config = Arc::new(config);
+        *self.config.write().unwrap() = config.clone();
+        let pools: Vec<Arc<PoolShared>> = self.pools.lock().unwrap().values().cloned().collect();
+        for pool in pools {
+            if let Ok((_, settings)) = resolve(&config, &pool.key.database, &pool.key.user) {
+                pool.update_settings(settings);
+            }
+        }
+    }
+
+    /// The pool a client of `database` logging in as `user` uses, created on first use.
+    pub fn pool(&self, database: &str, user: &str) -> Result<Arc<PoolShared>, PgError> {
+        let config = self.config();
+        let (key, settings) = resolve(&config, database, user)?;
+        let mut pools = self.pools.lock().unwrap();
+        if let Some(pool) = pools.get(&key) {
+            return Ok(pool.clone());
+        }
+        let db_limit = limit_for(&self.db_limits, &key.database, settings.max_db_connections);
+        let user_limit = limit_for(&self.user_limits, &key.user, settings.max_user_connections);
+        let pool = Arc::new(PoolShared::new(key.clone(), settings, db_limit, user_limit, self.workers));
+        let for_actor = pool.clone();
+        Pool::start_in_arbiter(&self.home, move |_| Pool::new(for_actor));
+        pools.insert(key, pool.clone());
+        Ok(pool)
+    }
+
+    /// Counts a client against `max_client_conn`; false when it is over.
+    pub fn admit_client(&self) -> bool {
+        let max = self.config().general.max_client_conn;
+        self.clients.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < max).then_some(n + 1)).is_ok()
+    }
+
+    pub fn client_left(&self) {
+        let _ = self.clients.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    pub fn client_count(&self) -> usize {
+        self.clients.load(Ordering::Relaxed)
+    }
+
+    /// Gives a client its own BackendKeyData and remembers who holds it.
+    pub fn register_cancel_key(&self, client: Addr<ClientSession>) -> (i32, i32) {
+        let secret_key: i32 = rand::random();
+        let mut keys = self.cancel_keys.lock().unwrap();
+        let process_id = loop {
+            let id = self.next_process_id.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff;
+            if id != 0 && !keys.contains_key(&id) {
+                break id;
+            }
+        };
+        keys.insert(process_id, CancelEntry { secret_key, client });
+        (process_id, secret_key)
+    }
+
+    pub fn forget_cancel_key(&self, process_id: i32) {
+        self.cancel_keys.lock().unwrap().remove(&process_id);
+    }
+
+    /// Routes a CancelRequest to the client that owns the key; a wrong key is ignored, as
+    /// PostgreSQL does.
+    pub fn cancel(&self, process_id: i32, secret_key: i32) {
+        let keys = self.cancel_keys.lock().unwrap();
+        match keys.get(&process_id) {
+            Some(entry)
+                if crate::auth::constant_time_eq(
+                    &entry.secret_key.to_be_bytes(),
+                    &secret_key.to_be_bytes(),
+                ) =>
+            {
+                entry.client.do_send(CancelQuery)
+            }
+            _ => log::debug!("cancel request with an unknown key ignored"),
+        }
+    }
+}
+
+fn limit_for(limits: &Mutex<HashMap<String, Arc<Limit>>>, name: &str, max: usize) -> Arc<Limit> {
+    limits.lock().unwrap().entry(name.to_string()).or_insert_with(|| Arc::new(Limit::new(max))).clone()
+}
+
+/// Resolves the pool a client (database, user) maps to, following PgBouncer's precedence:
+/// `[users]` over `[databases]` over `[pgbouncer]`.
+pub fn resolve(config: &Config, database: &str, user: &str) -> Result<(PoolKey, PoolSettings), PgError> {
+    let entry = config.database(database).ok_or_else(|| {
+        PgError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("no such database: {database}"))
+    })?;
+    let general = &config.general;
+    let server_user = entry.user.clone().unwrap_or_else(|| user.to_string());
+    let user_entry = config.user(user);
+    let password = match &entry.password {
+        Some(password) => Some(Secret::Plain(password.clone())),
+        None => config.secret(&server_user).map(Secret::parse),
+    };
+    let mut startup_params = Vec::new();
+    for (name, value) in [
+        ("client_encoding", &entry.client_encoding),
+        ("DateStyle", &entry.datestyle),
+        ("TimeZone", &entry.timezone),
+        ("application_name", &entry.application_name),
+    ] {
+        if let Some(value) = value {
+            startup_params.push((name.to_string(), value.clone()));
+        }
+    }
+    let settings = PoolSettings {
+        addr: ServerAddr::from_host(entry.host.as_deref(), entry.port),
+        dbname: entry.dbname.clone().unwrap_or_else(|| database.to_string()),
+        server_user: server_user.clone(),
+        password,
+        startup_params,
+        connect_query: entry.connect_query.clone(),
+        pool_mode: user_entry.and_then(|u| u.pool_mode).or(entry.pool_mode).unwrap_or(general.pool_mode),
+        pool_size: user_entry
+            .and_then(|u| u.pool_size)
+            .or(entry.pool_size)
+            .unwrap_or(general.default_pool_size),
+        reserve_pool_size: entry.reserve_pool_size.unwrap_or(general.reserve_pool_size),
+        min_pool_size: entry.min_pool_size.unwrap_or(general.min_pool_size),
+        max_db_connections: entry.max_db_connections.unwrap_or(general.max_db_connections),
+        max_user_connections: user_entry
+            .and_then(|u| u.max_user_connections)
+            .unwrap_or(general.max_user_connections),
+        reserve_pool_timeout: general.reserve_pool_timeout,
+        reset_query: general.server_reset_query.clone(),
+        reset_query_always: general.server_reset_query_always,
+    };
+    Ok((PoolKey { database: database.to_string(), user: server_user }, settings))
+}

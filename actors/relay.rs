@@ -1,0 +1,482 @@
+//! The data path of one client: a single loop that moves bytes between the client socket and
+//! the socket of the server it leases, with no mailbox hop per message.
+//!
+//! The loop reads whatever is available on either side, frames it (tag + length only), forwards
+//! whole runs of messages as one slice of the read buffer, and writes both directions
+//! concurrently so that neither peer can block the other. It parses only what the pooler acts
+//! on: ReadyForQuery (transaction ends), ParameterStatus (tracked parameters). The
+//! [`TxnTracker`] decides when a server goes back to the pool.
+//!
+//! Leasing is a conversation with actors: [`Checkout`] to this worker's Router, [`Lend`] to the
+//! ServerConnection it names (which hands over its socket), [`Return`] at the end of the
+//! transaction (or session). Control reaches the loop through a channel from the ClientSession
+//! actor: a Kill, or news that a cancel it sent has been delivered.
+
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use actix::prelude::*;
+use bytes::{Buf, BytesMut};
+use tokio::io::AsyncWrite;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::actors::messages::{Checkout, Lend, Return};
+use crate::actors::pool::{PoolShared, Welcome};
+use crate::actors::router::Router;
+use crate::actors::server::{AfterLease, ServerConnection, ServerLink};
+use crate::auth::BackendLoginError;
+use crate::config::PoolMode;
+use crate::net::{ServerAddr, Socket};
+use crate::params::TrackedParams;
+use crate::protocol::backend::{parse_parameter_status, ready_for_query};
+use crate::protocol::error::sqlstate;
+use crate::protocol::{frame_at, PgError, TxnTracker};
+
+/// Stop reading a side while this much is queued for the other: backpressure, and a bound on
+/// what one client can make pgcorral buffer.
+const HIGH_WATER: usize = 256 * 1024;
+const READ_CHUNK: usize = 8 * 1024;
+/// PostgreSQL's own messages are trusted, but a corrupt length must not allocate gigabytes.
+const MAX_SERVER_MESSAGE: usize = 1 << 30;
+
+/// Instructions from the ClientSession actor to its relay loop.
+#[derive(Debug)]
+pub enum Control {
+    Kill(PgError),
+    /// A cancel request for this client has been delivered to PostgreSQL.
+    CancelDelivered,
+}
+
+/// Where to send a cancel for the query this client is running now, if any.
+#[derive(Debug, Clone)]
+pub struct CancelTarget {
+    pub addr: ServerAddr,
+    pub process_id: i32,
+    pub secret_key: i32,
+}
+
+/// Shared between the ClientSession actor (which handles CancelQuery) and its relay loop, on
+/// the same thread.
+#[derive(Debug, Default)]
+pub struct CancelState {
+    pub target: RefCell<Option<CancelTarget>>,
+    /// Cancels sent and not yet delivered: the server is not released meanwhile, so that a late
+    /// cancel can never hit the next client's query.
+    pub in_flight: Cell<u32>,
+}
+
+struct Lease {
+    server: Addr<ServerConnection>,
+    link: ServerLink,
+    from_server: BytesMut,
+    to_server: BytesMut,
+}
+
+enum Event {
+    ClientData,
+    ServerData,
+    ClientGone,
+    ServerGone,
+    Control(Control),
+}
+
+/// Why the loop ended; decides what is sent to the client and what happens to a leased server.
+enum Ending {
+    ClientLeft,
+    /// Tell the client, then close it.
+    Error(PgError),
+    ServerLost,
+}
+
+pub struct Relay {
+    client: Socket,
+    from_client: BytesMut,
+    to_client: BytesMut,
+    lease: Option<Lease>,
+    tracker: TxnTracker,
+    pool: Arc<PoolShared>,
+    router: Addr<Router>,
+    mode: PoolMode,
+    params: TrackedParams,
+    cancel: Rc<CancelState>,
+    control: mpsc::UnboundedReceiver<Control>,
+    max_packet: usize,
+    release_deferred: bool,
+}
+
+impl Relay {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: Socket,
+        from_client: BytesMut,
+        pool: Arc<PoolShared>,
+        router: Addr<Router>,
+        params: TrackedParams,
+        cancel: Rc<CancelState>,
+        control: mpsc::UnboundedReceiver<Control>,
+        max_packet: usize,
+    ) -> Relay {
+        let mode = pool.settings().pool_mode;
+        Relay {
+            client,
+            from_client,
+            to_client: BytesMut::new(),
+            lease: None,
+            tracker: TxnTracker::default(),
+            pool,
+            router,
+            mode,
+            params,
+            cancel,
+            control,
+            max_packet,
+            release_deferred: false,
+        }
+    }
+
+    /// Queues bytes for the client (the login phase's welcome messages).
+    pub fn queue_to_client(&mut self, bytes: &[u8]) {
+        self.to_client.extend_from_slice(bytes);
+    }
+
+    /// Runs until the client leaves or is disconnected; the leased server, if any, goes back
+    /// to its actor in a state that is safe for the next client.
+    pub async fn run(mut self) {
+        let ending = self.serve().await;
+        let after = match &ending {
+            Ending::ServerLost => AfterLease::Close,
+            _ => self.after_lease_on_exit(),
+        };
+        if let Some(lease) = self.lease.take() {
+            self.cancel.target.replace(None);
+            lease.server.do_send(Return { link: lease.link, after });
+        }
+        let goodbye = match ending {
+            Ending::ClientLeft => None,
+            Ending::Error(e) => Some(e),
+            Ending::ServerLost => Some(PgError::fatal(sqlstate::CONNECTION_FAILURE, "server conn crashed?")),
+        };
+        if let Some(error) = goodbye {
+            error.encode(&mut self.to_client);
+            let _ = poll_fn(|cx| flush(&mut self.client, &mut self.to_client, cx)).await;
+        }
+    }
+
+    fn after_lease_on_exit(&self) -> AfterLease {
+        let Some(lease) = &self.lease else { return AfterLease::Close };
+        let clean_wire = lease.from_server.is_empty() && lease.to_server.is_empty();
+        if !clean_wire || !self.tracker.quiet() {
+            AfterLease::Close
+        } else if self.tracker.status() != b'I' {
+            AfterLease::Rollback
+        } else if self.mode == PoolMode::Session {
+            AfterLease::Reset
+        } else {
+            AfterLease::Reuse
+        }
+    }
+
+    async fn serve(&mut self) -> Ending {
+        loop {
+            let event = poll_fn(|cx| self.poll_event(cx)).await;
+            let step = match event {
+                Event::ClientData => self.client_input().await,
+                Event::ServerData => self.server_input(),
+                Event::ClientGone => return Ending::ClientLeft,
+                Event::ServerGone => return Ending::ServerLost,
+                Event::Control(Control::Kill(error)) => return Ending::Error(error),
+                Event::Control(Control::CancelDelivered) => {
+                    self.maybe_release();
+                    Ok(())
+                }
+            };
+            if let Err(ending) = step {
+                return ending;
+            }
+        }
+    }
+
+    /// Flushes what is queued both ways, then reports the first thing that needs attention.
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        if flush(&mut self.client, &mut self.to_client, cx).is_ready_err() {
+            return Poll::Ready(Event::ClientGone);
+        }
+        if let Some(lease) = &mut self.lease {
+            if flush(&mut lease.link.socket, &mut lease.to_server, cx).is_ready_err() {
+                return Poll::Ready(Event::ServerGone);
+            }
+        }
+        if let Poll::Ready(Some(control)) = self.control.poll_recv(cx) {
+            return Poll::Ready(Event::Control(control));
+        }
+        if self.to_client.len() < HIGH_WATER {
+            if let Some(lease) = &mut self.lease {
+                match read_some(&mut lease.link.socket, &mut lease.from_server, cx) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::ServerGone),
+                    Poll::Ready(Ok(_)) => return Poll::Ready(Event::ServerData),
+                    Poll::Pending => {}
+                }
+            }
+        }
+        if self.lease.as_ref().is_none_or(|l| l.to_server.len() < HIGH_WATER) {
+            match read_some(&mut self.client, &mut self.from_client, cx) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::ClientGone),
+                Poll::Ready(Ok(_)) => return Poll::Ready(Event::ClientData),
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Forwards every complete client message, leasing a server first if none is held.
+    async fn client_input(&mut self) -> Result<(), Ending> {
+        let mut end = 0;
+        loop {
+            let frame = match frame_at(&self.from_client[end..], self.max_packet) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => return Err(Ending::Error(e.to_pg())),
+            };
+            if frame.tag == b'X' {
+                self.forward_to_server(end);
+                return Err(Ending::ClientLeft);
+            }
+            if self.lease.is_none() {
+                // Only at a message boundary with nothing pending: `end` is 0 here.
+                self.acquire().await?;
+            }
+            self.tracker.client_sent(frame.tag);
+            end += frame.len;
+        }
+        self.forward_to_server(end);
+        Ok(())
+    }
+
+    fn forward_to_server(&mut self, len: usize) {
+        if len == 0 {
+            return;
+        }
+        let chunk = self.from_client.split_to(len);
+        if let Some(lease) = &mut self.lease {
+            append(&mut lease.to_server, chunk);
+        }
+    }
+
+    /// Forwards every complete server message, watching transaction boundaries and parameters.
+    fn server_input(&mut self) -> Result<(), Ending> {
+        let Some(lease) = &mut self.lease else { return Ok(()) };
+        let mut end = 0;
+        let mut refused_block = false;
+        loop {
+            let frame = match frame_at(&lease.from_server[end..], MAX_SERVER_MESSAGE) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => {
+                    log::error!("pool {}: server sent a malformed message: {e}", self.pool.key);
+                    return Err(Ending::ServerLost);
+                }
+            };
+            let body = frame.body(&lease.from_server[end..]);
+            match frame.tag {
+                b'Z' => {
+                    self.tracker.server_sent(b'Z', body.first().copied());
+                    if self.mode == PoolMode::Statement
+                        && self.tracker.quiet()
+                        && self.tracker.status() != b'I'
+                    {
+                        refused_block = true;
+                        break;
+                    }
+                }
+                b'S' => {
+                    if let Some((name, value)) = parse_parameter_status(body) {
+                        lease.link.set_param(&name, &value);
+                        self.params.observe(&name, &value);
+                    }
+                }
+                _ => {}
+            }
+            end += frame.len;
+        }
+        let chunk = lease.from_server.split_to(end);
+        append(&mut self.to_client, chunk);
+        if refused_block {
+            return self.refuse_transaction_block();
+        }
+        self.maybe_release();
+        Ok(())
+    }
+
+    /// Statement mode: a statement opened a transaction block. Its ReadyForQuery (`T`) is
+    /// replaced by an error and an idle ReadyForQuery, and the server is rolled back.
+    fn refuse_transaction_block(&mut self) -> Result<(), Ending> {
+        let Some(lease) = &mut self.lease else { return Ok(()) };
+        let ready_len = frame_at(&lease.from_server, MAX_SERVER_MESSAGE).ok().flatten().map_or(0, |f| f.len);
+        lease.from_server.advance(ready_len);
+        PgError::error(
+            sqlstate::FEATURE_NOT_SUPPORTED,
+            "transaction blocks not allowed in statement pooling mode",
+        )
+        .encode(&mut self.to_client);
+        ready_for_query(&mut self.to_client, b'I');
+        self.tracker = TxnTracker::default();
+        self.release(AfterLease::Rollback);
+        Ok(())
+    }
+
+    /// Transaction and statement modes: the server goes back as soon as the transaction is
+    /// over and nothing is in flight, unless a cancel for it is still on its way.
+    fn maybe_release(&mut self) {
+        let Some(lease) = &self.lease else { return };
+        if self.mode == PoolMode::Session
+            || !self.tracker.idle()
+            || !lease.from_server.is_empty()
+            || !lease.to_server.is_empty()
+        {
+            return;
+        }
+        if self.cancel.in_flight.get() > 0 {
+            self.release_deferred = true;
+            return;
+        }
+        self.release(AfterLease::Reuse);
+    }
+
+    fn release(&mut self, after: AfterLease) {
+        self.release_deferred = false;
+        if let Some(lease) = self.lease.take() {
+            self.cancel.target.replace(None);
+            lease.server.do_send(Return { link: lease.link, after });
+        }
+        // An idle client should hold no buffer memory.
+        if self.from_client.is_empty() {
+            self.from_client = BytesMut::new();
+        }
+    }
+
+    /// Leases a server from this worker's Router, waiting in its FIFO queue if needed, and
+    /// brings the server's session parameters in line with this client's.
+    async fn acquire(&mut self) -> Result<(), Ending> {
+        let link = loop {
+            let (reply, answer) = oneshot::channel();
+            self.router.do_send(Checkout { reply });
+            let server = match answer.await {
+                Ok(Ok(server)) => server,
+                Ok(Err(error)) => return Err(Ending::Error(error)),
+                Err(_) => {
+                    return Err(Ending::Error(PgError::fatal(
+                        sqlstate::CONNECTION_FAILURE,
+                        format!("pool {} is shutting down", self.pool.key),
+                    )))
+                }
+            };
+            // A dead idle server answers None and stops; ask the router again.
+            if let Ok(Some(link)) = server.send(Lend).await {
+                break (server, link);
+            }
+        };
+        let (server, link) = link;
+        self.cancel.target.replace(Some(CancelTarget {
+            addr: link.addr.clone(),
+            process_id: link.process_id,
+            secret_key: link.secret_key,
+        }));
+        self.lease = Some(Lease { server, link, from_server: BytesMut::new(), to_server: BytesMut::new() });
+        self.sync_params().await
+    }
+
+    /// Sends the `SET`s that make the leased server match what this client believes.
+    async fn sync_params(&mut self) -> Result<(), Ending> {
+        let Some(lease) = &mut self.lease else { return Ok(()) };
+        let Some(sql) = self.params.sync_query(|name| lease.link.param(name)) else { return Ok(()) };
+        match lease.link.run(&sql).await {
+            Ok(()) => {
+                // The server's normalised spelling becomes what the client is compared with.
+                for name in self.params.iter().map(|(n, _)| n.to_string()).collect::<Vec<_>>() {
+                    if let Some(value) = lease.link.param(&name) {
+                        self.params.observe(&name, value);
+                    }
+                }
+                Ok(())
+            }
+            Err(BackendLoginError::Server { code, message, .. }) => Err(Ending::Error(PgError::fatal(
+                &code,
+                format!("could not restore session parameters: {message}"),
+            ))),
+            Err(_) => Err(Ending::ServerLost),
+        }
+    }
+
+    /// The ParameterStatus values of a server of this pool: cached, or learned by leasing one
+    /// (the very first client of a pool). Also surfaces a server login error to the client.
+    pub async fn welcome(&mut self) -> Result<Welcome, PgError> {
+        if let Some(welcome) = self.pool.welcome() {
+            return Ok(welcome);
+        }
+        match self.acquire().await {
+            Ok(()) => {}
+            Err(Ending::Error(e)) => return Err(e),
+            Err(_) => return Err(PgError::fatal(sqlstate::CONNECTION_FAILURE, "server conn crashed?")),
+        }
+        let welcome = self.lease.as_ref().map(|l| l.link.params.clone()).unwrap_or_default();
+        self.release(AfterLease::Reuse);
+        Ok(self.pool.welcome().unwrap_or_else(|| Arc::new(welcome)))
+    }
+
+    /// Sends what is queued for the client and ends the session (a login that failed late).
+    pub async fn run_closing(mut self) {
+        let _ = poll_fn(|cx| flush(&mut self.client, &mut self.to_client, cx)).await;
+    }
+
+    pub fn set_params(&mut self, params: TrackedParams) {
+        self.params = params;
+    }
+}
+
+/// Appends without copying when the destination is empty (the common case: one batch per read).
+fn append(dst: &mut BytesMut, chunk: BytesMut) {
+    if dst.is_empty() {
+        *dst = chunk;
+    } else {
+        dst.extend_from_slice(&chunk);
+    }
+}
+
+trait ReadyErr {
+    fn is_ready_err(&self) -> bool;
+}
+
+impl ReadyErr for Poll<io::Result<()>> {
+    fn is_ready_err(&self) -> bool {
+        matches!(self, Poll::Ready(Err(_)))
+    }
+}
+
+/// Writes as much of `buf` as the socket takes now; Ready(Ok) once it is empty.
+fn flush(socket: &mut Socket, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    while !buf.is_empty() {
+        match ready!(Pin::new(&mut *socket).poll_write(cx, buf)) {
+            Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Ok(n) => buf.advance(n),
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+    Poll::Ready(Ok(()))
+}
+
+/// Reads what is available. An empty buffer is only allocated once the socket is readable, so
+/// that thousands of idle clients hold no read buffers.
+fn read_some(socket: &mut Socket, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    if buf.capacity() == 0 {
+        ready!(socket.poll_read_ready(cx))?;
+    }
+    if buf.capacity() - buf.len() < READ_CHUNK / 2 {
+        buf.reserve(READ_CHUNK);
+    }
+    tokio_util::io::poll_read_buf(Pin::new(socket), cx, buf)
+}

@@ -1,0 +1,241 @@
+//! ServerConnection: one actor per PostgreSQL backend connection.
+//!
+//! It logs in (whatever authentication PostgreSQL asks for), then alternates between idle (it
+//! holds the socket) and lent (the socket travels in a [`ServerLink`] to the client's relay loop,
+//! so query bytes never cross a mailbox). Takes [`Lend`], [`Return`] and [`Close`]; tells its
+//! Router when it is idle ([`ServerIdle`]) and when it is gone ([`ServerGone`]), and gives its
+//! permit back to the pool when it stops, whatever the reason.
+//!
+//! Before a lease it checks that the idle socket has neither closed nor spoken out of turn (a
+//! backend terminated by `pg_terminate_backend` sends a FATAL and closes). After a lease it
+//! makes the server clean before anyone else gets it: reset query, ROLLBACK, or close.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::fut::wrap_future;
+use actix::prelude::*;
+
+use crate::actors::messages::*;
+use crate::actors::pool::{PoolSettings, PoolShared};
+use crate::actors::router::Router;
+use crate::auth::{self, BackendLoginError, LoginRequest};
+use crate::config::PoolMode;
+use crate::net::{ServerAddr, Socket};
+use crate::protocol::error::sqlstate;
+use crate::protocol::PgError;
+
+/// PgBouncer's `server_connect_timeout` default.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A logged-in server connection, as it travels between its actor and a client.
+#[derive(Debug)]
+pub struct ServerLink {
+    pub socket: Socket,
+    pub addr: ServerAddr,
+    pub process_id: i32,
+    pub secret_key: i32,
+    /// The server's current ParameterStatus values, kept up to date by whoever reads its output.
+    pub params: Vec<(String, String)>,
+}
+
+impl ServerLink {
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn set_param(&mut self, name: &str, value: &str) {
+        match self.params.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+            Some(entry) => entry.1 = value.to_string(),
+            None => self.params.push((name.to_string(), value.to_string())),
+        }
+    }
+
+    /// Runs a query of pgcorral's own, keeping the parameter cache true.
+    pub async fn run(&mut self, sql: &str) -> Result<(), BackendLoginError> {
+        let reported = auth::run_simple_query(&mut self.socket, sql).await?;
+        for (name, value) in reported {
+            self.set_param(&name, &value);
+        }
+        Ok(())
+    }
+}
+
+/// What must happen to a server when its lease ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterLease {
+    /// Clean: straight back to idle.
+    Reuse,
+    /// Session over: run `server_reset_query` first.
+    Reset,
+    /// The client left inside a transaction block with nothing in flight: roll back, then reset.
+    Rollback,
+    /// The protocol state is unknown (client left mid-query, I/O error): never lend it again.
+    Close,
+}
+
+pub struct ServerConnection {
+    pool: Arc<PoolShared>,
+    router: Addr<Router>,
+    link: Option<ServerLink>,
+    login_error: Option<PgError>,
+    close_on_return: bool,
+}
+
+impl ServerConnection {
+    pub fn new(pool: Arc<PoolShared>, router: Addr<Router>) -> ServerConnection {
+        ServerConnection { pool, router, link: None, login_error: None, close_on_return: false }
+    }
+
+    fn become_idle(&mut self, link: ServerLink, fresh: bool, ctx: &mut Context<Self>) {
+        if self.close_on_return {
+            ctx.stop();
+            return;
+        }
+        self.link = Some(link);
+        self.router.do_send(ServerIdle { server: ctx.address(), fresh });
+    }
+}
+
+/// Connects and logs in, then runs `connect_query`.
+async fn open(settings: Arc<PoolSettings>) -> Result<ServerLink, PgError> {
+    let addr = settings.addr.clone();
+    let connect_failed = |detail: String| {
+        PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("server connection failed ({addr}): {detail}"))
+    };
+    let mut socket = tokio::time::timeout(CONNECT_TIMEOUT, addr.connect())
+        .await
+        .map_err(|_| connect_failed("timed out".into()))?
+        .map_err(|e| connect_failed(e.to_string()))?;
+    let request = LoginRequest {
+        user: &settings.server_user,
+        database: &settings.dbname,
+        password: settings.password.as_ref(),
+        params: &settings.startup_params,
+    };
+    let outcome = tokio::time::timeout(CONNECT_TIMEOUT, auth::login(&mut socket, &request))
+        .await
+        .map_err(|_| connect_failed("login timed out".into()))?
+        .map_err(|e| login_error(e, &connect_failed))?;
+    let mut link = ServerLink {
+        socket,
+        addr: addr.clone(),
+        process_id: outcome.process_id,
+        secret_key: outcome.secret_key,
+        params: outcome.params,
+    };
+    if let Some(query) = &settings.connect_query {
+        link.run(query).await.map_err(|e| login_error(e, &connect_failed))?;
+    }
+    Ok(link)
+}
+
+fn login_error(e: BackendLoginError, connect_failed: &dyn Fn(String) -> PgError) -> PgError {
+    match e {
+        // The server's own words reach the client, with its SQLSTATE (e.g. 28P01, 3D000, 53300).
+        BackendLoginError::Server { code, message, .. } => {
+            PgError::fatal(&code, format!("server login failed: {message}"))
+        }
+        other => connect_failed(other.to_string()),
+    }
+}
+
+impl Actor for ServerConnection {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let settings = self.pool.settings();
+        ctx.spawn(wrap_future(open(settings)).map(|result, server: &mut Self, ctx| match result {
+            Ok(link) => {
+                server.pool.set_welcome_once(&link.params);
+                log::debug!("pool {}: new server connection {}", server.pool.key, link.process_id);
+                server.become_idle(link, true, ctx);
+            }
+            Err(error) => {
+                server.login_error = Some(error);
+                ctx.stop();
+            }
+        }));
+    }
+
+    fn stopped(&mut self, ctx: &mut Context<Self>) {
+        self.pool.release();
+        let login_error = self.login_error.take();
+        self.router.do_send(ServerGone { server: ctx.address(), login_error });
+    }
+}
+
+impl Handler<Lend> for ServerConnection {
+    type Result = Option<ServerLink>;
+
+    fn handle(&mut self, _: Lend, ctx: &mut Context<Self>) -> Option<ServerLink> {
+        let link = self.link.take()?;
+        let mut probe = [0u8; 1];
+        match link.socket.try_read(&mut probe) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Some(link),
+            _ => {
+                log::info!(
+                    "pool {}: idle server {} closed or sent data unasked; replacing it",
+                    self.pool.key,
+                    link.process_id
+                );
+                ctx.stop();
+                None
+            }
+        }
+    }
+}
+
+impl Handler<Return> for ServerConnection {
+    type Result = ();
+
+    fn handle(&mut self, msg: Return, ctx: &mut Context<Self>) {
+        let mut link = msg.link;
+        let settings = self.pool.settings();
+        let cleanup: Vec<String> = match msg.after {
+            AfterLease::Reuse if settings.reset_query_always => vec![settings.reset_query.clone()],
+            AfterLease::Reuse => Vec::new(),
+            AfterLease::Reset => vec![settings.reset_query.clone()],
+            AfterLease::Rollback
+                if settings.pool_mode == PoolMode::Session || settings.reset_query_always =>
+            {
+                vec!["ROLLBACK".into(), settings.reset_query.clone()]
+            }
+            AfterLease::Rollback => vec!["ROLLBACK".into()],
+            AfterLease::Close => {
+                ctx.stop();
+                return;
+            }
+        };
+        let cleanup: Vec<String> = cleanup.into_iter().filter(|q| !q.trim().is_empty()).collect();
+        if cleanup.is_empty() {
+            self.become_idle(link, false, ctx);
+            return;
+        }
+        let work = async move {
+            for query in &cleanup {
+                link.run(query).await?;
+            }
+            Ok::<_, BackendLoginError>(link)
+        };
+        ctx.spawn(wrap_future(work).map(|result, server: &mut Self, ctx| match result {
+            Ok(link) => server.become_idle(link, false, ctx),
+            Err(e) => {
+                log::warn!("pool {}: server cleanup failed, closing it: {e}", server.pool.key);
+                ctx.stop();
+            }
+        }));
+    }
+}
+
+impl Handler<Close> for ServerConnection {
+    type Result = ();
+
+    fn handle(&mut self, _: Close, ctx: &mut Context<Self>) {
+        if self.link.is_some() {
+            ctx.stop();
+        } else {
+            self.close_on_return = true;
+        }
+    }
+}

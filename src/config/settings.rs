@@ -1,0 +1,855 @@
+//! Typed configuration: the structs the rest of pgcorral reads, PgBouncer's
+//! defaults, and the validation of every individual setting.
+//!
+//! Keys that PgBouncer knows but pgcorral does not implement yet are listed
+//! in the `*_NOT_IMPLEMENTED` slices below. They are accepted (so an existing
+//! `pgbouncer.ini` loads unchanged) and produce one warning each. When a key
+//! gets implemented, remove it from its slice and add a match arm.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::connstr;
+use super::error::{ConfigError, Location};
+
+/// When a server connection goes back to the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolMode {
+    /// After the client disconnects.
+    Session,
+    /// After each transaction.
+    Transaction,
+    /// After each statement; multi-statement transactions are refused.
+    Statement,
+}
+
+/// How clients prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthType {
+    Trust,
+    Plain,
+    Md5,
+    ScramSha256,
+}
+
+/// Settings of the `[pgbouncer]` (alias `[pgcorral]`) section.
+#[derive(Debug, Clone)]
+pub struct General {
+    /// TCP listen addresses; `*` means all IPv4 and IPv6 addresses; empty
+    /// means Unix socket only.
+    pub listen_addr: Vec<String>,
+    pub listen_port: u16,
+    /// `None` when set to an empty value: no Unix socket.
+    pub unix_socket_dir: Option<PathBuf>,
+    pub auth_type: AuthType,
+    /// Already resolved against the main config file's directory.
+    pub auth_file: Option<PathBuf>,
+    pub pool_mode: PoolMode,
+    pub max_client_conn: usize,
+    pub default_pool_size: usize,
+    pub min_pool_size: usize,
+    pub reserve_pool_size: usize,
+    pub reserve_pool_timeout: Duration,
+    /// 0 means unlimited.
+    pub max_db_connections: usize,
+    /// 0 means unlimited.
+    pub max_user_connections: usize,
+    pub server_reset_query: String,
+    pub server_reset_query_always: bool,
+    /// Lowercased.
+    pub ignore_startup_parameters: Vec<String>,
+    /// Case kept, since the server reports these names with their case.
+    pub track_extra_parameters: Vec<String>,
+    pub max_packet_size: usize,
+    pub logfile: Option<PathBuf>,
+    pub pidfile: Option<PathBuf>,
+    pub admin_users: Vec<String>,
+    pub stats_users: Vec<String>,
+    /// pgcorral's own key: worker threads. After loading never 0 (0 in the
+    /// file means "one per CPU core" and is resolved at load time).
+    pub workers: usize,
+    pub verbose: u8,
+}
+
+impl Default for General {
+    /// PgBouncer's defaults (with `workers` still unresolved at 0).
+    fn default() -> Self {
+        General {
+            listen_addr: Vec::new(),
+            listen_port: 6432,
+            unix_socket_dir: Some(PathBuf::from("/tmp")),
+            auth_type: AuthType::Md5,
+            auth_file: None,
+            pool_mode: PoolMode::Session,
+            max_client_conn: 100,
+            default_pool_size: 20,
+            min_pool_size: 0,
+            reserve_pool_size: 0,
+            reserve_pool_timeout: Duration::from_secs(5),
+            max_db_connections: 0,
+            max_user_connections: 0,
+            server_reset_query: "DISCARD ALL".to_string(),
+            server_reset_query_always: false,
+            ignore_startup_parameters: Vec::new(),
+            track_extra_parameters: vec!["IntervalStyle".to_string()],
+            max_packet_size: 2_147_483_647,
+            logfile: None,
+            pidfile: None,
+            admin_users: Vec::new(),
+            stats_users: Vec::new(),
+            workers: 0,
+            verbose: 0,
+        }
+    }
+}
+
+/// One entry of `[databases]`.
+#[derive(Debug, Clone)]
+pub struct DatabaseEntry {
+    /// Client-side name; `*` is the fallback for names not listed.
+    pub name: String,
+    /// `None`, or a value starting with `/`, means a Unix socket directory.
+    pub host: Option<String>,
+    pub port: u16,
+    /// `None` means the same as `name` (for `*`: the client's database name).
+    pub dbname: Option<String>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub pool_size: Option<usize>,
+    pub min_pool_size: Option<usize>,
+    pub reserve_pool_size: Option<usize>,
+    pub pool_mode: Option<PoolMode>,
+    pub max_db_connections: Option<usize>,
+    pub client_encoding: Option<String>,
+    pub datestyle: Option<String>,
+    pub timezone: Option<String>,
+    pub application_name: Option<String>,
+    pub connect_query: Option<String>,
+}
+
+/// One entry of `[users]`.
+#[derive(Debug, Clone)]
+pub struct UserEntry {
+    pub name: String,
+    pub pool_mode: Option<PoolMode>,
+    pub pool_size: Option<usize>,
+    pub max_user_connections: Option<usize>,
+}
+
+/// Something in the configuration that was accepted but has no effect.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigWarning {
+    pub file: String,
+    /// 0 for settings from the environment.
+    pub line: usize,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", Location(&self.file, self.line), self.key, self.message)
+    }
+}
+
+/// A fully loaded configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The main config file.
+    pub path: PathBuf,
+    pub general: General,
+    /// In file order; a name defined twice keeps its first position and its
+    /// last definition.
+    pub databases: Vec<DatabaseEntry>,
+    pub users: Vec<UserEntry>,
+    /// `(user, secret)` pairs from `auth_file`; empty without one.
+    pub userlist: Vec<(String, String)>,
+}
+
+impl Config {
+    /// The entry for `name`, else the `*` fallback entry.
+    pub fn database(&self, name: &str) -> Option<&DatabaseEntry> {
+        self.databases
+            .iter()
+            .find(|db| db.name == name)
+            .or_else(|| self.databases.iter().find(|db| db.name == "*"))
+    }
+
+    /// The `[users]` entry for `name`, if any.
+    pub fn user(&self, name: &str) -> Option<&UserEntry> {
+        self.users.iter().find(|user| user.name == name)
+    }
+
+    /// The secret for `user` from `auth_file`, if listed.
+    pub fn secret(&self, user: &str) -> Option<&str> {
+        self.userlist.iter().find(|(name, _)| name == user).map(|(_, secret)| secret.as_str())
+    }
+}
+
+/// The message of every "accepted but ignored" warning.
+pub const NOT_IMPLEMENTED: &str = "not implemented yet by pgcorral; ignored";
+
+/// `[pgbouncer]` keys PgBouncer (1.18 up to current releases) knows that
+/// pgcorral ignores.
+pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
+    "application_name_add_host",
+    "auth_dbname",
+    "auth_hba_file",
+    "auth_ident_file",
+    "auth_ldap_options",
+    "auth_query",
+    "auth_user",
+    "autodb_idle_timeout",
+    "cancel_wait_timeout",
+    "client_idle_timeout",
+    "client_login_timeout",
+    "client_tls13_ciphers",
+    "client_tls_ca_file",
+    "client_tls_cert_file",
+    "client_tls_ciphers",
+    "client_tls_dheparams",
+    "client_tls_ecdhcurve",
+    "client_tls_key_file",
+    "client_tls_protocols",
+    "client_tls_sslmode",
+    "conffile",
+    "disable_pqexec",
+    "dns_max_ttl",
+    "dns_nxdomain_ttl",
+    "dns_zone_check_period",
+    "idle_transaction_timeout",
+    "job_name",
+    "listen_backlog",
+    "log_connections",
+    "log_disconnections",
+    "log_pooler_errors",
+    "log_stats",
+    "login_notify_message",
+    "max_db_client_connections",
+    "max_prepared_statements",
+    "max_user_client_connections",
+    "peer_id",
+    "pkt_buf",
+    "pool_idle_timeout",
+    "query_timeout",
+    "query_wait_notify",
+    "query_wait_timeout",
+    "resolv_conf",
+    "sbuf_loopcnt",
+    "scram_iterations",
+    "server_check_delay",
+    "server_check_query",
+    "server_connect_timeout",
+    "server_fast_close",
+    "server_idle_timeout",
+    "server_lifetime",
+    "server_login_retry",
+    "server_round_robin",
+    "server_tls13_ciphers",
+    "server_tls_ca_file",
+    "server_tls_cert_file",
+    "server_tls_ciphers",
+    "server_tls_key_file",
+    "server_tls_protocols",
+    "server_tls_sslmode",
+    "service_name",
+    "so_reuseport",
+    "stats_period",
+    "suspend_timeout",
+    "syslog",
+    "syslog_facility",
+    "syslog_ident",
+    "tcp_defer_accept",
+    "tcp_keepalive",
+    "tcp_keepcnt",
+    "tcp_keepidle",
+    "tcp_keepintvl",
+    "tcp_socket_buffer",
+    "tcp_user_timeout",
+    "transaction_timeout",
+    "unix_socket_group",
+    "unix_socket_mode",
+    "user",
+];
+
+/// Connection-string parameters of `[databases]` that pgcorral ignores.
+pub const DATABASE_NOT_IMPLEMENTED: &[&str] = &[
+    "auth_dbname",
+    "auth_query",
+    "auth_user",
+    "load_balance_hosts",
+    "max_db_client_connections",
+    "query_wait_timeout",
+    "server_lifetime",
+    "target_session_attrs",
+];
+
+/// Parameters of `[users]` entries that pgcorral ignores.
+pub const USER_NOT_IMPLEMENTED: &[&str] = &[
+    "client_idle_timeout",
+    "idle_transaction_timeout",
+    "max_user_client_connections",
+    "query_timeout",
+    "query_wait_timeout",
+    "reserve_pool_size",
+    "transaction_timeout",
+];
+
+/// `[pgbouncer]` keys pgcorral implements; kept for error messages.
+const PGBOUNCER_IMPLEMENTED: &[&str] = &[
+    "admin_users",
+    "auth_file",
+    "auth_type",
+    "default_pool_size",
+    "ignore_startup_parameters",
+    "listen_addr",
+    "listen_port",
+    "logfile",
+    "max_client_conn",
+    "max_db_connections",
+    "max_packet_size",
+    "max_user_connections",
+    "min_pool_size",
+    "pidfile",
+    "pool_mode",
+    "reserve_pool_size",
+    "reserve_pool_timeout",
+    "server_reset_query",
+    "server_reset_query_always",
+    "stats_users",
+    "track_extra_parameters",
+    "unix_socket_dir",
+    "verbose",
+    "workers",
+];
+
+const DATABASE_IMPLEMENTED: &[&str] = &[
+    "dbname",
+    "host",
+    "port",
+    "user",
+    "password",
+    "pool_size",
+    "min_pool_size",
+    "reserve_pool_size",
+    "reserve_pool",
+    "pool_mode",
+    "max_db_connections",
+    "client_encoding",
+    "datestyle",
+    "timezone",
+    "application_name",
+    "connect_query",
+];
+
+const USER_IMPLEMENTED: &[&str] = &["pool_mode", "pool_size", "max_user_connections"];
+
+const PEER_KEYS: &[&str] = &["host", "port", "pool_size"];
+
+const AUTH_TYPES_NOT_IMPLEMENTED: &[&str] = &["any", "cert", "hba", "ldap", "pam"];
+
+/// One value to validate, with where it came from.
+pub(crate) struct Setting<'a> {
+    /// Name used in messages: a `[pgbouncer]` key, or `entry: param` for a
+    /// parameter inside a connection string.
+    pub key: &'a str,
+    pub value: &'a str,
+    pub file: &'a str,
+    pub line: usize,
+}
+
+impl Setting<'_> {
+    fn invalid(&self, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_string(),
+            line: self.line,
+            key: self.key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn warning(&self, message: &str) -> ConfigWarning {
+        ConfigWarning {
+            file: self.file.to_string(),
+            line: self.line,
+            key: self.key.to_string(),
+            message: message.to_string(),
+        }
+    }
+
+    fn usize(&self) -> Result<usize, ConfigError> {
+        self.value
+            .parse()
+            .map_err(|_| self.invalid(format!("expected a non-negative integer, got {:?}", self.value)))
+    }
+
+    fn port(&self) -> Result<u16, ConfigError> {
+        match self.value.parse::<u16>() {
+            Ok(port) if port != 0 => Ok(port),
+            _ => {
+                Err(self.invalid(format!("expected a port number between 1 and 65535, got {:?}", self.value)))
+            }
+        }
+    }
+
+    fn bool(&self) -> Result<bool, ConfigError> {
+        match self.value.to_ascii_lowercase().as_str() {
+            "1" | "yes" | "true" | "on" => Ok(true),
+            "0" | "no" | "false" | "off" => Ok(false),
+            _ => Err(self.invalid(format!(
+                "expected a boolean (1/0, yes/no, true/false, on/off), got {:?}",
+                self.value
+            ))),
+        }
+    }
+
+    fn seconds(&self) -> Result<Duration, ConfigError> {
+        self.value
+            .parse::<f64>()
+            .ok()
+            .filter(|secs| secs.is_finite())
+            .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+            .ok_or_else(|| {
+                self.invalid(format!(
+                    "expected a non-negative number of seconds such as 5 or 0.5, got {:?}",
+                    self.value
+                ))
+            })
+    }
+
+    fn pool_mode(&self) -> Result<PoolMode, ConfigError> {
+        match self.value.to_ascii_lowercase().as_str() {
+            "session" => Ok(PoolMode::Session),
+            "transaction" => Ok(PoolMode::Transaction),
+            "statement" => Ok(PoolMode::Statement),
+            _ => Err(self
+                .invalid(format!("expected one of session, transaction, statement, got {:?}", self.value))),
+        }
+    }
+
+    fn auth_type(&self) -> Result<AuthType, ConfigError> {
+        let value = self.value.to_ascii_lowercase();
+        match value.as_str() {
+            "trust" => Ok(AuthType::Trust),
+            "plain" => Ok(AuthType::Plain),
+            "md5" => Ok(AuthType::Md5),
+            "scram-sha-256" => Ok(AuthType::ScramSha256),
+            other if AUTH_TYPES_NOT_IMPLEMENTED.contains(&other) => Err(self.invalid(format!(
+                "auth_type = {other} is not implemented yet; \
+                 supported: trust, plain, md5, scram-sha-256"
+            ))),
+            _ => Err(self
+                .invalid(format!("expected one of trust, plain, md5, scram-sha-256, got {:?}", self.value))),
+        }
+    }
+
+    fn path(&self) -> Option<PathBuf> {
+        (!self.value.is_empty()).then(|| PathBuf::from(self.value))
+    }
+
+    fn u8(&self) -> Result<u8, ConfigError> {
+        self.value
+            .parse()
+            .map_err(|_| self.invalid(format!("expected an integer between 0 and 255, got {:?}", self.value)))
+    }
+}
+
+/// Splits a comma list, trimming spaces and dropping empty items.
+fn list(value: &str) -> Vec<String> {
+    value.split(',').map(str::trim).filter(|item| !item.is_empty()).map(str::to_string).collect()
+}
+
+/// Applies one `[pgbouncer]` setting to `general`. Returns a warning when the
+/// key is known to PgBouncer but ignored by pgcorral. `base_dir` is the
+/// directory of the main config file, for relative `auth_file` paths.
+pub(crate) fn apply_general(
+    general: &mut General,
+    setting: &Setting<'_>,
+    base_dir: &Path,
+) -> Result<Option<ConfigWarning>, ConfigError> {
+    let s = setting;
+    match s.key {
+        "listen_addr" => general.listen_addr = list(s.value),
+        "listen_port" => general.listen_port = s.port()?,
+        "unix_socket_dir" => general.unix_socket_dir = s.path(),
+        "auth_type" => general.auth_type = s.auth_type()?,
+        "auth_file" => general.auth_file = s.path().map(|p| base_dir.join(p)),
+        "pool_mode" => general.pool_mode = s.pool_mode()?,
+        "max_client_conn" => general.max_client_conn = s.usize()?,
+        "default_pool_size" => general.default_pool_size = s.usize()?,
+        "min_pool_size" => general.min_pool_size = s.usize()?,
+        "reserve_pool_size" => general.reserve_pool_size = s.usize()?,
+        "reserve_pool_timeout" => general.reserve_pool_timeout = s.seconds()?,
+        "max_db_connections" => general.max_db_connections = s.usize()?,
+        "max_user_connections" => general.max_user_connections = s.usize()?,
+        "server_reset_query" => general.server_reset_query = s.value.to_string(),
+        "server_reset_query_always" => general.server_reset_query_always = s.bool()?,
+        "ignore_startup_parameters" => {
+            general.ignore_startup_parameters = list(&s.value.to_ascii_lowercase())
+        }
+        "track_extra_parameters" => general.track_extra_parameters = list(s.value),
+        "max_packet_size" => general.max_packet_size = s.usize()?,
+        "logfile" => general.logfile = s.path(),
+        "pidfile" => general.pidfile = s.path(),
+        "admin_users" => general.admin_users = list(s.value),
+        "stats_users" => general.stats_users = list(s.value),
+        "workers" => general.workers = s.usize()?,
+        "verbose" => general.verbose = s.u8()?,
+        key if PGBOUNCER_NOT_IMPLEMENTED.contains(&key) => {
+            return Ok(Some(s.warning(NOT_IMPLEMENTED)));
+        }
+        _ => {
+            return Err(s.invalid(format!(
+                "unknown setting (neither a PgBouncer nor a pgcorral key); \
+                 pgcorral implements: {}",
+                PGBOUNCER_IMPLEMENTED.join(", ")
+            )))
+        }
+    }
+    Ok(None)
+}
+
+/// Where a `[databases]`/`[users]`/`[peers]` line is, and what it says.
+pub(crate) struct Line<'a> {
+    pub name: &'a str,
+    pub value: &'a str,
+    pub file: &'a str,
+    pub line: usize,
+}
+
+impl Line<'_> {
+    fn invalid(&self, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_string(),
+            line: self.line,
+            key: self.name.to_string(),
+            message,
+        }
+    }
+
+    fn pairs(&self) -> Result<Vec<(String, String)>, ConfigError> {
+        connstr::parse(self.value).map_err(|err| self.invalid(format!("bad connection string: {err}")))
+    }
+
+    /// Runs `apply` for each parameter with a [`Setting`] named
+    /// `entry: param`, collecting one warning per ignored parameter.
+    fn each_param(
+        &self,
+        kind: &str,
+        implemented: &[&str],
+        not_implemented: &[&str],
+        mut apply: impl FnMut(&str, &Setting<'_>) -> Result<(), ConfigError>,
+    ) -> Result<Vec<ConfigWarning>, ConfigError> {
+        let mut warnings: Vec<ConfigWarning> = Vec::new();
+        for (param, value) in self.pairs()? {
+            let key = format!("{}: {param}", self.name);
+            let setting = Setting { key: &key, value: &value, file: self.file, line: self.line };
+            if implemented.contains(&param.as_str()) {
+                apply(&param, &setting)?;
+            } else if not_implemented.contains(&param.as_str()) {
+                if !warnings.iter().any(|w| w.key == key) {
+                    warnings.push(setting.warning(NOT_IMPLEMENTED));
+                }
+            } else {
+                return Err(self.invalid(format!(
+                    "unknown parameter {param:?} in the settings of {kind} {:?}; known: {}",
+                    self.name,
+                    implemented.iter().chain(not_implemented).copied().collect::<Vec<_>>().join(", ")
+                )));
+            }
+        }
+        Ok(warnings)
+    }
+}
+
+/// Parses one `[databases]` line.
+pub(crate) fn parse_database(line: &Line<'_>) -> Result<(DatabaseEntry, Vec<ConfigWarning>), ConfigError> {
+    if line.name.eq_ignore_ascii_case("pgbouncer") {
+        return Err(
+            line.invalid("the database name \"pgbouncer\" is reserved for the admin console".to_string())
+        );
+    }
+    let mut db = DatabaseEntry {
+        name: line.name.to_string(),
+        host: None,
+        port: 5432,
+        dbname: None,
+        user: None,
+        password: None,
+        pool_size: None,
+        min_pool_size: None,
+        reserve_pool_size: None,
+        pool_mode: None,
+        max_db_connections: None,
+        client_encoding: None,
+        datestyle: None,
+        timezone: None,
+        application_name: None,
+        connect_query: None,
+    };
+    let warnings =
+        line.each_param("database", DATABASE_IMPLEMENTED, DATABASE_NOT_IMPLEMENTED, |param, s| {
+            let text = Some(s.value.to_string());
+            match param {
+                "dbname" => db.dbname = text,
+                "host" => db.host = text,
+                "port" => db.port = s.port()?,
+                "user" => db.user = text,
+                "password" => db.password = text,
+                "pool_size" => db.pool_size = Some(s.usize()?),
+                "min_pool_size" => db.min_pool_size = Some(s.usize()?),
+                // `reserve_pool` is the older spelling PgBouncer still accepts.
+                "reserve_pool_size" | "reserve_pool" => db.reserve_pool_size = Some(s.usize()?),
+                "pool_mode" => db.pool_mode = Some(s.pool_mode()?),
+                "max_db_connections" => db.max_db_connections = Some(s.usize()?),
+                "client_encoding" => db.client_encoding = text,
+                "datestyle" => db.datestyle = text,
+                "timezone" => db.timezone = text,
+                "application_name" => db.application_name = text,
+                "connect_query" => db.connect_query = text,
+                _ => unreachable!("{param} is listed in DATABASE_IMPLEMENTED"),
+            }
+            Ok(())
+        })?;
+    Ok((db, warnings))
+}
+
+/// Parses one `[users]` line.
+pub(crate) fn parse_user(line: &Line<'_>) -> Result<(UserEntry, Vec<ConfigWarning>), ConfigError> {
+    let mut user = UserEntry {
+        name: line.name.to_string(),
+        pool_mode: None,
+        pool_size: None,
+        max_user_connections: None,
+    };
+    let warnings = line.each_param("user", USER_IMPLEMENTED, USER_NOT_IMPLEMENTED, |param, s| {
+        match param {
+            "pool_mode" => user.pool_mode = Some(s.pool_mode()?),
+            "pool_size" => user.pool_size = Some(s.usize()?),
+            "max_user_connections" => user.max_user_connections = Some(s.usize()?),
+            _ => unreachable!("{param} is listed in USER_IMPLEMENTED"),
+        }
+        Ok(())
+    })?;
+    Ok((user, warnings))
+}
+
+/// Validates one `[peers]` line; peering is not implemented, so the result
+/// is only the warning saying so.
+pub(crate) fn parse_peer(line: &Line<'_>) -> Result<ConfigWarning, ConfigError> {
+    if !matches!(line.name.parse::<u16>(), Ok(id) if id != 0) {
+        return Err(line.invalid(format!("expected a peer id between 1 and 65535, got {:?}", line.name)));
+    }
+    let mut has_host = false;
+    line.each_param("peer", PEER_KEYS, &[], |param, s| {
+        match param {
+            "host" => has_host = true,
+            "port" => {
+                s.port()?;
+            }
+            "pool_size" => {
+                s.usize()?;
+            }
+            _ => unreachable!("{param} is listed in PEER_KEYS"),
+        }
+        Ok(())
+    })?;
+    if !has_host {
+        return Err(line.invalid("a peer needs host=".to_string()));
+    }
+    Ok(ConfigWarning {
+        file: line.file.to_string(),
+        line: line.line,
+        key: line.name.to_string(),
+        message: NOT_IMPLEMENTED.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setting<'a>(key: &'a str, value: &'a str) -> Setting<'a> {
+        Setting { key, value, file: "pgbouncer.ini", line: 7 }
+    }
+
+    fn apply(key: &str, value: &str) -> Result<(General, Option<ConfigWarning>), ConfigError> {
+        let mut general = General::default();
+        let warning = apply_general(&mut general, &setting(key, value), Path::new("/etc/pgb"))?;
+        Ok((general, warning))
+    }
+
+    fn err(key: &str, value: &str) -> String {
+        apply(key, value).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn value_forms() {
+        assert_eq!(
+            apply("reserve_pool_timeout", "0.5").unwrap().0.reserve_pool_timeout,
+            Duration::from_millis(500)
+        );
+        assert!(apply("server_reset_query_always", "on").unwrap().0.server_reset_query_always);
+        assert!(!apply("server_reset_query_always", "0").unwrap().0.server_reset_query_always);
+        assert_eq!(
+            apply("auth_file", "users.txt").unwrap().0.auth_file,
+            Some(PathBuf::from("/etc/pgb/users.txt"))
+        );
+        assert_eq!(
+            apply("auth_file", "/abs/users.txt").unwrap().0.auth_file,
+            Some(PathBuf::from("/abs/users.txt"))
+        );
+        assert_eq!(apply("unix_socket_dir", "").unwrap().0.unix_socket_dir, None);
+        assert_eq!(apply("admin_users", " a, ,b ,").unwrap().0.admin_users, ["a", "b"]);
+        assert_eq!(
+            apply("ignore_startup_parameters", "Extra_Float_Digits, options")
+                .unwrap()
+                .0
+                .ignore_startup_parameters,
+            ["extra_float_digits", "options"]
+        );
+        assert_eq!(
+            apply("track_extra_parameters", "search_path, IntervalStyle").unwrap().0.track_extra_parameters,
+            ["search_path", "IntervalStyle"]
+        );
+        assert_eq!(apply("auth_type", "SCRAM-SHA-256").unwrap().0.auth_type, AuthType::ScramSha256);
+        assert_eq!(apply("pool_mode", "statement").unwrap().0.pool_mode, PoolMode::Statement);
+    }
+
+    #[test]
+    fn bad_values() {
+        assert_eq!(
+            err("default_pool_size", "twenty"),
+            "pgbouncer.ini:7: default_pool_size: expected a non-negative integer, got \"twenty\""
+        );
+        assert!(err("max_client_conn", "-1").contains("non-negative integer, got \"-1\""));
+        assert!(err("listen_port", "70000").contains("between 1 and 65535, got \"70000\""));
+        assert!(err("listen_port", "0").contains("between 1 and 65535"));
+        assert!(err("pool_mode", "sessions").contains("session, transaction, statement"));
+        assert!(err("reserve_pool_timeout", "-1").contains("seconds"));
+        assert!(err("reserve_pool_timeout", "inf").contains("seconds"));
+        assert!(err("server_reset_query_always", "maybe").contains("boolean"));
+        assert!(err("verbose", "300").contains("between 0 and 255"));
+        assert!(err("auth_type", "password").contains("expected one of trust"));
+        assert_eq!(
+            err("auth_type", "hba"),
+            "pgbouncer.ini:7: auth_type: auth_type = hba is not implemented yet; \
+             supported: trust, plain, md5, scram-sha-256"
+        );
+        assert!(err("frobnicate", "1").starts_with("pgbouncer.ini:7: frobnicate: unknown setting"));
+    }
+
+    #[test]
+    fn every_not_implemented_key_warns() {
+        for key in PGBOUNCER_NOT_IMPLEMENTED {
+            assert!(!PGBOUNCER_IMPLEMENTED.contains(key), "{key} is in both lists");
+            let warning = apply(key, "whatever").unwrap().1.unwrap();
+            assert_eq!(
+                warning.to_string(),
+                format!("pgbouncer.ini:7: {key}: not implemented yet by pgcorral; ignored")
+            );
+        }
+        for key in PGBOUNCER_IMPLEMENTED {
+            // Implemented keys never warn (values chosen to be valid for all).
+            let value = if *key == "auth_type" {
+                "md5"
+            } else if *key == "pool_mode" {
+                "session"
+            } else {
+                "1"
+            };
+            assert!(apply(key, value).unwrap().1.is_none(), "{key}");
+        }
+    }
+
+    fn line<'a>(name: &'a str, value: &'a str) -> Line<'a> {
+        Line { name, value, file: "pgbouncer.ini", line: 3 }
+    }
+
+    #[test]
+    fn database_entries() {
+        let (db, warnings) = parse_database(&line(
+            "Analytics",
+            "host=/var/run/postgresql port=6543 dbname=ana user=u password='p w' \
+             pool_size=10 min_pool_size=1 reserve_pool=2 pool_mode=Transaction \
+             max_db_connections=50 client_encoding=UTF8 datestyle=ISO timezone=UTC \
+             application_name=app connect_query='SELECT 1'",
+        ))
+        .unwrap();
+        assert!(warnings.is_empty());
+        assert_eq!(db.name, "Analytics");
+        assert_eq!(db.host.as_deref(), Some("/var/run/postgresql"));
+        assert_eq!(db.port, 6543);
+        assert_eq!(db.dbname.as_deref(), Some("ana"));
+        assert_eq!(db.password.as_deref(), Some("p w"));
+        assert_eq!(db.pool_size, Some(10));
+        assert_eq!(db.min_pool_size, Some(1));
+        assert_eq!(db.reserve_pool_size, Some(2));
+        assert_eq!(db.pool_mode, Some(PoolMode::Transaction));
+        assert_eq!(db.max_db_connections, Some(50));
+        assert_eq!(db.connect_query.as_deref(), Some("SELECT 1"));
+        assert_eq!(db.application_name.as_deref(), Some("app"));
+
+        let (db, _) = parse_database(&line("foodb", "")).unwrap();
+        assert_eq!((db.host, db.port, db.dbname), (None, 5432, None));
+    }
+
+    #[test]
+    fn database_errors_and_warnings() {
+        let err = parse_database(&line("mydb", "host=a bogus=1")).unwrap_err().to_string();
+        assert!(
+            err.starts_with(
+                "pgbouncer.ini:3: mydb: unknown parameter \"bogus\" in the settings of database \"mydb\""
+            ),
+            "{err}"
+        );
+        let err = parse_database(&line("mydb", "port=x")).unwrap_err().to_string();
+        assert_eq!(err, "pgbouncer.ini:3: mydb: port: expected a port number between 1 and 65535, got \"x\"");
+        let err = parse_database(&line("mydb", "pool_mode=fast")).unwrap_err().to_string();
+        assert!(err.contains("mydb: pool_mode: expected one of session"), "{err}");
+        let err = parse_database(&line("mydb", "host='x")).unwrap_err().to_string();
+        assert!(err.contains("mydb: bad connection string: unterminated"), "{err}");
+        let err = parse_database(&line("pgbouncer", "host=a")).unwrap_err().to_string();
+        assert!(err.contains("reserved"), "{err}");
+
+        let (_, warnings) =
+            parse_database(&line("mydb", "host=a server_lifetime=10 auth_user=x server_lifetime=20"))
+                .unwrap();
+        let shown: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "pgbouncer.ini:3: mydb: server_lifetime: not implemented yet by pgcorral; ignored",
+                "pgbouncer.ini:3: mydb: auth_user: not implemented yet by pgcorral; ignored",
+            ]
+        );
+    }
+
+    #[test]
+    fn user_entries() {
+        let (user, warnings) =
+            parse_user(&line("Batch", "pool_mode=session max_user_connections=5 pool_size=2")).unwrap();
+        assert!(warnings.is_empty());
+        assert_eq!(user.name, "Batch");
+        assert_eq!(user.pool_mode, Some(PoolMode::Session));
+        assert_eq!(user.max_user_connections, Some(5));
+        assert_eq!(user.pool_size, Some(2));
+        let (_, warnings) = parse_user(&line("b", "query_timeout=5")).unwrap();
+        assert_eq!(warnings.len(), 1);
+        let err = parse_user(&line("b", "host=x")).unwrap_err().to_string();
+        assert!(err.contains("unknown parameter \"host\" in the settings of user \"b\""), "{err}");
+        let err = parse_user(&line("b", "pool_mode=transactional")).unwrap_err().to_string();
+        assert!(err.contains("b: pool_mode: expected one of"), "{err}");
+    }
+
+    #[test]
+    fn peers() {
+        let warning = parse_peer(&line("1", "host=/tmp/p1 port=5555 pool_size=3")).unwrap();
+        assert_eq!(warning.to_string(), "pgbouncer.ini:3: 1: not implemented yet by pgcorral; ignored");
+        assert!(parse_peer(&line("0", "host=a")).is_err());
+        assert!(parse_peer(&line("x", "host=a")).is_err());
+        assert!(parse_peer(&line("2", "port=1")).unwrap_err().to_string().contains("host="));
+        assert!(parse_peer(&line("2", "host=a dbname=x")).is_err());
+    }
+}

@@ -1,0 +1,179 @@
+//! Process plumbing around the actor system: binding the listening sockets, the pidfile,
+//! `-d` (detach) and `-u` (switch user), done before any thread starts.
+
+use std::fs;
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use socket2::{Domain, Socket as RawSocket, Type};
+
+use crate::actors::listener::BoundListener;
+use crate::config::General;
+
+/// PgBouncer's `listen_backlog` default is 128; a burst of `pgbench -C` clients needs more.
+const LISTEN_BACKLOG: i32 = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: io::Error },
+    #[error("listen_addr {0}: cannot resolve")]
+    Resolve(String),
+    #[error("pidfile {path}: {source}")]
+    Pidfile { path: String, source: io::Error },
+    #[error("pidfile {0} exists and process {1} is running: is another pgcorral running?")]
+    AlreadyRunning(String, i32),
+    #[error("no listen_addr and no unix_socket_dir: nothing to listen on")]
+    NothingToListenOn,
+    #[error("user {0}: {1}")]
+    User(String, String),
+    #[error("cannot detach: {0}")]
+    Detach(io::Error),
+}
+
+/// Binds every listening socket: for each TCP address one socket per worker (SO_REUSEPORT),
+/// and the Unix socket once. Returns the listeners grouped by worker.
+pub fn bind_listeners(general: &General, workers: usize) -> Result<Vec<Vec<BoundListener>>, DaemonError> {
+    let mut per_worker: Vec<Vec<BoundListener>> = (0..workers).map(|_| Vec::new()).collect();
+    for addr in tcp_addresses(general)? {
+        for listeners in per_worker.iter_mut() {
+            match bind_tcp(addr) {
+                Ok(l) => listeners.push(BoundListener::Tcp(l)),
+                // `*` includes IPv6, which some machines lack; IPv4 alone is still useful.
+                Err(e) if addr.is_ipv6() && general.listen_addr.iter().any(|a| a == "*") => {
+                    log::warn!("not listening on {addr}: {e}");
+                    break;
+                }
+                Err(e) => return Err(DaemonError::Bind { addr: addr.to_string(), source: e }),
+            }
+        }
+    }
+    if let Some(dir) = &general.unix_socket_dir {
+        let path = dir.join(format!(".s.PGSQL.{}", general.listen_port));
+        let listener = bind_unix(&path)
+            .map_err(|e| DaemonError::Bind { addr: path.display().to_string(), source: e })?;
+        per_worker[0].push(BoundListener::Unix(listener));
+    }
+    if per_worker.iter().all(|l| l.is_empty()) {
+        return Err(DaemonError::NothingToListenOn);
+    }
+    Ok(per_worker)
+}
+
+fn tcp_addresses(general: &General) -> Result<Vec<SocketAddr>, DaemonError> {
+    let mut addrs = Vec::new();
+    for host in &general.listen_addr {
+        if host == "*" {
+            addrs.push(SocketAddr::from(([0, 0, 0, 0], general.listen_port)));
+            addrs.push(SocketAddr::from(([0u16; 8], general.listen_port)));
+            continue;
+        }
+        let resolved = (host.as_str(), general.listen_port)
+            .to_socket_addrs()
+            .map_err(|_| DaemonError::Resolve(host.clone()))?;
+        for addr in resolved {
+            if !addrs.contains(&addr) {
+                addrs.push(addr);
+            }
+        }
+    }
+    Ok(addrs)
+}
+
+fn bind_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = RawSocket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+fn bind_unix(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
+    // A socket file left by a crashed process would make bind fail; a live one would answer.
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(io::ErrorKind::AddrInUse, "another server is listening there"));
+        }
+        fs::remove_file(path)?;
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    listener.set_nonblocking(true)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o777))?;
+    Ok(listener)
+}
+
+/// Removes the pidfile when dropped.
+pub struct Pidfile(PathBuf);
+
+impl Pidfile {
+    pub fn create(path: &Path) -> Result<Pidfile, DaemonError> {
+        let err = |source| DaemonError::Pidfile { path: path.display().to_string(), source };
+        if let Ok(text) = fs::read_to_string(path) {
+            if let Ok(pid) = text.trim().parse::<i32>() {
+                // SAFETY: kill with signal 0 only checks that the process exists.
+                if pid > 0 && unsafe { libc::kill(pid, 0) } == 0 {
+                    return Err(DaemonError::AlreadyRunning(path.display().to_string(), pid));
+                }
+            }
+        }
+        fs::write(path, format!("{}\n", std::process::id())).map_err(err)?;
+        Ok(Pidfile(path.to_path_buf()))
+    }
+}
+
+impl Drop for Pidfile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// `-d`: fork, let the parent exit, start a new session, and drop the terminal.
+pub fn detach() -> Result<(), DaemonError> {
+    // SAFETY: called before any thread exists; the child continues with a copy of this
+    // single-threaded process, the parent exits at once.
+    unsafe {
+        match libc::fork() {
+            -1 => return Err(DaemonError::Detach(io::Error::last_os_error())),
+            0 => {}
+            _ => libc::_exit(0),
+        }
+        if libc::setsid() == -1 {
+            return Err(DaemonError::Detach(io::Error::last_os_error()));
+        }
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            libc::dup2(null, 0);
+            libc::dup2(null, 1);
+            libc::dup2(null, 2);
+            if null > 2 {
+                libc::close(null);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `-u user`: switch to that user's uid and gid (only possible as root).
+pub fn switch_user(name: &str) -> Result<(), DaemonError> {
+    let cname =
+        std::ffi::CString::new(name).map_err(|_| DaemonError::User(name.into(), "invalid name".into()))?;
+    // SAFETY: getpwnam returns a pointer into static storage, read before any other call.
+    unsafe {
+        let pw = libc::getpwnam(cname.as_ptr());
+        if pw.is_null() {
+            return Err(DaemonError::User(name.into(), "no such user".into()));
+        }
+        let (uid, gid) = ((*pw).pw_uid, (*pw).pw_gid);
+        if libc::setgid(gid) != 0 || libc::initgroups(cname.as_ptr(), gid) != 0 || libc::setuid(uid) != 0 {
+            return Err(DaemonError::User(name.into(), io::Error::last_os_error().to_string()));
+        }
+    }
+    Ok(())
+}

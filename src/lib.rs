@@ -1,0 +1,17 @@
+//! pgcorral: a PostgreSQL connection pooler built as an actor system on actix, reading
+//! PgBouncer's configuration unchanged.
+//!
+//! `src/` holds the plumbing (wire protocol, configuration, authentication, sockets, process
+//! handling); `actors/` holds the live system. README's architecture section has the map.
+
+pub mod auth;
+pub mod config;
+pub mod daemon;
+pub mod logging;
+pub mod net;
+pub mod params;
+pub mod protocol;
+pub mod version;
+
+#[path = "../actors/mod.rs"]
+pub mod actors;

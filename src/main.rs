@@ -1,0 +1,105 @@
+//! The `pgcorral` command: PgBouncer's command line, then the actor system until a signal
+//! stops it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use clap::{ArgAction, Parser};
+
+use pgcorral::actors::registry::Shared;
+use pgcorral::actors::supervisor::Supervisor;
+use pgcorral::config::Config;
+use pgcorral::{daemon, logging, version};
+
+#[derive(Parser)]
+#[command(name = "pgcorral", version = version::VERSION, disable_version_flag = true,
+          about = "PostgreSQL connection pooler; reads pgbouncer.ini")]
+struct Args {
+    /// Run in the background (detach from the terminal)
+    #[arg(short = 'd', long = "daemon")]
+    daemon: bool,
+    /// Log nothing to stderr
+    #[arg(short = 'q', long = "quiet")]
+    quiet: bool,
+    /// More verbose logging; repeat for more
+    #[arg(short = 'v', long = "verbose", action = ArgAction::Count)]
+    verbose: u8,
+    /// Switch to this user at start-up
+    #[arg(short = 'u', long = "user")]
+    user: Option<String>,
+    /// Check the configuration file and exit (0 if valid, 1 if not)
+    #[arg(long = "check")]
+    check: bool,
+    /// Print the version and exit
+    #[arg(short = 'V', long = "version", action = ArgAction::Version)]
+    version: Option<bool>,
+    /// The configuration file (pgbouncer.ini format)
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let (config, warnings) = match Config::load(&args.config) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("pgcorral: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.check {
+        for warning in &warnings {
+            eprintln!("pgcorral: warning: {warning}");
+        }
+        println!("{}: configuration OK", args.config.display());
+        return ExitCode::SUCCESS;
+    }
+    match run(args, config, warnings) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            eprintln!("pgcorral: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(
+    args: Args,
+    config: Config,
+    warnings: Vec<pgcorral::config::ConfigWarning>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let general = config.general.clone();
+    logging::init(
+        general.verbose.saturating_add(args.verbose),
+        args.quiet || args.daemon,
+        general.logfile.as_deref(),
+    )?;
+    for warning in &warnings {
+        log::warn!("{warning}");
+    }
+    if let Some(user) = &args.user {
+        daemon::switch_user(user)?;
+    }
+    let workers = general.workers.max(1);
+    // Bind before detaching so that an address in use is reported on the terminal.
+    let listeners = daemon::bind_listeners(&general, workers)?;
+    if args.daemon {
+        daemon::detach()?;
+    }
+    let _pidfile = match &general.pidfile {
+        Some(path) => Some(daemon::Pidfile::create(path)?),
+        None => None,
+    };
+    log::info!("{} listening on port {}", version::VERSION, general.listen_port);
+    let system = System::new();
+    let config_path = std::fs::canonicalize(&args.config).unwrap_or(args.config);
+    system.block_on(async move {
+        let shared = Arc::new(Shared::new(config, workers, Arbiter::current()));
+        Supervisor::new(shared, config_path, listeners).start();
+    });
+    system.run()?;
+    log::info!("pgcorral stopped");
+    Ok(())
+}

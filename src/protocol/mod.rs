@@ -1,0 +1,23 @@
+//! The PostgreSQL v3 wire protocol as a pooler needs it.
+//!
+//! postgres-protocol only speaks the client side; a pooler must also frame what clients send,
+//! read startup packets, and write the backend messages a server would (authentication
+//! requests, ParameterStatus, errors). Everything here is pure: no sockets, only bytes.
+//!
+//! - [`framing`]: finding message boundaries in a read buffer, with the `max_packet_size` cap.
+//! - [`startup`]: the untagged first packet (StartupMessage, SSLRequest, GSSENCRequest, CancelRequest).
+//! - [`backend`]: writers for the messages pgcorral sends to clients as if it were PostgreSQL.
+//! - [`frontend`]: the few client messages pgcorral reads itself (password, SASL) and writes to servers.
+//! - [`error`]: `PgError`, an ErrorResponse with its SQLSTATE, and the protocol's own errors.
+//! - [`tracker`]: the transaction-boundary state machine that decides when a server can be released.
+
+pub mod backend;
+pub mod error;
+pub mod framing;
+pub mod frontend;
+pub mod startup;
+pub mod tracker;
+
+pub use error::{PgError, ProtocolError};
+pub use framing::{frame_at, Frame};
+pub use tracker::TxnTracker;
