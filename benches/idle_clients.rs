@@ -56,7 +56,9 @@ fn main() {
     }
 
     println!();
-    println!("Idle clients through each pooler (transaction mode, default_pool_size 20), RSS from /proc VmRSS:");
+    println!(
+        "Idle clients through each pooler (transaction mode, default_pool_size 20), RSS from /proc VmRSS:"
+    );
     println!();
     println!("| pooler | clients | RSS before | RSS after | KiB per idle client |");
     println!("|---|---:|---:|---:|---:|");
@@ -208,7 +210,10 @@ impl Daemon {
             // the parent-death signal, so it must be set afterwards.
             unsafe {
                 cmd.pre_exec(move || {
-                    if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
+                    if libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setgid(gid) != 0
+                        || libc::setuid(uid) != 0
+                    {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
@@ -218,7 +223,8 @@ impl Daemon {
         let child = support::spawn_supervised(cmd).map_err(|e| format!("spawn {}: {e}", binary.display()))?;
         let mut daemon = Daemon { port, dir, child };
         let listening = support::wait_until(Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() || matches!(daemon.child.try_wait(), Ok(Some(_)))
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                || matches!(daemon.child.try_wait(), Ok(Some(_)))
         });
         if listening && matches!(daemon.child.try_wait(), Ok(None)) {
             Ok(daemon)

@@ -1,0 +1,268 @@
+#!/usr/bin/env bash
+# pgbench comparison of direct PostgreSQL, Debian's PgBouncer and pgcorral:
+# the project's performance report. Prints a Markdown table of median tps and
+# latency per workload. See benches/README.md.
+#
+#   benches/compare.sh                       # RUNS=3 DURATION=10 SCALE=10
+#   PGCORRAL=/path/to/pgcorral RUNS=5 benches/compare.sh
+#
+# Env: RUNS, DURATION (s per pgbench run), SCALE, PGCORRAL (binary; default:
+# cargo build --release), AUTH (md5|trust, default md5), ONLY (regex on
+# workload names), RAW (file to append per-run results to), PG_BIN.
+set -euo pipefail
+
+# One line per table row: "name|pgbench args|targets". -T, -n and the
+# connection options are added by run_pgbench.
+WORKLOADS=(
+  "select-only|-S -c 50 -j 2|direct pgbouncer pgcorral"
+  "tpcb-like|-c 50 -j 2|direct pgbouncer pgcorral"
+  "select-only, new connection per tx|-S -C -c 20 -j 2|direct pgbouncer pgcorral"
+)
+
+RUNS=${RUNS:-3}
+DURATION=${DURATION:-10}
+SCALE=${SCALE:-10}
+AUTH=${AUTH:-md5}
+ONLY=${ONLY:-}
+RAW=${RAW:-}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BENCH_USER=bench
+BENCH_PASSWORD=bench-pass
+
+log() { printf '%s\n' "$*" >&2; }
+die() { log "compare.sh: $*"; exit 1; }
+
+case $AUTH in md5|trust) ;; *) die "AUTH must be md5 or trust" ;; esac
+
+if [[ -z ${PG_BIN:-} ]]; then
+  for v in 17 16 15 14 13; do
+    if [[ -x /usr/lib/postgresql/$v/bin/initdb ]]; then PG_BIN=/usr/lib/postgresql/$v/bin; break; fi
+  done
+fi
+[[ -n ${PG_BIN:-} ]] || die "PostgreSQL server binaries not found; set PG_BIN"
+
+# PostgreSQL and PgBouncer refuse to run as root; setpriv (unlike runuser)
+# execs in place, so $! is the daemon itself and signals reach it.
+AS_PG=()
+[[ $(id -u) == 0 ]] && AS_PG=(setpriv --reuid=postgres --regid=postgres --init-groups --)
+as_pg() { "${AS_PG[@]}" "$@"; }
+
+install_pgbouncer() {
+  command -v pgbouncer >/dev/null || [[ -x /usr/sbin/pgbouncer ]] && return
+  [[ $(id -u) == 0 ]] || die "pgbouncer is not installed (apt-get install pgbouncer)"
+  log "installing Debian's pgbouncer"
+  # The package would start its own system-wide service; policy-rc.d vetoes
+  # that for the length of the install.
+  local policy=/usr/sbin/policy-rc.d made_policy=
+  if [[ ! -e $policy ]]; then printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod 755 "$policy"; made_policy=1; fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q pgbouncer >&2 ||
+    { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q pgbouncer >&2; }
+  [[ -n $made_policy ]] && rm -f "$policy"
+  service pgbouncer stop >/dev/null 2>&1 || true
+}
+
+# Outside 32768-60999, the kernel's ephemeral range used by client sockets.
+USED_PORTS=" "
+free_port() {
+  local p
+  while :; do
+    p=$((20000 + RANDOM % 12000))
+    [[ $USED_PORTS == *" $p "* ]] && continue
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then USED_PORTS+="$p "; echo "$p"; return; fi
+  done
+}
+
+wait_port() { # port pid name
+  local i
+  for ((i = 0; i < 200; i++)); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    kill -0 "$2" 2>/dev/null || break
+    sleep 0.05
+  done
+  log "$3 did not start listening on $1:"; cat "$WORK/$3".{out,log} >&2 2>/dev/null || true
+  exit 1
+}
+
+if [[ -z ${PGCORRAL:-} ]]; then
+  log "building pgcorral (cargo build --release)"
+  (cd "$ROOT" && cargo build --release >&2)
+  PGCORRAL=${CARGO_TARGET_DIR:-$ROOT/target}/release/pgcorral
+fi
+[[ -x $PGCORRAL ]] || die "PGCORRAL=$PGCORRAL is not an executable"
+install_pgbouncer
+PGBOUNCER=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
+
+WORK=$(mktemp -d /tmp/pgcorral-compare.XXXXXX)
+[[ $(id -u) == 0 ]] && chown postgres: "$WORK"
+chmod 755 "$WORK"
+cd "$WORK"
+
+# Both the trap and the watchdog run this; it must be idempotent.
+cat >"$WORK/cleanup.sh" <<EOF
+for pid in \$(cat '$WORK/pids' 2>/dev/null); do kill -TERM "\$pid" 2>/dev/null; done
+sleep 0.2
+for pid in \$(cat '$WORK/pids' 2>/dev/null); do kill -KILL "\$pid" 2>/dev/null; done
+[ -d '$WORK/pg' ] && ${AS_PG[*]} '$PG_BIN/pg_ctl' -D '$WORK/pg' -m immediate stop >/dev/null 2>&1
+rm -rf '$WORK'
+EOF
+cleanup() { trap - EXIT INT TERM; sh "$WORK/cleanup.sh"; }
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+# Covers a SIGKILLed script, which runs no trap.
+setsid sh -c "while kill -0 $$ 2>/dev/null && [ -d '$WORK' ]; do sleep 1; done; [ -d '$WORK' ] && sh '$WORK/cleanup.sh'" \
+  </dev/null >/dev/null 2>&1 &
+
+# --- PostgreSQL -----------------------------------------------------------
+PG_PORT=$(free_port)
+log "PostgreSQL on port $PG_PORT (initdb, pgbench -i -s $SCALE)"
+as_pg "$PG_BIN/initdb" -D "$WORK/pg" -U postgres -A trust -E UTF8 --locale=C --no-sync >"$WORK/initdb.log" 2>&1 ||
+  { cat "$WORK/initdb.log" >&2; exit 1; }
+cat >>"$WORK/pg/postgresql.conf" <<EOF
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$WORK'
+max_connections = 200
+password_encryption = 'md5'
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+shared_buffers = 128MB
+EOF
+cat >"$WORK/pg/pg_hba.conf" <<EOF
+local all all trust
+host all postgres 127.0.0.1/32 trust
+host all $BENCH_USER 127.0.0.1/32 $AUTH
+EOF
+as_pg setsid "$PG_BIN/pg_ctl" -D "$WORK/pg" -l "$WORK/postgres.log" -w start >/dev/null ||
+  { cat "$WORK/postgres.log" >&2; exit 1; }
+su_sql() { psql -X -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -c "$1" >/dev/null; }
+su_sql "CREATE ROLE $BENCH_USER LOGIN PASSWORD '$BENCH_PASSWORD'"
+su_sql "CREATE DATABASE bench OWNER $BENCH_USER"
+export PGPASSWORD=$BENCH_PASSWORD
+pgbench -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" -U "$BENCH_USER" bench >"$WORK/pgbench-init.log" 2>&1 ||
+  { cat "$WORK/pgbench-init.log" >&2; exit 1; }
+
+# --- poolers: one generated ini, differing only in port and file names -------
+# A plain-text password serves both md5 to the client and either method to
+# the server, so neither pooler needs anything the other lacks.
+printf '"%s" "%s"\n' "$BENCH_USER" "$BENCH_PASSWORD" >"$WORK/userlist.txt"
+cat >"$WORK/pgbouncer.ini.in" <<EOF
+[databases]
+bench = host=127.0.0.1 port=$PG_PORT dbname=bench
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = @PORT@
+unix_socket_dir = $WORK/@NAME@
+auth_type = $AUTH
+auth_file = $WORK/userlist.txt
+pool_mode = transaction
+default_pool_size = 20
+max_client_conn = 11000
+max_db_connections = 0
+logfile = $WORK/@NAME@.log
+pidfile = $WORK/@NAME@.pid
+log_connections = 0
+log_disconnections = 0
+EOF
+[[ $(id -u) == 0 ]] && chown postgres: "$WORK/userlist.txt"
+# max_client_conn needs file descriptors; the poolers inherit this limit.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+declare -A PORT
+PORT[direct]=$PG_PORT
+start_pooler() { # name binary
+  local name=$1 bin=$2 port
+  port=$(free_port)
+  mkdir -p "$WORK/$name"
+  sed -e "s|@PORT@|$port|" -e "s|@NAME@|$name|g" "$WORK/pgbouncer.ini.in" >"$WORK/$name.ini"
+  # A copy, so that user postgres can execute it wherever the build lives.
+  cp "$bin" "$WORK/$name.bin"
+  chmod 755 "$WORK/$name.bin"
+  [[ $(id -u) == 0 ]] && chown -R postgres: "$WORK/$name" "$WORK/$name.ini"
+  # Not through the as_pg function: a backgrounded function is a subshell,
+  # and $! must be the daemon's own pid for the cleanup to reach it.
+  "${AS_PG[@]}" "$WORK/$name.bin" "$WORK/$name.ini" </dev/null >"$WORK/$name.out" 2>&1 &
+  echo $! >>"$WORK/pids"
+  wait_port "$port" $! "$name"
+  PORT[$name]=$port
+  log "$name on port $port"
+}
+start_pooler pgbouncer "$PGBOUNCER"
+start_pooler pgcorral "$PGCORRAL"
+
+for t in direct pgbouncer pgcorral; do
+  psql -X -At -h 127.0.0.1 -p "${PORT[$t]}" -U "$BENCH_USER" -d bench -c 'SELECT 1' >/dev/null 2>"$WORK/check.err" ||
+    { log "$t does not answer SELECT 1:"; cat "$WORK/check.err" >&2; exit 1; }
+done
+
+# --- runs ----------------------------------------------------------------
+declare -A TPS LAT   # "workload|target" -> space-separated values, one per run
+run_pgbench() { # workload-index target
+  local name args out tps lat rc=0
+  IFS='|' read -r name args _ <<<"${WORKLOADS[$1]}"
+  out="$WORK/run.out"
+  # shellcheck disable=SC2086  # args is a word list by design
+  pgbench -n -T "$DURATION" -h 127.0.0.1 -p "${PORT[$2]}" -U "$BENCH_USER" $args bench >"$out" 2>&1 || rc=$?
+  tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$out" | head -1)
+  lat=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$out" | head -1)
+  if [[ $rc != 0 || -z $tps ]]; then
+    log "  $name on $2 failed (exit $rc):"; tail -5 "$out" >&2
+    tps=ERR lat=ERR
+  fi
+  TPS["$1|$2"]+="$tps "
+  LAT["$1|$2"]+="$lat "
+  log "  $(printf '%-40s %-10s tps %10s  latency %8s ms' "$name" "$2" "$tps" "$lat")"
+  [[ -n $RAW ]] && printf '%s\t%s\t%s\t%s\t%s\n' "$(date -u +%FT%TZ)" "$name" "$2" "$tps" "$lat" >>"$RAW"
+  return 0
+}
+
+selected=()
+for i in "${!WORKLOADS[@]}"; do
+  IFS='|' read -r name _ _ <<<"${WORKLOADS[$i]}"
+  [[ -z $ONLY || $name =~ $ONLY ]] && selected+=("$i")
+done
+[[ ${#selected[@]} -gt 0 ]] || die "ONLY=$ONLY matches no workload"
+
+for ((round = 0; round < RUNS; round++)); do
+  log "round $((round + 1))/$RUNS"
+  # History grows with every tpcb-like run; keep rounds comparable.
+  psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d bench -c 'TRUNCATE pgbench_history' -c 'VACUUM ANALYZE' >/dev/null
+  for i in "${selected[@]}"; do
+    IFS='|' read -r _ _ targets <<<"${WORKLOADS[$i]}"
+    read -ra order <<<"$targets"
+    # Rotate who goes first each round so warm-up and drift hit every target.
+    n=${#order[@]}
+    for ((k = 0; k < n; k++)); do run_pgbench "$i" "${order[(k + round) % n]}"; done
+  done
+done
+
+# --- report --------------------------------------------------------------
+median() { # values... ; ERR if any run failed
+  [[ " $* " == *" ERR "* ]] && { echo ERR; return; }
+  printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {if (NR==0) print "-"; else if (NR%2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}'
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a+0 > 0 && b+0 > 0) printf "%.2f", a/b; else print "-" }'; }
+fmt() { awk -v v="$1" -v d="$2" 'BEGIN { if (v ~ /^[0-9.]+$/) printf "%." d "f", v; else print v }'; }
+
+echo
+echo "pgbench, median of $RUNS runs of ${DURATION}s, scale $SCALE, auth $AUTH, pool_mode transaction, default_pool_size 20;"
+echo "$(nproc) cores; PgBouncer $("$PGBOUNCER" --version | head -1 | awk '{print $2}'); pgcorral $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?') ($PGCORRAL); $(date -u +%F)"
+echo
+echo "| workload | direct tps | PgBouncer tps | pgcorral tps | pgcorral/PgBouncer | pgcorral/direct | direct ms | PgBouncer ms | pgcorral ms |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+for i in "${selected[@]}"; do
+  IFS='|' read -r name args _ <<<"${WORKLOADS[$i]}"
+  declare -A mt=() ml=()
+  for t in direct pgbouncer pgcorral; do
+    # shellcheck disable=SC2086
+    mt[$t]=$(median ${TPS["$i|$t"]:-})
+    # shellcheck disable=SC2086
+    ml[$t]=$(median ${LAT["$i|$t"]:-})
+  done
+  printf '| %s (`%s`) | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$name" "$args" \
+    "$(fmt "${mt[direct]}" 0)" "$(fmt "${mt[pgbouncer]}" 0)" "$(fmt "${mt[pgcorral]}" 0)" \
+    "$(ratio "${mt[pgcorral]}" "${mt[pgbouncer]}")" "$(ratio "${mt[pgcorral]}" "${mt[direct]}")" \
+    "$(fmt "${ml[direct]}" 2)" "$(fmt "${ml[pgbouncer]}" 2)" "$(fmt "${ml[pgcorral]}" 2)"
+done

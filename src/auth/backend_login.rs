@@ -1,0 +1,897 @@
+//! pgcorral logging in to a PostgreSQL server as an ordinary client: the
+//! startup handshake and authentication on a freshly opened server
+//! connection, and the simple queries (connect_query, reset queries) run on
+//! it outside of any client's session.
+//!
+//! Messages are framed here rather than with `Message::parse`, which has no
+//! length cap and rejects tags it does not know; a server connection must
+//! not be able to make pgcorral allocate without bound.
+
+use bytes::BytesMut;
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::md5::md5_challenge_response;
+use super::secret::Secret;
+
+/// Largest message accepted during login, and largest ErrorResponse,
+/// NoticeResponse or ParameterStatus kept while running a simple query.
+/// Real ones are a few hundred bytes; this only stops a broken or hostile
+/// server from making pgcorral buffer without limit.
+const MAX_KEPT_MESSAGE: usize = 1 << 20;
+
+/// What to log in as.
+pub struct LoginRequest<'a> {
+    pub user: &'a str,
+    pub database: &'a str,
+    /// `Plain` answers cleartext, md5 and SCRAM requests. `Md5` answers md5
+    /// requests only, hashing the stored digest with the salt as PgBouncer
+    /// does. A SCRAM verifier cannot answer anything yet: proving knowledge
+    /// of it needs the ClientKey, which the verifier does not contain.
+    pub password: Option<&'a Secret>,
+    /// Further startup parameters, e.g. client_encoding, DateStyle,
+    /// TimeZone, application_name. `user` and `database` here are ignored in
+    /// favour of the fields above.
+    pub params: &'a [(String, String)],
+}
+
+/// What the server told pgcorral while logging in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginOutcome {
+    /// Every ParameterStatus, in the order received.
+    pub params: Vec<(String, String)>,
+    /// From BackendKeyData; what a CancelRequest for this connection needs.
+    /// Zero if the server sent none.
+    pub process_id: i32,
+    pub secret_key: i32,
+}
+
+/// Why logging in to (or running a query on) a server connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendLoginError {
+    /// The server sent an ErrorResponse. `severity` is the non-localised
+    /// severity when the server sends one.
+    #[error("server refused login: {severity} {code} {message}")]
+    Server { severity: String, code: String, message: String },
+    #[error("server asked for a password but none is configured for user \"{0}\"")]
+    NoPassword(String),
+    #[error("server asked for unsupported authentication {0}")]
+    Unsupported(String),
+    #[error("protocol violation during server login: {0}")]
+    Protocol(String),
+    #[error("i/o error during server login: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl BackendLoginError {
+    /// The SQLSTATE of a server error, for callers that act on specific ones
+    /// (28P01 wrong password, 3D000 no such database, 57P03 starting up).
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            BackendLoginError::Server { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// Where a SCRAM exchange with the server stands.
+enum Sasl {
+    NotStarted,
+    InProgress(Box<ScramSha256>),
+    /// The server's signature checked out: it knows the password too.
+    Verified,
+}
+
+/// Sends a v3 StartupMessage and authenticates, then reads the server's
+/// ParameterStatus and BackendKeyData messages up to ReadyForQuery.
+///
+/// On success the stream is positioned right after ReadyForQuery, so it can
+/// be used for queries at once; nothing beyond it has been read.
+pub async fn login<S>(stream: &mut S, req: &LoginRequest<'_>) -> Result<LoginOutcome, BackendLoginError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::new();
+    let extra = req
+        .params
+        .iter()
+        .filter(|(k, _)| k != "user" && k != "database")
+        .map(|(k, v)| (k.as_str(), v.as_str()));
+    let params = [("user", req.user), ("database", req.database)].into_iter().chain(extra);
+    frontend::startup_message(params, &mut buf).map_err(|e| encode_error("startup message", e))?;
+    send(stream, &mut buf).await?;
+
+    let mut sasl = Sasl::NotStarted;
+    let mut authenticated = false;
+    let mut outcome = LoginOutcome { params: Vec::new(), process_id: 0, secret_key: 0 };
+    let mut got_key_data = false;
+
+    loop {
+        let (tag, len) = read_header(stream).await?;
+        match tag {
+            b'R' => {
+                let body = read_body(stream, tag, len).await?;
+                let mut r = Reader::new(&body);
+                let code = r.i32()?;
+                if authenticated {
+                    return Err(protocol(format!("authentication request {code} after AuthenticationOk")));
+                }
+                match code {
+                    0 => {
+                        // A server that skips SASLFinal would have us trust it
+                        // without ever proving it knows the password.
+                        if !matches!(sasl, Sasl::NotStarted | Sasl::Verified) {
+                            return Err(protocol(
+                                "server sent AuthenticationOk before completing SCRAM".into(),
+                            ));
+                        }
+                        authenticated = true;
+                    }
+                    3 => {
+                        let password = plain_password(req, "cleartext password")?;
+                        frontend::password_message(password.as_bytes(), &mut buf)
+                            .map_err(|e| encode_error("password", e))?;
+                        send(stream, &mut buf).await?;
+                    }
+                    5 => {
+                        let salt: [u8; 4] = r.rest().try_into().map_err(|_| {
+                            protocol("AuthenticationMD5Password without a 4-byte salt".into())
+                        })?;
+                        let response = match req.password {
+                            Some(Secret::Plain(p)) => md5_hash(req.user.as_bytes(), p.as_bytes(), salt),
+                            Some(Secret::Md5(s)) => md5_challenge_response(s, salt),
+                            Some(Secret::Scram(_)) => {
+                                return Err(scram_secret_cannot("md5 password", req.user))
+                            }
+                            None => return Err(BackendLoginError::NoPassword(req.user.into())),
+                        };
+                        frontend::password_message(response.as_bytes(), &mut buf)
+                            .map_err(|e| encode_error("password", e))?;
+                        send(stream, &mut buf).await?;
+                    }
+                    10 => {
+                        if !matches!(sasl, Sasl::NotStarted) {
+                            return Err(protocol("second AuthenticationSASL".into()));
+                        }
+                        let mut mechanisms = Vec::new();
+                        loop {
+                            let m = r.cstr()?;
+                            if m.is_empty() {
+                                break;
+                            }
+                            mechanisms.push(m);
+                        }
+                        // SCRAM-SHA-256-PLUS is only offered over TLS and
+                        // would need the server certificate; plain SCRAM is
+                        // always offered alongside it.
+                        if !mechanisms.contains(&SCRAM_SHA_256) {
+                            return Err(BackendLoginError::Unsupported(format!(
+                                "SASL mechanisms {}",
+                                mechanisms.join(", ")
+                            )));
+                        }
+                        let password = plain_password(req, "SCRAM-SHA-256")?;
+                        // "n": pgcorral does not do channel binding. Saying
+                        // "y" would be read by a TLS server that offers
+                        // -PLUS as a downgrade attack and refused.
+                        let client = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+                        frontend::sasl_initial_response(SCRAM_SHA_256, client.message(), &mut buf)
+                            .map_err(|e| encode_error("SASLInitialResponse", e))?;
+                        send(stream, &mut buf).await?;
+                        sasl = Sasl::InProgress(Box::new(client));
+                    }
+                    11 => {
+                        let Sasl::InProgress(client) = &mut sasl else {
+                            return Err(protocol("unexpected AuthenticationSASLContinue".into()));
+                        };
+                        client
+                            .update(r.rest())
+                            .map_err(|e| protocol(format!("bad SCRAM server-first-message: {e}")))?;
+                        frontend::sasl_response(client.message(), &mut buf)
+                            .map_err(|e| encode_error("SASLResponse", e))?;
+                        send(stream, &mut buf).await?;
+                    }
+                    12 => {
+                        let Sasl::InProgress(client) = &mut sasl else {
+                            return Err(protocol("unexpected AuthenticationSASLFinal".into()));
+                        };
+                        client.finish(r.rest()).map_err(|e| {
+                            protocol(format!("server failed to prove it knows the password: {e}"))
+                        })?;
+                        sasl = Sasl::Verified;
+                    }
+                    2 => return Err(BackendLoginError::Unsupported("Kerberos V5".into())),
+                    6 => return Err(BackendLoginError::Unsupported("SCM credentials".into())),
+                    7 | 8 => return Err(BackendLoginError::Unsupported("GSSAPI".into())),
+                    9 => return Err(BackendLoginError::Unsupported("SSPI".into())),
+                    other => return Err(BackendLoginError::Unsupported(format!("request code {other}"))),
+                }
+            }
+            b'E' => {
+                let body = read_body(stream, tag, len).await?;
+                return Err(server_error(&body));
+            }
+            b'S' => {
+                let body = read_body(stream, tag, len).await?;
+                outcome.params.push(parameter_status(&body)?);
+            }
+            b'K' => {
+                let body = read_body(stream, tag, len).await?;
+                // Protocol 3.0, which is what we ask for, has a 4-byte key.
+                if body.len() != 8 {
+                    return Err(protocol(format!("BackendKeyData of {} bytes", body.len())));
+                }
+                let mut r = Reader::new(&body);
+                outcome.process_id = r.i32()?;
+                outcome.secret_key = r.i32()?;
+                got_key_data = true;
+            }
+            b'N' => skip_body(stream, len).await?,
+            // Only sent in answer to a newer minor version or to _pq_
+            // options, neither of which we ask for; harmless if it comes.
+            b'v' => {
+                log::debug!("server sent NegotiateProtocolVersion during login");
+                skip_body(stream, len).await?;
+            }
+            b'Z' => {
+                read_body(stream, tag, len).await?;
+                if !authenticated {
+                    return Err(protocol("ReadyForQuery before AuthenticationOk".into()));
+                }
+                if !got_key_data {
+                    log::warn!(
+                        "server sent no BackendKeyData for user \"{}\"; queries on it cannot be cancelled",
+                        req.user
+                    );
+                }
+                return Ok(outcome);
+            }
+            other => {
+                return Err(protocol(format!("unexpected message {} during login", describe_tag(other))))
+            }
+        }
+    }
+}
+
+/// Runs `sql` with the simple query protocol and reads everything up to
+/// ReadyForQuery, discarding rows. Returns the ParameterStatus messages seen
+/// (a `SET` may change reported parameters), or the first ErrorResponse; in
+/// both cases the connection is left idle and ready for the next query.
+///
+/// `COPY ... FROM STDIN` is answered with CopyFail, so it ends as an error
+/// rather than leaving the connection waiting for data.
+pub async fn run_simple_query<S>(
+    stream: &mut S,
+    sql: &str,
+) -> Result<Vec<(String, String)>, BackendLoginError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::new();
+    frontend::query(sql, &mut buf).map_err(|e| encode_error("query", e))?;
+    send(stream, &mut buf).await?;
+
+    let mut params = Vec::new();
+    let mut error = None;
+    loop {
+        let (tag, len) = read_header(stream).await?;
+        match tag {
+            b'E' => {
+                let body = read_body(stream, tag, len).await?;
+                error.get_or_insert_with(|| server_error(&body));
+            }
+            b'S' => {
+                let body = read_body(stream, tag, len).await?;
+                params.push(parameter_status(&body)?);
+            }
+            b'G' => {
+                skip_body(stream, len).await?;
+                frontend::copy_fail("pgcorral sends no COPY data in internal queries", &mut buf)
+                    .map_err(|e| encode_error("CopyFail", e))?;
+                send(stream, &mut buf).await?;
+            }
+            // Replication streams never end by themselves.
+            b'W' => return Err(protocol("internal query started COPY BOTH".into())),
+            b'Z' => {
+                read_body(stream, tag, len).await?;
+                return match error {
+                    Some(e) => Err(e),
+                    None => Ok(params),
+                };
+            }
+            // Rows, command tags, notices, notifications, COPY OUT data:
+            // none of it matters to an internal query, and rows may be large,
+            // so it is skipped without being buffered.
+            _ => skip_body(stream, len).await?,
+        }
+    }
+}
+
+fn protocol(what: String) -> BackendLoginError {
+    BackendLoginError::Protocol(what)
+}
+
+fn encode_error(what: &str, e: std::io::Error) -> BackendLoginError {
+    // The frontend writers only fail on values they cannot encode, such as
+    // a NUL inside a string: a configuration problem, not a network one.
+    protocol(format!("cannot encode {what}: {e}"))
+}
+
+fn scram_secret_cannot(what: &str, user: &str) -> BackendLoginError {
+    BackendLoginError::Unsupported(format!(
+        "{what}: only a SCRAM secret is configured for user \"{user}\", which cannot be used to log in to a server"
+    ))
+}
+
+fn plain_password<'a>(req: &LoginRequest<'a>, what: &str) -> Result<&'a str, BackendLoginError> {
+    match req.password {
+        Some(Secret::Plain(p)) => Ok(p),
+        Some(Secret::Md5(_)) => Err(BackendLoginError::Unsupported(format!(
+            "{what}: only an md5 secret is configured for user \"{}\", which works only for md5",
+            req.user
+        ))),
+        Some(Secret::Scram(_)) => Err(scram_secret_cannot(what, req.user)),
+        None => Err(BackendLoginError::NoPassword(req.user.to_owned())),
+    }
+}
+
+fn describe_tag(tag: u8) -> String {
+    if tag.is_ascii_graphic() {
+        format!("'{}'", tag as char)
+    } else {
+        format!("0x{tag:02x}")
+    }
+}
+
+async fn send<S: AsyncWrite + Unpin>(stream: &mut S, buf: &mut BytesMut) -> Result<(), BackendLoginError> {
+    stream.write_all(buf).await?;
+    stream.flush().await?;
+    buf.clear();
+    Ok(())
+}
+
+/// Reads a message's tag and the length of its body (the wire length counts
+/// itself, the body does not).
+async fn read_header<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(u8, usize), BackendLoginError> {
+    let mut header = [0u8; 5];
+    stream.read_exact(&mut header).await?;
+    let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+    let body_len = usize::try_from(len)
+        .ok()
+        .and_then(|l| l.checked_sub(4))
+        .ok_or_else(|| protocol(format!("message {} has invalid length {len}", describe_tag(header[0]))))?;
+    Ok((header[0], body_len))
+}
+
+async fn read_body<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    tag: u8,
+    len: usize,
+) -> Result<Vec<u8>, BackendLoginError> {
+    if len > MAX_KEPT_MESSAGE {
+        return Err(protocol(format!(
+            "message {} of {len} bytes exceeds the {MAX_KEPT_MESSAGE}-byte limit",
+            describe_tag(tag)
+        )));
+    }
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await?;
+    Ok(body)
+}
+
+async fn skip_body<S: AsyncRead + Unpin>(stream: &mut S, len: usize) -> Result<(), BackendLoginError> {
+    let want = len as u64;
+    let copied = tokio::io::copy(&mut (&mut *stream).take(want), &mut tokio::io::sink()).await?;
+    if copied != want {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    }
+    Ok(())
+}
+
+fn parameter_status(body: &[u8]) -> Result<(String, String), BackendLoginError> {
+    let mut r = Reader::new(body);
+    let name = r.cstr()?.to_owned();
+    let value = r.cstr()?.to_owned();
+    Ok((name, value))
+}
+
+/// Turns an ErrorResponse body into `BackendLoginError::Server`. A body that
+/// cannot be parsed is still a refusal, so it is reported as one with what
+/// could be read rather than as a protocol error that hides it.
+fn server_error(body: &[u8]) -> BackendLoginError {
+    let mut severity = None;
+    let mut localized_severity = None;
+    let mut code = String::new();
+    let mut message = String::new();
+    let mut r = Reader::new(body);
+    while let Ok(field) = r.u8() {
+        if field == 0 {
+            break;
+        }
+        let Ok(value) = r.cstr() else { break };
+        match field {
+            b'V' => severity = Some(value.to_owned()),
+            b'S' => localized_severity = Some(value.to_owned()),
+            b'C' => code = value.to_owned(),
+            b'M' => message = value.to_owned(),
+            _ => {}
+        }
+    }
+    BackendLoginError::Server { severity: severity.or(localized_severity).unwrap_or_default(), code, message }
+}
+
+/// Reads the fields of one message body.
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Reader { buf }
+    }
+
+    fn u8(&mut self) -> Result<u8, BackendLoginError> {
+        let (&b, rest) = self.buf.split_first().ok_or_else(|| protocol("message truncated".into()))?;
+        self.buf = rest;
+        Ok(b)
+    }
+
+    fn i32(&mut self) -> Result<i32, BackendLoginError> {
+        if self.buf.len() < 4 {
+            return Err(protocol("message truncated".into()));
+        }
+        let (n, rest) = self.buf.split_at(4);
+        self.buf = rest;
+        Ok(i32::from_be_bytes([n[0], n[1], n[2], n[3]]))
+    }
+
+    fn cstr(&mut self) -> Result<&'a str, BackendLoginError> {
+        let end = self
+            .buf
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or_else(|| protocol("unterminated string in message".into()))?;
+        let s = std::str::from_utf8(&self.buf[..end])
+            .map_err(|_| protocol("string in message is not valid UTF-8".into()))?;
+        self.buf = &self.buf[end + 1..];
+        Ok(s)
+    }
+
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::md5::{md5_secret, md5_verify};
+    use super::super::scram::ScramServer;
+    use super::*;
+    use tokio::io::DuplexStream;
+
+    // ---- a scripted server on the other end of an in-memory pipe ----
+
+    async fn read_startup(s: &mut DuplexStream) -> Vec<(String, String)> {
+        let len = s.read_i32().await.unwrap() as usize;
+        let mut body = vec![0; len - 4];
+        s.read_exact(&mut body).await.unwrap();
+        assert_eq!(&body[..4], &196608i32.to_be_bytes(), "protocol 3.0");
+        let mut r = Reader::new(&body[4..]);
+        let mut params = Vec::new();
+        loop {
+            let k = r.cstr().unwrap();
+            if k.is_empty() {
+                return params;
+            }
+            params.push((k.to_owned(), r.cstr().unwrap().to_owned()));
+        }
+    }
+
+    async fn read_msg(s: &mut DuplexStream) -> (u8, Vec<u8>) {
+        let tag = s.read_u8().await.unwrap();
+        let len = s.read_i32().await.unwrap() as usize;
+        let mut body = vec![0; len - 4];
+        s.read_exact(&mut body).await.unwrap();
+        (tag, body)
+    }
+
+    async fn write_msg(s: &mut DuplexStream, tag: u8, body: &[u8]) {
+        let mut m = vec![tag];
+        m.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        s.write_all(&m).await.unwrap();
+    }
+
+    async fn write_auth(s: &mut DuplexStream, code: i32, data: &[u8]) {
+        let mut body = code.to_be_bytes().to_vec();
+        body.extend_from_slice(data);
+        write_msg(s, b'R', &body).await;
+    }
+
+    /// What every server sends after AuthenticationOk.
+    async fn finish_startup(s: &mut DuplexStream) {
+        write_auth(s, 0, &[]).await;
+        write_msg(s, b'S', b"server_version\x0015.0\x00").await;
+        write_msg(s, b'N', b"SNOTICE\x00Mhello\x00\x00").await;
+        write_msg(s, b'S', b"client_encoding\x00UTF8\x00").await;
+        let mut key = 4242i32.to_be_bytes().to_vec();
+        key.extend_from_slice(&(-7i32).to_be_bytes());
+        write_msg(s, b'K', &key).await;
+        write_msg(s, b'Z', b"I").await;
+    }
+
+    fn request<'a>(password: Option<&'a Secret>) -> LoginRequest<'a> {
+        LoginRequest { user: "alice", database: "app", password, params: &[] }
+    }
+
+    #[tokio::test]
+    async fn scram_login_against_our_own_scram_server() {
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        let server_task = tokio::spawn(async move {
+            let params = read_startup(&mut server).await;
+            assert_eq!(
+                params,
+                [
+                    ("user".into(), "alice".into()),
+                    ("database".into(), "app".into()),
+                    ("application_name".into(), "psql".into()),
+                ]
+            );
+            write_auth(&mut server, 10, b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0").await;
+            let mut scram = ScramServer::for_plain_password("pw");
+
+            let (tag, body) = read_msg(&mut server).await;
+            assert_eq!(tag, b'p');
+            let mut r = Reader::new(&body);
+            ScramServer::check_mechanism(r.cstr().unwrap()).unwrap();
+            assert_eq!(r.i32().unwrap() as usize, r.buf.len());
+            let first = scram.client_first(r.rest()).unwrap();
+            write_auth(&mut server, 11, &first).await;
+
+            let (tag, body) = read_msg(&mut server).await;
+            assert_eq!(tag, b'p');
+            let last = scram.client_final(&body).unwrap();
+            write_auth(&mut server, 12, &last).await;
+            finish_startup(&mut server).await;
+            server
+        });
+        let password = Secret::Plain("pw".into());
+        let params =
+            [("application_name".to_owned(), "psql".to_owned()), ("user".to_owned(), "mallory".to_owned())];
+        let req = LoginRequest { params: &params, ..request(Some(&password)) };
+        let outcome = login(&mut client, &req).await.unwrap();
+        assert_eq!(
+            outcome,
+            LoginOutcome {
+                params: vec![
+                    ("server_version".into(), "15.0".into()),
+                    ("client_encoding".into(), "UTF8".into()),
+                ],
+                process_id: 4242,
+                secret_key: -7,
+            }
+        );
+        server_task.await.unwrap();
+    }
+
+    async fn md5_login(secret: Secret) -> Result<LoginOutcome, BackendLoginError> {
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        let server_task = tokio::spawn(async move {
+            read_startup(&mut server).await;
+            let salt = [1, 2, 3, 4];
+            write_auth(&mut server, 5, &salt).await;
+            let (tag, body) = read_msg(&mut server).await;
+            assert_eq!(tag, b'p');
+            let response = Reader::new(&body).cstr().unwrap().to_owned();
+            if md5_verify(&Secret::Plain("pw".into()), "alice", salt, &response) {
+                finish_startup(&mut server).await;
+            } else {
+                write_msg(
+                    &mut server,
+                    b'E',
+                    b"SFATAL\0VFATAL\0C28P01\0Mpassword authentication failed for user \"alice\"\0\0",
+                )
+                .await;
+            }
+        });
+        let result = login(&mut client, &request(Some(&secret))).await;
+        server_task.await.unwrap();
+        result
+    }
+
+    #[tokio::test]
+    async fn md5_login_with_plain_and_md5_secrets() {
+        md5_login(Secret::Plain("pw".into())).await.unwrap();
+        md5_login(Secret::Md5(md5_secret("alice", "pw"))).await.unwrap();
+        match md5_login(Secret::Plain("nope".into())).await {
+            Err(BackendLoginError::Server { severity, code, message }) => {
+                assert_eq!(severity, "FATAL");
+                assert_eq!(code, "28P01");
+                assert!(message.contains("alice"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Runs login against a server that sends `script` and then closes.
+    async fn login_against(script: Vec<(u8, Vec<u8>)>, password: Option<&Secret>) -> BackendLoginError {
+        let (mut client, mut server) = tokio::io::duplex(4 << 20);
+        tokio::spawn(async move {
+            read_startup(&mut server).await;
+            for (tag, body) in script {
+                write_msg(&mut server, tag, &body).await;
+            }
+            // EOF for the client's reads, while still draining its writes so
+            // they do not fail before it reaches the error under test.
+            server.shutdown().await.unwrap();
+            let mut sink = Vec::new();
+            let _ = server.read_to_end(&mut sink).await;
+        });
+        login(&mut client, &request(password)).await.unwrap_err()
+    }
+
+    fn auth(code: i32, data: &[u8]) -> (u8, Vec<u8>) {
+        let mut body = code.to_be_bytes().to_vec();
+        body.extend_from_slice(data);
+        (b'R', body)
+    }
+
+    #[tokio::test]
+    async fn refusals_are_classified() {
+        let plain = Secret::Plain("pw".into());
+        let md5 = Secret::Md5(md5_secret("alice", "pw"));
+        let scram = Secret::Scram(super::super::ScramSecret::from_password("pw", b"s", 1));
+
+        let e = login_against(vec![auth(3, b"")], None).await;
+        assert!(matches!(e, BackendLoginError::NoPassword(ref u) if u == "alice"), "{e:?}");
+        for secret in [&md5, &scram] {
+            let e = login_against(vec![auth(3, b"")], Some(secret)).await;
+            assert!(matches!(e, BackendLoginError::Unsupported(_)), "{e:?}");
+            let e = login_against(vec![auth(10, b"SCRAM-SHA-256\0\0")], Some(secret)).await;
+            assert!(matches!(e, BackendLoginError::Unsupported(_)), "{e:?}");
+        }
+        let e = login_against(vec![auth(5, &[1, 2, 3, 4])], Some(&scram)).await;
+        assert!(matches!(e, BackendLoginError::Unsupported(_)), "{e:?}");
+        let e = login_against(vec![auth(7, b"")], Some(&plain)).await;
+        assert!(matches!(e, BackendLoginError::Unsupported(ref m) if m == "GSSAPI"), "{e:?}");
+        let e = login_against(vec![auth(10, b"SCRAM-SHA-256-PLUS\0\0")], Some(&plain)).await;
+        assert!(matches!(e, BackendLoginError::Unsupported(_)), "{e:?}");
+
+        // A server that claims success in the middle of SCRAM has not proven
+        // it knows the password.
+        let e = login_against(vec![auth(10, b"SCRAM-SHA-256\0\0"), auth(0, b"")], Some(&plain)).await;
+        assert!(matches!(e, BackendLoginError::Protocol(_)), "{e:?}");
+        // And one that sends a signature without having run the exchange.
+        let e = login_against(vec![auth(12, b"v=AAAA")], Some(&plain)).await;
+        assert!(matches!(e, BackendLoginError::Protocol(_)), "{e:?}");
+
+        let e = login_against(vec![(b'Z', b"I".to_vec())], Some(&plain)).await;
+        assert!(matches!(e, BackendLoginError::Protocol(_)), "{e:?}");
+        let e = login_against(vec![auth(0, b""), (b'D', vec![0, 0])], Some(&plain)).await;
+        assert!(matches!(e, BackendLoginError::Protocol(_)), "{e:?}");
+        let e = login_against(
+            vec![(b'N', vec![0; MAX_KEPT_MESSAGE + 1]), (b'E', vec![0; MAX_KEPT_MESSAGE + 1])],
+            None,
+        )
+        .await;
+        assert!(matches!(e, BackendLoginError::Protocol(ref m) if m.contains("limit")), "{e:?}");
+        // Closed before ReadyForQuery.
+        let e = login_against(vec![auth(0, b"")], None).await;
+        assert!(matches!(e, BackendLoginError::Io(_)), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn bad_length_is_a_protocol_error() {
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        tokio::spawn(async move {
+            read_startup(&mut server).await;
+            server.write_all(&[b'R', 0, 0, 0, 3]).await.unwrap();
+            let _ = server.read_to_end(&mut Vec::new()).await;
+        });
+        let e = login(&mut client, &request(None)).await.unwrap_err();
+        assert!(matches!(e, BackendLoginError::Protocol(_)), "{e:?}");
+    }
+
+    // ---- a throwaway PostgreSQL server ----
+
+    const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+    /// A PostgreSQL cluster in a temporary directory, listening on
+    /// 127.0.0.1 and on a Unix socket in that directory; removed on drop.
+    struct TestPg {
+        dir: std::path::PathBuf,
+        port: u16,
+        as_root: bool,
+    }
+
+    impl TestPg {
+        /// Returns None when PostgreSQL is not installed.
+        fn start(hba: &str) -> Option<TestPg> {
+            use std::process::{Command, Stdio};
+            if !std::path::Path::new(PG_BIN).join("initdb").exists() {
+                return None;
+            }
+            let out = Command::new("id").arg("-u").output().expect("id -u");
+            let as_root = String::from_utf8_lossy(&out.stdout).trim() == "0";
+            let dir = std::env::temp_dir().join(format!(
+                "pgc-auth-pg-{}-{}",
+                std::process::id(),
+                rand::random::<u32>()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut pg = TestPg { dir, port: 0, as_root };
+            if as_root {
+                // initdb refuses to run as root, and the server must own its
+                // data directory.
+                assert!(Command::new("chown").args(["postgres:"]).arg(&pg.dir).status().unwrap().success());
+            }
+            let data = pg.dir.join("data");
+            let ok = pg
+                .command("initdb")
+                .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+                .arg(&data)
+                .stdout(Stdio::null())
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "initdb failed");
+            std::fs::write(data.join("pg_hba.conf"), format!("local all all trust\n{hba}")).unwrap();
+
+            // Another test run may hold a port; try a few.
+            for _ in 0..5 {
+                pg.port = 20000 + (rand::random::<u16>() % 12000);
+                let opts = format!(
+                    "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{}' -c fsync=off",
+                    pg.port,
+                    pg.dir.display()
+                );
+                let started = pg
+                    .command("pg_ctl")
+                    .arg("-D")
+                    .arg(&data)
+                    .arg("-l")
+                    .arg(pg.dir.join("log"))
+                    .args(["-w", "-o", &opts, "start"])
+                    .stdout(Stdio::null())
+                    .status()
+                    .unwrap()
+                    .success();
+                if started {
+                    return Some(pg);
+                }
+            }
+            panic!("could not start PostgreSQL; see {}/log", pg.dir.display());
+        }
+
+        fn command(&self, program: &str) -> std::process::Command {
+            let path = std::path::Path::new(PG_BIN).join(program);
+            if self.as_root {
+                let mut c = std::process::Command::new("runuser");
+                c.args(["-u", "postgres", "--"]).arg(path);
+                c
+            } else {
+                std::process::Command::new(path)
+            }
+        }
+
+        /// Runs each statement as the superuser over the Unix socket.
+        fn psql(&self, statements: &[&str]) {
+            let mut c = self.command("psql");
+            c.arg("-h")
+                .arg(&self.dir)
+                .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres"])
+                .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"]);
+            for s in statements {
+                c.args(["-c", s]);
+            }
+            assert!(c.status().unwrap().success(), "psql failed: {statements:?}");
+        }
+
+        async fn connect(&self) -> tokio::net::TcpStream {
+            tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.unwrap()
+        }
+    }
+
+    impl Drop for TestPg {
+        fn drop(&mut self) {
+            let _ = self
+                .command("pg_ctl")
+                .arg("-D")
+                .arg(self.dir.join("data"))
+                .args(["-m", "immediate", "stop"])
+                .stdout(std::process::Stdio::null())
+                .status();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn sqlstate(r: Result<impl std::fmt::Debug, BackendLoginError>) -> String {
+        match r {
+            Err(BackendLoginError::Server { code, .. }) => code,
+            other => panic!("expected a server error, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn against_real_postgres() {
+        let Some(pg) = TestPg::start(
+            "host all trustuser 127.0.0.1/32 trust\n\
+             host all md5user 127.0.0.1/32 md5\n\
+             host all plainuser 127.0.0.1/32 password\n\
+             host all all 127.0.0.1/32 scram-sha-256\n",
+        ) else {
+            eprintln!("PostgreSQL not installed in {PG_BIN}; skipping");
+            return;
+        };
+        pg.psql(&[
+            "CREATE ROLE trustuser LOGIN",
+            "CREATE ROLE scramuser LOGIN PASSWORD 'scram-pw'",
+            "CREATE ROLE plainuser LOGIN PASSWORD 'plain-pw'",
+            "SET password_encryption = 'md5'",
+            "CREATE ROLE md5user LOGIN PASSWORD 'md5-pw'",
+        ]);
+
+        let try_login = |user: &'static str, password: Option<Secret>| {
+            let pg = &pg;
+            async move {
+                let mut conn = pg.connect().await;
+                let params = [
+                    ("application_name".to_owned(), "pgcorral-test".to_owned()),
+                    ("DateStyle".to_owned(), "ISO, DMY".to_owned()),
+                ];
+                let req =
+                    LoginRequest { user, database: "postgres", password: password.as_ref(), params: &params };
+                login(&mut conn, &req).await.map(|o| (o, conn))
+            }
+        };
+
+        // trust
+        let (outcome, _) = try_login("trustuser", None).await.unwrap();
+        assert_ne!(outcome.process_id, 0);
+        let param = |name: &str| outcome.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        assert_eq!(param("application_name").as_deref(), Some("pgcorral-test"));
+        assert_eq!(param("DateStyle").as_deref(), Some("ISO, DMY"));
+        assert!(param("server_version").unwrap().starts_with("15"));
+
+        // SCRAM
+        let scram = || Some(Secret::Plain("scram-pw".into()));
+        try_login("scramuser", scram()).await.unwrap();
+        let wrong = || Some(Secret::Plain("wrong".into()));
+        assert_eq!(sqlstate(try_login("scramuser", wrong()).await), "28P01");
+        assert!(matches!(try_login("scramuser", None).await, Err(BackendLoginError::NoPassword(_))));
+
+        // md5, with the password and with the stored secret
+        try_login("md5user", Some(Secret::Plain("md5-pw".into()))).await.unwrap();
+        try_login("md5user", Some(Secret::Md5(md5_secret("md5user", "md5-pw")))).await.unwrap();
+        assert_eq!(sqlstate(try_login("md5user", wrong()).await), "28P01");
+
+        // cleartext
+        try_login("plainuser", Some(Secret::Plain("plain-pw".into()))).await.unwrap();
+        assert_eq!(sqlstate(try_login("plainuser", wrong()).await), "28P01");
+
+        // no such database
+        let mut conn = pg.connect().await;
+        let req = LoginRequest { user: "trustuser", database: "nosuchdb", password: None, params: &[] };
+        assert_eq!(sqlstate(login(&mut conn, &req).await), "3D000");
+
+        // queries on a logged-in connection
+        let (_, mut conn) = try_login("scramuser", scram()).await.unwrap();
+        let seen = run_simple_query(&mut conn, "SET application_name = 'renamed'").await.unwrap();
+        assert_eq!(seen, [("application_name".to_owned(), "renamed".to_owned())]);
+        assert!(run_simple_query(&mut conn, "SELECT generate_series(1, 10000)").await.unwrap().is_empty());
+        assert_eq!(sqlstate(run_simple_query(&mut conn, "SELECT 1/0").await), "22012");
+        run_simple_query(&mut conn, "SELECT 1").await.unwrap();
+        // An error inside a multi-statement query string stops it there.
+        assert_eq!(
+            sqlstate(run_simple_query(&mut conn, "SELECT 1; SELECT nosuchcolumn; SELECT 2").await),
+            "42703"
+        );
+        run_simple_query(&mut conn, "CREATE TEMP TABLE t (a int)").await.unwrap();
+        assert_eq!(sqlstate(run_simple_query(&mut conn, "COPY t FROM STDIN").await), "57014");
+        run_simple_query(&mut conn, "COPY (SELECT 1) TO STDOUT").await.unwrap();
+        run_simple_query(&mut conn, "DISCARD ALL").await.unwrap();
+        run_simple_query(&mut conn, "").await.unwrap();
+    }
+}

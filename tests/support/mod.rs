@@ -1,0 +1,138 @@
+// Shared harness for pgcorral's integration tests and benches: throwaway
+// PostgreSQL clusters, a supervised pgcorral process, a Python venv for
+// driver-compatibility tests, and small helpers. Included with `mod support;`
+// from tests/*.rs and with `#[path]` from benches.
+
+// Every test binary uses a different subset of this module.
+#![allow(dead_code, unused_imports)]
+
+mod pooler;
+mod postgres;
+mod python;
+
+pub use pooler::{spawn_supervised, Pooler};
+pub(crate) use postgres::postgres_ids;
+pub use postgres::Postgres;
+pub use python::{python, run_python};
+
+use std::collections::HashSet;
+use std::net::TcpListener;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Superuser; trusted over TCP from 127.0.0.1 and over the socket.
+pub const SUPERUSER: &str = "postgres";
+/// Owner of [`APP_DB`] and of every database made by `create_database`; SCRAM.
+pub const APP_USER: &str = "app_user";
+pub const APP_PASSWORD: &str = "app-pass";
+/// Role whose password is stored as an md5 hash, so the server asks for md5.
+pub const MD5_USER: &str = "md5_user";
+pub const MD5_PASSWORD: &str = "md5-pass";
+/// Role without a password, trusted by pg_hba.conf.
+pub const TRUST_USER: &str = "trust_user";
+pub const APP_DB: &str = "app";
+
+/// Ports are drawn from 20000..32000 because the kernel hands out
+/// 32768..60999 as ephemeral ports for outgoing connections, and a listener
+/// there can collide with a client socket of some unrelated test.
+const PORT_RANGE: std::ops::Range<u16> = 20000..32000;
+
+/// A port that nothing listens on right now and that this process has not
+/// handed out before (two servers started back to back would otherwise race
+/// for the same port, since neither binds it before the other checks).
+pub fn free_port() -> u16 {
+    static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let mut guard = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let handed_out = guard.get_or_insert_with(HashSet::new);
+    for _ in 0..1000 {
+        let port = rand::random::<u16>() % (PORT_RANGE.end - PORT_RANGE.start) + PORT_RANGE.start;
+        if handed_out.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.insert(port);
+            return port;
+        }
+    }
+    panic!("no free port in {PORT_RANGE:?}");
+}
+
+/// Polls `f` every 20 ms until it returns true or `timeout` passes; returns
+/// whether it did, so callers can assert with their own message.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A fresh private directory under the system temp dir; the pid and a counter
+/// keep parallel test binaries and repeated calls apart.
+pub(crate) fn scratch_dir(kind: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    if n == 0 {
+        sweep_stale_dirs();
+    }
+    let dir = std::env::temp_dir().join(format!("pgcorral-{kind}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+    dir
+}
+
+/// Removes pooler dirs left by test processes that were killed before their
+/// Drop ran. Cluster dirs are left to their watchdog, which must stop the
+/// server before the directory goes.
+fn sweep_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let mut parts = name.split('-');
+        let (Some("pgcorral"), Some(kind), Some(pid)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        if kind == "pg" || pid.parse::<u32>().is_err() {
+            continue;
+        }
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Directory of the cargo target dir in use, so that caches such as the
+/// Python venv survive `cargo clean`-free reruns and honour CARGO_TARGET_DIR.
+pub(crate) fn target_dir() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        return dir.into();
+    }
+    // Test and bench executables live in <target>/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.ancestors().nth(3).map(|p| p.to_path_buf()).unwrap_or_else(std::env::temp_dir)
+}
+
+/// libpq-style "host=127.0.0.1 port=.. user=.. password=.. dbname=..".
+/// An empty password is left out (an empty `password=` would swallow the
+/// next key), and values with spaces or quotes are quoted.
+pub(crate) fn conninfo(port: u16, user: &str, password: &str, db: &str) -> String {
+    fn value(v: &str) -> String {
+        if !v.is_empty() && !v.contains(|c: char| c.is_whitespace() || c == '\'' || c == '\\') {
+            v.to_string()
+        } else {
+            format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
+        }
+    }
+    let mut s = format!("host=127.0.0.1 port={port} user={}", value(user));
+    if !password.is_empty() {
+        s.push_str(&format!(" password={}", value(password)));
+    }
+    s.push_str(&format!(" dbname={}", value(db)));
+    s
+}
