@@ -6,7 +6,8 @@
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use crate::actors::server::{AfterLease, ServerConnection, ServerLink};
+use crate::actors::router::Router;
+use crate::actors::server::{AfterLease, DetachedLink, ServerConnection, ServerLink};
 use crate::protocol::PgError;
 
 /// What a client waiting for a server eventually gets.
@@ -38,11 +39,18 @@ pub struct ServerGone {
     pub login_error: Option<PgError>,
 }
 
-/// Another worker's router is starved at the pool limit: close one idle server if this one
-/// has no waiters, so that the permit moves to where the clients are.
+/// Another worker's router (`to`) is starved at the pool limit: if this one has no waiters,
+/// move one idle server there, so that servers follow the clients without reconnecting.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Donate;
+pub struct Donate {
+    pub to: Addr<Router>,
+}
+
+/// An idle server moved here from another worker: start its actor on this arbiter.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Adopt(pub DetachedLink);
 
 /// A permit was released somewhere in the pool: try again to open a server for waiters.
 #[derive(Message)]
@@ -70,7 +78,14 @@ pub struct Return {
     pub after: AfterLease,
 }
 
-/// Close the server (pool shrinking, donation, shutdown).
+/// Move to the worker of router `to` (only when idle; a lent server ignores it).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Migrate {
+    pub to: Addr<Router>,
+}
+
+/// Close the server (pool shrinking, shutdown).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Close;

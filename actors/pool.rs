@@ -186,9 +186,14 @@ impl PoolShared {
         self.starving[worker].store(starving, Ordering::Relaxed);
     }
 
-    /// Some other worker has clients waiting at the limit.
-    pub fn others_starving(&self, worker: usize) -> bool {
-        self.starving.iter().enumerate().any(|(w, f)| w != worker && f.load(Ordering::Relaxed))
+    /// The router of another worker that has clients waiting at the limit, if any.
+    pub fn starving_router(&self, worker: usize) -> Option<Addr<Router>> {
+        let routers = self.routers.lock().unwrap();
+        self.starving
+            .iter()
+            .enumerate()
+            .find(|(w, f)| *w != worker && f.load(Ordering::Relaxed))
+            .and_then(|(w, _)| routers[w].clone())
     }
 
     pub fn router(&self, worker: usize) -> Option<Addr<Router>> {

@@ -5,7 +5,8 @@
 //! arrival order. When it has waiters and no idle server it takes a permit from the pool's
 //! shared limits and starts a [`ServerConnection`] on this same arbiter, so a client and its
 //! server always share a thread. At the limit it marks itself starving: other workers then give
-//! up idle servers ([`Donate`]) and wake it when a permit frees ([`PermitFreed`]). Once the oldest
+//! up idle servers ([`Donate`]: the socket moves, no reconnection) and wake it when a permit
+//! frees ([`PermitFreed`]). Once the oldest
 //! waiter has waited `reserve_pool_timeout`, it may grow into `reserve_pool_size`.
 
 use std::cell::{Cell, RefCell};
@@ -120,7 +121,7 @@ impl Router {
             self.pool.set_starving(self.worker, true);
             for (worker, router) in self.pool.all_routers() {
                 if worker != self.worker {
-                    router.do_send(Donate);
+                    router.do_send(Donate { to: ctx.address() });
                 }
             }
         }
@@ -188,10 +189,9 @@ impl Handler<ServerIdle> for Router {
             self.connecting = self.connecting.saturating_sub(1);
         }
         if !self.hand_to_waiter(&msg.server) {
-            if self.pool.others_starving(self.worker) {
-                msg.server.do_send(Close);
-            } else {
-                self.idle.push(msg.server);
+            match self.pool.starving_router(self.worker) {
+                Some(to) => msg.server.do_send(Migrate { to }),
+                None => self.idle.push(msg.server),
             }
         }
         self.grow(ctx);
@@ -219,11 +219,19 @@ impl Handler<ServerGone> for Router {
 impl Handler<Donate> for Router {
     type Result = ();
 
-    fn handle(&mut self, _: Donate, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: Donate, _: &mut Context<Self>) {
         if self.waiters.is_empty() && !self.idle.is_empty() {
             let oldest = self.idle.remove(0);
-            oldest.do_send(Close);
+            oldest.do_send(Migrate { to: msg.to });
         }
+    }
+}
+
+impl Handler<Adopt> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: Adopt, ctx: &mut Context<Self>) {
+        ServerConnection::adopt(self.pool.clone(), ctx.address(), msg.0).start();
     }
 }
 

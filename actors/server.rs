@@ -21,7 +21,7 @@ use crate::actors::pool::{PoolSettings, PoolShared};
 use crate::actors::router::Router;
 use crate::auth::{self, BackendLoginError, LoginRequest};
 use crate::config::PoolMode;
-use crate::net::{ServerAddr, Socket};
+use crate::net::{DetachedSocket, ServerAddr, Socket};
 use crate::protocol::error::sqlstate;
 use crate::protocol::PgError;
 
@@ -61,6 +61,46 @@ impl ServerLink {
     }
 }
 
+/// A server connection in transit between workers: its socket out of any reactor.
+#[derive(Debug)]
+pub struct DetachedLink {
+    socket: DetachedSocket,
+    addr: ServerAddr,
+    process_id: i32,
+    secret_key: i32,
+    params: Vec<(String, String)>,
+}
+
+impl ServerLink {
+    pub fn detach(self) -> std::io::Result<DetachedLink> {
+        Ok(DetachedLink {
+            socket: self.socket.detach()?,
+            addr: self.addr,
+            process_id: self.process_id,
+            secret_key: self.secret_key,
+            params: self.params,
+        })
+    }
+
+    /// True when the idle socket has neither closed nor sent anything unasked.
+    fn is_healthy(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.socket.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+}
+
+impl DetachedLink {
+    fn attach(self) -> std::io::Result<ServerLink> {
+        Ok(ServerLink {
+            socket: self.socket.attach()?,
+            addr: self.addr,
+            process_id: self.process_id,
+            secret_key: self.secret_key,
+            params: self.params,
+        })
+    }
+}
+
 /// What must happen to a server when its lease ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AfterLease {
@@ -78,13 +118,31 @@ pub struct ServerConnection {
     pool: Arc<PoolShared>,
     router: Addr<Router>,
     link: Option<ServerLink>,
+    /// A server that moved here from another worker, attached once this actor runs.
+    arriving: Option<DetachedLink>,
     login_error: Option<PgError>,
     close_on_return: bool,
+    /// Moved to another worker: its permit went along, so stopping must not release it.
+    migrated: bool,
 }
 
 impl ServerConnection {
+    /// A new connection: it logs in when started.
     pub fn new(pool: Arc<PoolShared>, router: Addr<Router>) -> ServerConnection {
-        ServerConnection { pool, router, link: None, login_error: None, close_on_return: false }
+        ServerConnection {
+            pool,
+            router,
+            link: None,
+            arriving: None,
+            login_error: None,
+            close_on_return: false,
+            migrated: false,
+        }
+    }
+
+    /// An already logged-in connection handed over by another worker, with its permit.
+    pub fn adopt(pool: Arc<PoolShared>, router: Addr<Router>, link: DetachedLink) -> ServerConnection {
+        ServerConnection { arriving: Some(link), ..ServerConnection::new(pool, router) }
     }
 
     fn become_idle(&mut self, link: ServerLink, fresh: bool, ctx: &mut Context<Self>) {
@@ -144,6 +202,19 @@ impl Actor for ServerConnection {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        if let Some(arriving) = self.arriving.take() {
+            match arriving.attach() {
+                Ok(link) => self.become_idle(link, false, ctx),
+                Err(e) => {
+                    log::warn!(
+                        "pool {}: could not take over a server from another worker: {e}",
+                        self.pool.key
+                    );
+                    ctx.stop();
+                }
+            }
+            return;
+        }
         let settings = self.pool.settings();
         ctx.spawn(wrap_future(open(settings)).map(|result, server: &mut Self, ctx| match result {
             Ok(link) => {
@@ -159,7 +230,9 @@ impl Actor for ServerConnection {
     }
 
     fn stopped(&mut self, ctx: &mut Context<Self>) {
-        self.pool.release();
+        if !self.migrated {
+            self.pool.release();
+        }
         let login_error = self.login_error.take();
         self.router.do_send(ServerGone { server: ctx.address(), login_error });
     }
@@ -225,6 +298,29 @@ impl Handler<Return> for ServerConnection {
                 ctx.stop();
             }
         }));
+    }
+}
+
+impl Handler<Migrate> for ServerConnection {
+    type Result = ();
+
+    fn handle(&mut self, msg: Migrate, ctx: &mut Context<Self>) {
+        if !msg.to.connected() {
+            return;
+        }
+        let Some(link) = self.link.take() else { return };
+        if !link.is_healthy() {
+            ctx.stop();
+            return;
+        }
+        match link.detach() {
+            Ok(detached) => {
+                self.migrated = true;
+                msg.to.do_send(Adopt(detached));
+            }
+            Err(e) => log::warn!("pool {}: could not hand a server to another worker: {e}", self.pool.key),
+        }
+        ctx.stop();
     }
 }
 

@@ -59,7 +59,32 @@ impl std::fmt::Display for ServerAddr {
     }
 }
 
+/// A socket taken out of one thread's reactor to be moved to another worker.
+#[derive(Debug)]
+pub enum DetachedSocket {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl DetachedSocket {
+    /// Registers the socket with the reactor of the thread this is called on.
+    pub fn attach(self) -> io::Result<Socket> {
+        match self {
+            DetachedSocket::Tcp(s) => Ok(Socket::Tcp(TcpStream::from_std(s)?)),
+            DetachedSocket::Unix(s) => Ok(Socket::Unix(UnixStream::from_std(s)?)),
+        }
+    }
+}
+
 impl Socket {
+    /// Takes the socket out of this thread's reactor (it stays non-blocking).
+    pub fn detach(self) -> io::Result<DetachedSocket> {
+        match self {
+            Socket::Tcp(s) => Ok(DetachedSocket::Tcp(s.into_std()?)),
+            Socket::Unix(s) => Ok(DetachedSocket::Unix(s.into_std()?)),
+        }
+    }
+
     /// Reads without waiting; used to notice that an idle server closed or spoke out of turn.
     pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
         match self {

@@ -48,6 +48,16 @@ async fn login_error(pooler: &Pooler, user: &str, password: &str, db: &str) -> O
     }
 }
 
+fn refused(
+    result: Result<tokio_postgres::Client, tokio_postgres::Error>,
+    what: &str,
+) -> tokio_postgres::Error {
+    match result {
+        Ok(_) => panic!("{what}: login should have been refused"),
+        Err(e) => e,
+    }
+}
+
 #[tokio::test]
 async fn each_auth_type_accepts_the_right_password_and_refuses_a_wrong_one() {
     let pg = Postgres::shared();
@@ -120,13 +130,13 @@ async fn server_side_login_follows_what_postgres_asks() {
 async fn unknown_database_and_max_client_conn_are_refused_with_pgbouncer_errors() {
     let pg = Postgres::shared();
     let pooler = Pooler::start(&format!("{}max_client_conn = 2\n", ini(pg, "md5")), &userlist(pg));
-    let err = pooler.connect(APP_USER, APP_PASSWORD, "no_such_db").await.err().expect("unknown database");
+    let err = refused(pooler.connect(APP_USER, APP_PASSWORD, "no_such_db").await, "unknown database");
     assert_eq!(err.code(), Some(&SqlState::PROTOCOL_VIOLATION), "{err:?}");
     assert!(format!("{err:?}").contains("no such database: no_such_db"), "{err:?}");
 
     let first = pooler.connect(APP_USER, APP_PASSWORD, APP_DB).await.expect("first client");
     let second = pooler.connect(APP_USER, APP_PASSWORD, APP_DB).await.expect("second client");
-    let err = pooler.connect(APP_USER, APP_PASSWORD, APP_DB).await.err().expect("third client refused");
+    let err = refused(pooler.connect(APP_USER, APP_PASSWORD, APP_DB).await, "third client");
     assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS));
     assert!(format!("{err:?}").contains("max_client_conn"), "{err:?}");
     // The refused client took nothing from the others, and its slot frees when one leaves.

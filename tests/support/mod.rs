@@ -11,6 +11,7 @@ mod postgres;
 mod python;
 
 pub use pooler::{spawn_supervised, Pooler};
+pub use postgres::pg_bin;
 pub(crate) use postgres::postgres_ids;
 pub use postgres::Postgres;
 pub use python::{python, run_python};

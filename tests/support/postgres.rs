@@ -281,7 +281,7 @@ fn is_root() -> bool {
 }
 
 /// Server binaries are not on PATH on Debian; PG_BIN overrides the guess.
-pub(crate) fn pg_bin(name: &str) -> PathBuf {
+pub fn pg_bin(name: &str) -> PathBuf {
     static BIN_DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
     let dir = BIN_DIR.get_or_init(|| {
         if let Some(dir) = std::env::var_os("PG_BIN") {
