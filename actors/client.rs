@@ -69,9 +69,17 @@ impl Actor for ClientSession {
             admitted: self.admitted.clone(),
             process_id: self.process_id.clone(),
         };
-        ctx.spawn(
-            wrap_future(session.serve(socket, control_rx)).map(|_, _, ctx: &mut Context<Self>| ctx.stop()),
-        );
+        // Two futures, one after the other, so that an idle session keeps only the relay's
+        // state, not the login's.
+        let login = session.login(socket, control_rx);
+        ctx.spawn(wrap_future(login).map(|relay, _, ctx: &mut Context<Self>| match relay {
+            Some(relay) => {
+                let run = relay.run();
+                log::trace!("relay future: {} bytes", std::mem::size_of_val(&run));
+                ctx.spawn(wrap_future(run).map(|_, _, ctx: &mut Context<Self>| ctx.stop()));
+            }
+            None => ctx.stop(),
+        }));
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
@@ -128,7 +136,7 @@ async fn send_cancel(target: &CancelTarget) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The session's work, run as one future on the actor's arbiter.
+/// The session's login and welcome, run as a future on the actor's arbiter.
 struct Session {
     shared: Arc<Shared>,
     me: Addr<ClientSession>,
@@ -138,7 +146,9 @@ struct Session {
 }
 
 impl Session {
-    async fn serve(self, socket: Socket, control_rx: mpsc::UnboundedReceiver<Control>) {
+    /// Logs the client in and greets it; returns the relay that serves it from then on, or
+    /// None when the connection is over (refused, a cancel request, gone).
+    async fn login(self, socket: Socket, control_rx: mpsc::UnboundedReceiver<Control>) -> Option<Relay> {
         let peer = socket.peer();
         let mut wire = Wire::new(socket);
         let mut admitted = false;
@@ -148,15 +158,15 @@ impl Session {
             Ok(Ok(Accepted::Login(login))) => login,
             Ok(Ok(Accepted::Cancel { process_id, secret_key })) => {
                 self.shared.cancel(process_id, secret_key);
-                return;
+                return None;
             }
             Ok(Err(LoginError::Refused(error))) => {
                 log::info!("client {peer}: login refused: {}", error.message);
                 error.encode(&mut wire.out);
                 let _ = wire.flush().await;
-                return;
+                return None;
             }
-            Ok(Err(LoginError::Gone)) | Err(_) => return,
+            Ok(Err(LoginError::Gone)) | Err(_) => return None,
         };
         log::debug!("client {peer}: login as {} to {}", login.user, login.database);
 
@@ -183,7 +193,7 @@ impl Session {
                 error.encode(&mut buf);
                 relay.queue_to_client(&buf);
                 relay.run_closing().await;
-                return;
+                return None;
             }
         };
         let names = TrackedParams::names(&config.general.track_extra_parameters);
@@ -196,7 +206,6 @@ impl Session {
         backend::ready_for_query(&mut hello, b'I');
         relay.queue_to_client(&hello);
         relay.set_params(tracked);
-        relay.run().await;
-        log::debug!("client {peer}: closed");
+        Some(relay)
     }
 }

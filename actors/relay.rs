@@ -247,8 +247,9 @@ impl Relay {
                 return Err(Ending::ClientLeft);
             }
             if self.lease.is_none() {
-                // Only at a message boundary with nothing pending: `end` is 0 here.
-                self.acquire().await?;
+                // Only at a message boundary with nothing pending: `end` is 0 here. Boxed: the
+                // checkout's state would otherwise sit in every idle client's future.
+                Box::pin(self.acquire()).await?;
             }
             self.tracker.client_sent(frame.tag);
             end += frame.len;
@@ -457,8 +458,12 @@ impl ReadyErr for Poll<io::Result<()>> {
     }
 }
 
-/// Writes as much of `buf` as the socket takes now; Ready(Ok) once it is empty.
+/// Writes as much of `buf` as the socket takes now; Ready(Ok) once it is empty. An emptied
+/// buffer lets go of its memory (usually a slice of a read buffer): idle clients hold none.
 fn flush(socket: &mut Socket, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    if buf.is_empty() {
+        return Poll::Ready(Ok(()));
+    }
     while !buf.is_empty() {
         match ready!(Pin::new(&mut *socket).poll_write(cx, buf)) {
             Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
@@ -466,6 +471,7 @@ fn flush(socket: &mut Socket, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<
             Err(e) => return Poll::Ready(Err(e)),
         }
     }
+    *buf = BytesMut::new();
     Poll::Ready(Ok(()))
 }
 

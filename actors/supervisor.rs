@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use actix::fut::wrap_future;
 use actix::prelude::*;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::actors::listener::{BoundListener, Listener};
 use crate::actors::messages::Reload;
@@ -23,8 +23,28 @@ use crate::actors::registry::Shared;
 use crate::actors::router::set_worker_index;
 use crate::config::Config;
 
+/// The signals the daemon handles, installed before anything else happens: until a handler
+/// exists, a SIGHUP or SIGTERM would kill the process and leave its pidfile behind.
+pub struct Signals {
+    hup: Signal,
+    int: Signal,
+    term: Signal,
+}
+
+impl Signals {
+    /// Must run inside the actor system's runtime.
+    pub fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            hup: signal(SignalKind::hangup())?,
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+        })
+    }
+}
+
 pub struct Supervisor {
     shared: Arc<Shared>,
+    signals: Option<Signals>,
     config_path: PathBuf,
     /// Per worker, the listeners to run there.
     listeners: Vec<Vec<BoundListener>>,
@@ -32,20 +52,19 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    pub fn new(shared: Arc<Shared>, config_path: PathBuf, listeners: Vec<Vec<BoundListener>>) -> Supervisor {
-        Supervisor { shared, config_path, listeners, workers: Vec::new() }
+    pub fn new(
+        shared: Arc<Shared>,
+        signals: Signals,
+        config_path: PathBuf,
+        listeners: Vec<Vec<BoundListener>>,
+    ) -> Supervisor {
+        Supervisor { shared, signals: Some(signals), config_path, listeners, workers: Vec::new() }
     }
 
-    fn watch_signals(&self, ctx: &mut Context<Self>) {
+    fn watch_signals(&mut self, ctx: &mut Context<Self>) {
         let me = ctx.address();
+        let Some(Signals { mut hup, mut int, mut term }) = self.signals.take() else { return };
         let signals = async move {
-            let (Ok(mut hup), Ok(mut int), Ok(mut term)) = (
-                signal(SignalKind::hangup()),
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::terminate()),
-            ) else {
-                return log::error!("cannot install signal handlers");
-            };
             loop {
                 tokio::select! {
                     _ = hup.recv() => {
@@ -66,7 +85,6 @@ impl Actor for Supervisor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        // Handlers first: until one exists, a SIGHUP would kill the process.
         self.watch_signals(ctx);
         for (index, listeners) in std::mem::take(&mut self.listeners).into_iter().enumerate() {
             let arbiter = Arbiter::new();

@@ -9,12 +9,12 @@ use actix::prelude::*;
 use clap::{ArgAction, Parser};
 
 use pgcorral::actors::registry::Shared;
-use pgcorral::actors::supervisor::Supervisor;
+use pgcorral::actors::supervisor::{Signals, Supervisor};
 use pgcorral::config::Config;
 use pgcorral::{daemon, logging, version};
 
 #[derive(Parser)]
-#[command(name = "pgcorral", version = version::VERSION, disable_version_flag = true,
+#[command(name = "pgcorral", version = env!("CARGO_PKG_VERSION"), disable_version_flag = true,
           about = "PostgreSQL connection pooler; reads pgbouncer.ini")]
 struct Args {
     /// Run in the background (detach from the terminal)
@@ -88,16 +88,19 @@ fn run(
     if args.daemon {
         daemon::detach()?;
     }
+    let system = System::new();
+    // Signal handlers exist before the pidfile does, so no signal can find the process
+    // without one.
+    let signals = system.block_on(async { Signals::install() })?;
     let _pidfile = match &general.pidfile {
         Some(path) => Some(daemon::Pidfile::create(path)?),
         None => None,
     };
     log::info!("{} listening on port {}", version::VERSION, general.listen_port);
-    let system = System::new();
     let config_path = std::fs::canonicalize(&args.config).unwrap_or(args.config);
     system.block_on(async move {
         let shared = Arc::new(Shared::new(config, workers, Arbiter::current()));
-        Supervisor::new(shared, config_path, listeners).start();
+        Supervisor::new(shared, signals, config_path, listeners).start();
     });
     system.run()?;
     log::info!("pgcorral stopped");
