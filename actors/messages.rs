@@ -11,7 +11,32 @@ use crate::actors::server::{AfterLease, DetachedLink, ServerConnection, ServerLi
 use crate::protocol::PgError;
 
 /// What a client waiting for a server eventually gets.
-pub type CheckoutReply = oneshot::Sender<Result<Addr<ServerConnection>, PgError>>;
+pub type CheckoutReply = oneshot::Sender<Result<ServerOffer, PgError>>;
+
+/// A server the Router assigned to a client. A client that vanished before claiming it drops
+/// the offer, and the server goes straight back to the Router instead of being lost.
+pub struct ServerOffer {
+    server: Option<Addr<ServerConnection>>,
+    router: Addr<Router>,
+}
+
+impl ServerOffer {
+    pub fn new(server: Addr<ServerConnection>, router: Addr<Router>) -> ServerOffer {
+        ServerOffer { server: Some(server), router }
+    }
+
+    pub fn claim(mut self) -> Addr<ServerConnection> {
+        self.server.take().expect("an offer is claimed once")
+    }
+}
+
+impl Drop for ServerOffer {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            self.router.do_send(ServerIdle { server, fresh: false });
+        }
+    }
+}
 
 // ----- to the Router -------------------------------------------------------------------------
 
@@ -84,6 +109,12 @@ pub struct Return {
 pub struct Migrate {
     pub to: Addr<Router>,
 }
+
+/// The link this server lent was dropped without coming back (its client's future ended
+/// abnormally): the socket is gone, so the actor stops and gives its permit back.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LinkLost;
 
 /// Close the server (pool shrinking, shutdown).
 #[derive(Message)]

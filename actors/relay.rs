@@ -367,7 +367,7 @@ impl Relay {
             let (reply, answer) = oneshot::channel();
             self.router.do_send(Checkout { reply });
             let server = match answer.await {
-                Ok(Ok(server)) => server,
+                Ok(Ok(offer)) => offer.claim(),
                 Ok(Err(error)) => return Err(Ending::Error(error)),
                 Err(_) => {
                     return Err(Ending::Error(PgError::fatal(

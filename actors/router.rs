@@ -146,10 +146,13 @@ impl Router {
     }
 
     /// Gives `server` to the oldest waiter still listening; false if there is none.
-    fn hand_to_waiter(&mut self, server: &Addr<ServerConnection>) -> bool {
+    fn hand_to_waiter(&mut self, server: &Addr<ServerConnection>, me: Addr<Router>) -> bool {
         while let Some(waiter) = self.waiters.pop_front() {
-            if waiter.reply.send(Ok(server.clone())).is_ok() {
-                return true;
+            match waiter.reply.send(Ok(ServerOffer::new(server.clone(), me.clone()))) {
+                Ok(()) => return true,
+                // Not delivered: take it back quietly rather than let it return itself.
+                Err(Ok(offer)) => drop(offer.claim()),
+                Err(Err(_)) => {}
             }
         }
         false
@@ -170,8 +173,8 @@ impl Handler<Checkout> for Router {
     fn handle(&mut self, msg: Checkout, ctx: &mut Context<Self>) {
         if self.waiters.is_empty() {
             if let Some(server) = self.idle.pop() {
-                if let Err(Ok(server)) = msg.reply.send(Ok(server)) {
-                    self.idle.push(server);
+                if let Err(Ok(offer)) = msg.reply.send(Ok(ServerOffer::new(server, ctx.address()))) {
+                    self.idle.push(offer.claim());
                 }
                 return;
             }
@@ -188,7 +191,7 @@ impl Handler<ServerIdle> for Router {
         if msg.fresh {
             self.connecting = self.connecting.saturating_sub(1);
         }
-        if !self.hand_to_waiter(&msg.server) {
+        if !self.hand_to_waiter(&msg.server, ctx.address()) {
             match self.pool.starving_router(self.worker) {
                 Some(to) => msg.server.do_send(Migrate { to }),
                 None => self.idle.push(msg.server),

@@ -37,6 +37,27 @@ pub struct ServerLink {
     pub secret_key: i32,
     /// The server's current ParameterStatus values, kept up to date by whoever reads its output.
     pub params: Vec<(String, String)>,
+    guard: LendGuard,
+}
+
+/// While a server is lent, its link knows the way home: dropped anywhere but back in its actor
+/// (a client's future dropped mid-lease, a panic), it tells the actor, which closes and gives
+/// its permit back instead of waiting forever for a socket that no longer exists.
+#[derive(Default)]
+struct LendGuard(Option<Addr<ServerConnection>>);
+
+impl Drop for LendGuard {
+    fn drop(&mut self) {
+        if let Some(home) = self.0.take() {
+            home.do_send(LinkLost);
+        }
+    }
+}
+
+impl std::fmt::Debug for LendGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "lent" } else { "home" })
+    }
 }
 
 impl ServerLink {
@@ -97,6 +118,7 @@ impl DetachedLink {
             process_id: self.process_id,
             secret_key: self.secret_key,
             params: self.params,
+            guard: LendGuard::default(),
         })
     }
 }
@@ -181,6 +203,7 @@ async fn open(settings: Arc<PoolSettings>) -> Result<ServerLink, PgError> {
         process_id: outcome.process_id,
         secret_key: outcome.secret_key,
         params: outcome.params,
+        guard: LendGuard::default(),
     };
     if let Some(query) = &settings.connect_query {
         link.run(query).await.map_err(|e| login_error(e, &connect_failed))?;
@@ -264,6 +287,7 @@ impl Handler<Return> for ServerConnection {
 
     fn handle(&mut self, msg: Return, ctx: &mut Context<Self>) {
         let mut link = msg.link;
+        link.guard.0 = None;
         let settings = self.pool.settings();
         let cleanup: Vec<String> = match msg.after {
             AfterLease::Reuse if settings.reset_query_always => vec![settings.reset_query.clone()],
@@ -320,6 +344,15 @@ impl Handler<Migrate> for ServerConnection {
             }
             Err(e) => log::warn!("pool {}: could not hand a server to another worker: {e}", self.pool.key),
         }
+        ctx.stop();
+    }
+}
+
+impl Handler<LinkLost> for ServerConnection {
+    type Result = ();
+
+    fn handle(&mut self, _: LinkLost, ctx: &mut Context<Self>) {
+        log::warn!("pool {}: a lent server connection was lost with its client; closing it", self.pool.key);
         ctx.stop();
     }
 }
