@@ -25,10 +25,6 @@ use crate::net::Socket;
 use crate::params::TrackedParams;
 use crate::protocol::backend;
 
-/// PgBouncer's `client_login_timeout` default: a client that does not finish logging in
-/// within this time is disconnected.
-const LOGIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-
 pub struct ClientSession {
     shared: Arc<Shared>,
     socket: Option<Socket>,
@@ -152,7 +148,12 @@ impl Session {
         let peer = socket.peer();
         let mut wire = Wire::new(socket);
         let mut admitted = false;
-        let login = tokio::time::timeout(LOGIN_TIMEOUT, accept(&mut wire, &self.shared, &mut admitted)).await;
+        // client_login_timeout: a client that does not finish logging in is disconnected.
+        let limit = match self.shared.config().general.client_login_timeout {
+            t if t.is_zero() => std::time::Duration::from_secs(u32::MAX as u64),
+            t => t,
+        };
+        let login = tokio::time::timeout(limit, accept(&mut wire, &self.shared, &mut admitted)).await;
         self.admitted.set(admitted);
         let login = match login {
             Ok(Ok(Accepted::Login(login))) => login,

@@ -52,6 +52,11 @@ pub struct PoolSettings {
     pub max_db_connections: usize,
     pub max_user_connections: usize,
     pub reserve_pool_timeout: Duration,
+    /// Zero durations mean "never", as in PgBouncer.
+    pub query_wait_timeout: Duration,
+    pub server_lifetime: Duration,
+    pub server_idle_timeout: Duration,
+    pub server_connect_timeout: Duration,
     pub reset_query: String,
     pub reset_query_always: bool,
 }

@@ -184,6 +184,10 @@ pub fn resolve(config: &Config, database: &str, user: &str) -> Result<(PoolKey, 
             .and_then(|u| u.max_user_connections)
             .unwrap_or(general.max_user_connections),
         reserve_pool_timeout: general.reserve_pool_timeout,
+        query_wait_timeout: general.query_wait_timeout,
+        server_lifetime: general.server_lifetime,
+        server_idle_timeout: general.server_idle_timeout,
+        server_connect_timeout: general.server_connect_timeout,
         reset_query: general.server_reset_query.clone(),
         reset_query_always: general.server_reset_query_always,
     };

@@ -19,6 +19,8 @@ use actix::prelude::*;
 use crate::actors::messages::*;
 use crate::actors::pool::{PoolKey, PoolShared};
 use crate::actors::server::ServerConnection;
+use crate::protocol::error::sqlstate;
+use crate::protocol::PgError;
 
 /// Logins in flight per router: enough to fill a pool quickly, few enough that a burst of
 /// clients does not storm PostgreSQL with connection attempts.
@@ -66,6 +68,7 @@ pub struct Router {
     connecting: usize,
     starving: bool,
     reserve_check_scheduled: bool,
+    wait_check_scheduled: bool,
 }
 
 impl Router {
@@ -78,6 +81,7 @@ impl Router {
             connecting: 0,
             starving: false,
             reserve_check_scheduled: false,
+            wait_check_scheduled: false,
         }
     }
 
@@ -103,6 +107,31 @@ impl Router {
             break;
         }
         self.update_starving();
+    }
+
+    /// Disconnects waiters that waited `query_wait_timeout`, then comes back when the next
+    /// oldest one would.
+    fn expire_waiters(&mut self, ctx: &mut Context<Self>) {
+        let timeout = self.pool.settings().query_wait_timeout;
+        if timeout.is_zero() {
+            return;
+        }
+        while self.waiters.front().is_some_and(|w| w.since.elapsed() >= timeout) {
+            if let Some(waiter) = self.waiters.pop_front() {
+                let error = PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "query_wait_timeout");
+                let _ = waiter.reply.send(Err(error));
+            }
+        }
+        self.update_starving();
+        if let Some(oldest) = self.waiters.front() {
+            if !self.wait_check_scheduled {
+                self.wait_check_scheduled = true;
+                ctx.run_later(timeout.saturating_sub(oldest.since.elapsed()), |router, ctx| {
+                    router.wait_check_scheduled = false;
+                    router.expire_waiters(ctx);
+                });
+            }
+        }
     }
 
     fn reserve_due(&self) -> bool {
@@ -181,6 +210,9 @@ impl Handler<Checkout> for Router {
         }
         self.waiters.push_back(Waiter { since: Instant::now(), reply: msg.reply });
         self.grow(ctx);
+        if !self.wait_check_scheduled {
+            self.expire_waiters(ctx);
+        }
     }
 }
 

@@ -11,7 +11,7 @@
 //! makes the server clean before anyone else gets it: reset query, ROLLBACK, or close.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::fut::wrap_future;
 use actix::prelude::*;
@@ -25,8 +25,9 @@ use crate::net::{DetachedSocket, ServerAddr, Socket};
 use crate::protocol::error::sqlstate;
 use crate::protocol::PgError;
 
-/// PgBouncer's `server_connect_timeout` default.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How often an idle server checks `server_idle_timeout` and `server_lifetime` (PgBouncer's
+/// janitor runs about as often).
+const JANITOR_PERIOD: Duration = Duration::from_secs(1);
 
 /// A logged-in server connection, as it travels between its actor and a client.
 #[derive(Debug)]
@@ -85,6 +86,8 @@ impl ServerLink {
 /// A server connection in transit between workers: its socket out of any reactor.
 #[derive(Debug)]
 pub struct DetachedLink {
+    /// When the connection was opened: `server_lifetime` counts from there on any worker.
+    born: Instant,
     socket: DetachedSocket,
     addr: ServerAddr,
     process_id: i32,
@@ -93,8 +96,9 @@ pub struct DetachedLink {
 }
 
 impl ServerLink {
-    pub fn detach(self) -> std::io::Result<DetachedLink> {
+    pub fn detach(self, born: Instant) -> std::io::Result<DetachedLink> {
         Ok(DetachedLink {
+            born,
             socket: self.socket.detach()?,
             addr: self.addr,
             process_id: self.process_id,
@@ -146,6 +150,8 @@ pub struct ServerConnection {
     close_on_return: bool,
     /// Moved to another worker: its permit went along, so stopping must not release it.
     migrated: bool,
+    born: Instant,
+    idle_since: Instant,
 }
 
 impl ServerConnection {
@@ -159,6 +165,8 @@ impl ServerConnection {
             login_error: None,
             close_on_return: false,
             migrated: false,
+            born: Instant::now(),
+            idle_since: Instant::now(),
         }
     }
 
@@ -168,12 +176,36 @@ impl ServerConnection {
     }
 
     fn become_idle(&mut self, link: ServerLink, fresh: bool, ctx: &mut Context<Self>) {
-        if self.close_on_return {
+        if self.close_on_return || self.past_lifetime() {
             ctx.stop();
             return;
         }
+        self.idle_since = Instant::now();
         self.link = Some(link);
         self.router.do_send(ServerIdle { server: ctx.address(), fresh });
+    }
+}
+
+impl ServerConnection {
+    fn past_lifetime(&self) -> bool {
+        let lifetime = self.pool.settings().server_lifetime;
+        !lifetime.is_zero() && self.born.elapsed() >= lifetime
+    }
+
+    /// Closes an idle server past `server_lifetime`, or idle past `server_idle_timeout` while
+    /// the pool is above `min_pool_size`. A lent server is left alone.
+    fn janitor(&mut self, ctx: &mut Context<Self>) {
+        if self.link.is_none() {
+            return;
+        }
+        let settings = self.pool.settings();
+        let idle_too_long = !settings.server_idle_timeout.is_zero()
+            && self.idle_since.elapsed() >= settings.server_idle_timeout
+            && self.pool.server_count() > settings.min_pool_size;
+        if idle_too_long || self.past_lifetime() {
+            log::debug!("pool {}: closing server (idle timeout or lifetime)", self.pool.key);
+            ctx.stop();
+        }
     }
 }
 
@@ -183,7 +215,8 @@ async fn open(settings: Arc<PoolSettings>) -> Result<ServerLink, PgError> {
     let connect_failed = |detail: String| {
         PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("server connection failed ({addr}): {detail}"))
     };
-    let mut socket = tokio::time::timeout(CONNECT_TIMEOUT, addr.connect())
+    let timeout = settings.server_connect_timeout;
+    let mut socket = tokio::time::timeout(timeout, addr.connect())
         .await
         .map_err(|_| connect_failed("timed out".into()))?
         .map_err(|e| connect_failed(e.to_string()))?;
@@ -193,7 +226,7 @@ async fn open(settings: Arc<PoolSettings>) -> Result<ServerLink, PgError> {
         password: settings.password.as_ref(),
         params: &settings.startup_params,
     };
-    let outcome = tokio::time::timeout(CONNECT_TIMEOUT, auth::login(&mut socket, &request))
+    let outcome = tokio::time::timeout(timeout, auth::login(&mut socket, &request))
         .await
         .map_err(|_| connect_failed("login timed out".into()))?
         .map_err(|e| login_error(e, &connect_failed))?;
@@ -225,7 +258,9 @@ impl Actor for ServerConnection {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(JANITOR_PERIOD, |server, ctx| server.janitor(ctx));
         if let Some(arriving) = self.arriving.take() {
+            self.born = arriving.born;
             match arriving.attach() {
                 Ok(link) => self.become_idle(link, false, ctx),
                 Err(e) => {
@@ -337,7 +372,7 @@ impl Handler<Migrate> for ServerConnection {
             ctx.stop();
             return;
         }
-        match link.detach() {
+        match link.detach(self.born) {
             Ok(detached) => {
                 self.migrated = true;
                 msg.to.do_send(Adopt(detached));

@@ -273,11 +273,7 @@ batch = pool_mode=session max_user_connections=5
         let file = dir.join("pgbouncer.ini").display().to_string();
         assert_eq!(
             shown(&warnings),
-            [
-                format!("{file}:15: server_idle_timeout: not implemented yet by pgcorral; ignored"),
-                format!("{file}:16: server_lifetime: not implemented yet by pgcorral; ignored"),
-                format!("{file}:17: log_connections: not implemented yet by pgcorral; ignored"),
-            ]
+            [format!("{file}:17: log_connections: not implemented yet by pgcorral; ignored"),]
         );
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -301,9 +297,9 @@ batch = pool_mode=session max_user_connections=5
     #[test]
     fn last_duplicate_wins() {
         let (config, warnings) = parse(
-            "[pgbouncer]\nlisten_port = 1111\nserver_lifetime = 1\n\
+            "[pgbouncer]\nlisten_port = 1111\ntcp_keepalive = 1\n\
              [databases]\na = host=first\nb = host=b\n\
-             [PGBOUNCER]\nLISTEN_PORT = 2222\nserver_lifetime = 2\n\
+             [PGBOUNCER]\nLISTEN_PORT = 2222\ntcp_keepalive = 2\n\
              [databases]\na = host=second server_lifetime=5\n\
              [users]\nu = pool_size=1\nu = pool_size=2\n",
         )
@@ -317,7 +313,7 @@ batch = pool_mode=session max_user_connections=5
         assert_eq!(
             shown(&warnings),
             [
-                "pgbouncer.ini:9: server_lifetime: not implemented yet by pgcorral; ignored",
+                "pgbouncer.ini:9: tcp_keepalive: not implemented yet by pgcorral; ignored",
                 "pgbouncer.ini:11: a: server_lifetime: not implemented yet by pgcorral; ignored",
             ]
         );
@@ -397,8 +393,8 @@ batch = pool_mode=session max_user_connections=5
     #[test]
     fn not_implemented_warns_once_per_key() {
         let (config, warnings) = parse(
-            "[pgbouncer]\nserver_lifetime = 3600\nserver_idle_timeout = 600\n\
-             client_tls_sslmode = require\nserver_lifetime = 10\n\
+            "[pgbouncer]\ntcp_keepalive = 3600\nstats_period = 600\n\
+             client_tls_sslmode = require\ntcp_keepalive = 10\n\
              [databases]\nd = host=a server_lifetime=3 auth_user=x\n\
              [users]\nu = query_timeout=5 pool_size=3\n[peers]\n1 = host=/tmp/p1\n",
         )
@@ -406,8 +402,8 @@ batch = pool_mode=session max_user_connections=5
         assert_eq!(
             shown(&warnings),
             [
-                "pgbouncer.ini:5: server_lifetime: not implemented yet by pgcorral; ignored",
-                "pgbouncer.ini:3: server_idle_timeout: not implemented yet by pgcorral; ignored",
+                "pgbouncer.ini:5: tcp_keepalive: not implemented yet by pgcorral; ignored",
+                "pgbouncer.ini:3: stats_period: not implemented yet by pgcorral; ignored",
                 "pgbouncer.ini:4: client_tls_sslmode: not implemented yet by pgcorral; ignored",
                 "pgbouncer.ini:7: d: server_lifetime: not implemented yet by pgcorral; ignored",
                 "pgbouncer.ini:7: d: auth_user: not implemented yet by pgcorral; ignored",
@@ -438,7 +434,7 @@ batch = pool_mode=session max_user_connections=5
         .unwrap();
         std::fs::write(
             dir.join("conf.d/tuning.ini"),
-            "[pgbouncer]\ndefault_pool_size = 7\nserver_lifetime = 1\n",
+            "[pgbouncer]\ndefault_pool_size = 7\ntcp_keepalive = 1\n",
         )
         .unwrap();
         let main = dir.join("pgbouncer.ini");
@@ -512,7 +508,7 @@ batch = pool_mode=session max_user_connections=5
             &[
                 ("PGCORRAL_ADMIN_USERS", "root, ops"),
                 ("PGCORRAL_POOL_MODE", "transaction"),
-                ("PGCORRAL_SERVER_LIFETIME", "10"),
+                ("PGCORRAL_TCP_KEEPALIVE", "1"),
                 ("PGCORRAL_WORKERS", "3"),
             ],
         )
@@ -523,7 +519,7 @@ batch = pool_mode=session max_user_connections=5
         assert_eq!(config.general.workers, 3);
         assert_eq!(
             shown(&warnings),
-            ["environment:PGCORRAL_SERVER_LIFETIME: server_lifetime: not implemented yet by pgcorral; ignored"]
+            ["environment:PGCORRAL_TCP_KEEPALIVE: tcp_keepalive: not implemented yet by pgcorral; ignored"]
         );
 
         let e = parse_with_env(text, path, &[("PGCORRAL_LISTEN_PORT", "seven")]).unwrap_err().to_string();

@@ -51,6 +51,16 @@ pub struct General {
     pub min_pool_size: usize,
     pub reserve_pool_size: usize,
     pub reserve_pool_timeout: Duration,
+    /// A client waiting longer than this for a server is disconnected (0 = never).
+    pub query_wait_timeout: Duration,
+    /// A server older than this is closed when it comes back from a lease (0 = never).
+    pub server_lifetime: Duration,
+    /// A server idle longer than this is closed (0 = never).
+    pub server_idle_timeout: Duration,
+    /// Connecting and logging in to PostgreSQL must finish within this.
+    pub server_connect_timeout: Duration,
+    /// A client must finish logging in within this (0 = no limit).
+    pub client_login_timeout: Duration,
     /// 0 means unlimited.
     pub max_db_connections: usize,
     /// 0 means unlimited.
@@ -87,6 +97,11 @@ impl Default for General {
             min_pool_size: 0,
             reserve_pool_size: 0,
             reserve_pool_timeout: Duration::from_secs(5),
+            query_wait_timeout: Duration::from_secs(120),
+            server_lifetime: Duration::from_secs(3600),
+            server_idle_timeout: Duration::from_secs(600),
+            server_connect_timeout: Duration::from_secs(15),
+            client_login_timeout: Duration::from_secs(60),
             max_db_connections: 0,
             max_user_connections: 0,
             server_reset_query: "DISCARD ALL".to_string(),
@@ -203,7 +218,6 @@ pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
     "autodb_idle_timeout",
     "cancel_wait_timeout",
     "client_idle_timeout",
-    "client_login_timeout",
     "client_tls13_ciphers",
     "client_tls_ca_file",
     "client_tls_cert_file",
@@ -234,16 +248,12 @@ pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
     "pool_idle_timeout",
     "query_timeout",
     "query_wait_notify",
-    "query_wait_timeout",
     "resolv_conf",
     "sbuf_loopcnt",
     "scram_iterations",
     "server_check_delay",
     "server_check_query",
-    "server_connect_timeout",
     "server_fast_close",
-    "server_idle_timeout",
-    "server_lifetime",
     "server_login_retry",
     "server_round_robin",
     "server_tls13_ciphers",
@@ -299,6 +309,11 @@ pub const USER_NOT_IMPLEMENTED: &[&str] = &[
 /// `[pgbouncer]` keys pgcorral implements; kept for error messages.
 const PGBOUNCER_IMPLEMENTED: &[&str] = &[
     "admin_users",
+    "client_login_timeout",
+    "query_wait_timeout",
+    "server_connect_timeout",
+    "server_idle_timeout",
+    "server_lifetime",
     "auth_file",
     "auth_type",
     "default_pool_size",
@@ -481,6 +496,11 @@ pub(crate) fn apply_general(
         "min_pool_size" => general.min_pool_size = s.usize()?,
         "reserve_pool_size" => general.reserve_pool_size = s.usize()?,
         "reserve_pool_timeout" => general.reserve_pool_timeout = s.seconds()?,
+        "query_wait_timeout" => general.query_wait_timeout = s.seconds()?,
+        "server_lifetime" => general.server_lifetime = s.seconds()?,
+        "server_idle_timeout" => general.server_idle_timeout = s.seconds()?,
+        "server_connect_timeout" => general.server_connect_timeout = s.seconds()?,
+        "client_login_timeout" => general.client_login_timeout = s.seconds()?,
         "max_db_connections" => general.max_db_connections = s.usize()?,
         "max_user_connections" => general.max_user_connections = s.usize()?,
         "server_reset_query" => general.server_reset_query = s.value.to_string(),

@@ -1,0 +1,150 @@
+//! Pool policy keys that close or refuse on a clock — query_wait_timeout, server_idle_timeout,
+//! server_lifetime, client_login_timeout, server_connect_timeout — and pools healing after a
+//! PostgreSQL restart. Timeouts are set to a second or so; assertions only bound liveness.
+
+mod support;
+
+use std::io::Read;
+use std::time::Duration;
+
+use support::*;
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+fn ini(pg: &Postgres, db: &str, pool: &str, general: &str) -> String {
+    format!(
+        "[databases]\n{db} = host=127.0.0.1 port={port} dbname={db} {pool}\n\
+         [pgbouncer]\nauth_type = md5\npool_mode = transaction\n{general}\n",
+        port = pg.port
+    )
+}
+
+fn userlist() -> String {
+    Pooler::userlist_line(APP_USER, APP_PASSWORD)
+}
+
+async fn value(client: &Client, sql: &str) -> Result<String, tokio_postgres::Error> {
+    for message in client.simple_query(sql).await? {
+        if let SimpleQueryMessage::Row(row) = message {
+            return Ok(row.get(0).unwrap_or_default().to_string());
+        }
+    }
+    Ok(String::new())
+}
+
+fn backends(pg: &Postgres, db: &str) -> String {
+    pg.sql(&format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND backend_type = 'client backend'"
+    ))
+}
+
+async fn eventually(mut check: impl FnMut() -> bool) -> bool {
+    for _ in 0..200 {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn query_wait_timeout_disconnects_a_waiting_client() {
+    let pg = Postgres::shared();
+    let db = pg.create_database("qwait");
+    let pooler = Pooler::start(&ini(pg, &db, "pool_size=1", "query_wait_timeout = 1"), &userlist());
+    let holder = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    holder.batch_execute("BEGIN").await.unwrap(); // keeps the only server
+    let waiter = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    let err = value(&waiter, "SELECT 1").await.expect_err("the waiter must be refused");
+    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::PROTOCOL_VIOLATION), "{err:?}");
+    assert!(format!("{err:?}").contains("query_wait_timeout"), "{err:?}");
+    // The holder is undisturbed and the server is free again afterwards.
+    assert_eq!(value(&holder, "SELECT 7").await.unwrap(), "7");
+    holder.batch_execute("COMMIT").await.unwrap();
+    let next = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    assert_eq!(value(&next, "SELECT 8").await.unwrap(), "8");
+}
+
+#[tokio::test]
+async fn server_idle_timeout_closes_idle_servers_above_min_pool_size() {
+    let pg = Postgres::shared();
+    let db = pg.create_database("idle");
+    let pooler = Pooler::start(&ini(pg, &db, "pool_size=3", "server_idle_timeout = 1"), &userlist());
+    let client = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    value(&client, "SELECT 1").await.unwrap();
+    assert_eq!(backends(pg, &db), "1");
+    assert!(eventually(|| backends(pg, &db) == "0").await, "the idle server was never closed");
+    // The client does not notice: its next query gets a new server.
+    assert_eq!(value(&client, "SELECT 2").await.unwrap(), "2");
+
+    let db = pg.create_database("idle_min");
+    let pooler =
+        Pooler::start(&ini(pg, &db, "pool_size=3 min_pool_size=1", "server_idle_timeout = 1"), &userlist());
+    let client = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    value(&client, "SELECT 1").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(backends(pg, &db), "1", "min_pool_size keeps one server despite server_idle_timeout");
+}
+
+#[tokio::test]
+async fn server_lifetime_replaces_old_servers() {
+    let pg = Postgres::shared();
+    let db = pg.create_database("lifetime");
+    let pooler = Pooler::start(&ini(pg, &db, "pool_size=1", "server_lifetime = 1"), &userlist());
+    let client = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    let first = value(&client, "SELECT pg_backend_pid()").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let second = value(&client, "SELECT pg_backend_pid()").await.unwrap();
+    assert_ne!(first, second, "a server past server_lifetime was lent again");
+    assert_eq!(backends(pg, &db), "1");
+}
+
+#[test]
+fn client_login_timeout_closes_silent_clients() {
+    let pg = Postgres::shared();
+    let db = pg.create_database("login_timeout");
+    let pooler = Pooler::start(&ini(pg, &db, "", "client_login_timeout = 1"), &userlist());
+    let mut silent = std::net::TcpStream::connect(("127.0.0.1", pooler.port)).unwrap();
+    silent.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 64];
+    let n = silent.read(&mut buf).expect("pgcorral should close the silent client, not leave it hanging");
+    assert_eq!(n, 0, "expected a close");
+    let out = pooler.psql(APP_USER, APP_PASSWORD, &db, "SELECT 1");
+    assert!(out.status.success());
+}
+
+#[tokio::test]
+async fn server_connect_timeout_fails_clients_fast_when_the_server_never_answers() {
+    // A listener that accepts (through its backlog) but never speaks: a hung PostgreSQL.
+    let hung = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let port = hung.local_addr().unwrap().port();
+    let pooler = Pooler::start(
+        &format!(
+            "[databases]\nhung = host=127.0.0.1 port={port} dbname=app\n\
+             [pgbouncer]\nauth_type = md5\nserver_connect_timeout = 1\n"
+        ),
+        &userlist(),
+    );
+    let started = std::time::Instant::now();
+    let err = match pooler.connect(APP_USER, APP_PASSWORD, "hung").await {
+        Ok(_) => panic!("login through a hung server must fail"),
+        Err(e) => e,
+    };
+    assert!(started.elapsed() < Duration::from_secs(10), "the client hung for {:?}", started.elapsed());
+    assert!(format!("{err:?}").contains("timed out"), "{err:?}");
+    drop(hung);
+}
+
+#[tokio::test]
+async fn pools_heal_after_postgres_restarts() {
+    let pg = Postgres::start(); // private: a restart must not disturb other tests
+    let pooler = Pooler::start(&ini(&pg, APP_DB, "pool_size=2", ""), &userlist());
+    let client = pooler.connect(APP_USER, APP_PASSWORD, APP_DB).await.unwrap();
+    let before = value(&client, "SELECT pg_backend_pid()").await.unwrap();
+    pg.restart();
+    // The idle server died with PostgreSQL; it is noticed before being lent and replaced.
+    let after = value(&client, "SELECT pg_backend_pid()").await.expect("query after restart");
+    assert_ne!(before, after);
+    let fresh = pooler.connect(APP_USER, APP_PASSWORD, APP_DB).await.unwrap();
+    assert_eq!(value(&fresh, "SELECT 1").await.unwrap(), "1");
+}
