@@ -17,6 +17,8 @@ WORKLOADS=(
   "select-only|-S -c 50 -j 2|direct pgbouncer pgcorral"
   "tpcb-like|-c 50 -j 2|direct pgbouncer pgcorral"
   "select-only, new connection per tx|-S -C -c 20 -j 2|direct pgbouncer pgcorral"
+  # 1,000 clients queueing for 20 servers; PostgreSQL alone cannot take 1,000 connections.
+  "select-only, 1000 clients|-S -c 1000 -j 2|pgbouncer pgcorral"
 )
 
 RUNS=${RUNS:-3}
@@ -198,22 +200,29 @@ for t in direct pgbouncer pgcorral; do
 done
 
 # --- runs ----------------------------------------------------------------
-declare -A TPS LAT   # "workload|target" -> space-separated values, one per run
+declare -A TPS LAT P99   # "workload|target" -> space-separated values, one per run
 run_pgbench() { # workload-index target
   local name args out tps lat rc=0
   IFS='|' read -r name args _ <<<"${WORKLOADS[$1]}"
   out="$WORK/run.out"
   # shellcheck disable=SC2086  # args is a word list by design
-  pgbench -n -T "$DURATION" -h 127.0.0.1 -p "${PORT[$2]}" -U "$BENCH_USER" $args bench >"$out" 2>&1 || rc=$?
+  rm -f "$WORK"/txlog.*
+  pgbench -n -T "$DURATION" -h 127.0.0.1 -p "${PORT[$2]}" -U "$BENCH_USER" -l --log-prefix="$WORK/txlog" \
+    $args bench >"$out" 2>&1 || rc=$?
   tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$out" | head -1)
   lat=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$out" | head -1)
+  # p99 from the per-transaction log (third field: latency in microseconds).
+  p99=$(cat "$WORK"/txlog.* 2>/dev/null | awk '{print $3}' | sort -n |
+    awk '{v[NR]=$1} END {if (NR) {i=int(NR*0.99); if (i<1) i=1; printf "%.3f", v[i]/1000}}')
+  rm -f "$WORK"/txlog.*
   if [[ $rc != 0 || -z $tps ]]; then
     log "  $name on $2 failed (exit $rc):"; tail -5 "$out" >&2
-    tps=ERR lat=ERR
+    tps=ERR lat=ERR p99=ERR
   fi
   TPS["$1|$2"]+="$tps "
   LAT["$1|$2"]+="$lat "
-  log "  $(printf '%-40s %-10s tps %10s  latency %8s ms' "$name" "$2" "$tps" "$lat")"
+  P99["$1|$2"]+="${p99:-ERR} "
+  log "  $(printf '%-40s %-10s tps %10s  latency %8s ms  p99 %8s ms' "$name" "$2" "$tps" "$lat" "$p99")"
   [[ -n $RAW ]] && printf '%s\t%s\t%s\t%s\t%s\n' "$(date -u +%FT%TZ)" "$name" "$2" "$tps" "$lat" >>"$RAW"
   return 0
 }
@@ -250,19 +259,22 @@ echo
 echo "pgbench, median of $RUNS runs of ${DURATION}s, scale $SCALE, auth $AUTH, pool_mode transaction, default_pool_size 20;"
 echo "$(nproc) cores; PgBouncer $("$PGBOUNCER" --version | head -1 | awk '{print $2}'); pgcorral $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?') ($PGCORRAL); $(date -u +%F)"
 echo
-echo "| workload | direct tps | PgBouncer tps | pgcorral tps | pgcorral/PgBouncer | pgcorral/direct | direct ms | PgBouncer ms | pgcorral ms |"
-echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+echo "| workload | direct tps | PgBouncer tps | pgcorral tps | pgcorral/PgBouncer | pgcorral/direct | direct ms | PgBouncer ms | pgcorral ms | PgBouncer p99 ms | pgcorral p99 ms | p99 pgcorral/PgBouncer |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 for i in "${selected[@]}"; do
   IFS='|' read -r name args _ <<<"${WORKLOADS[$i]}"
-  declare -A mt=() ml=()
+  declare -A mt=() ml=() mp=()
   for t in direct pgbouncer pgcorral; do
     # shellcheck disable=SC2086
     mt[$t]=$(median ${TPS["$i|$t"]:-})
     # shellcheck disable=SC2086
     ml[$t]=$(median ${LAT["$i|$t"]:-})
+    # shellcheck disable=SC2086
+    mp[$t]=$(median ${P99["$i|$t"]:-})
   done
-  printf '| %s (`%s`) | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$name" "$args" \
+  printf '| %s (`%s`) | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$name" "$args" \
     "$(fmt "${mt[direct]}" 0)" "$(fmt "${mt[pgbouncer]}" 0)" "$(fmt "${mt[pgcorral]}" 0)" \
     "$(ratio "${mt[pgcorral]}" "${mt[pgbouncer]}")" "$(ratio "${mt[pgcorral]}" "${mt[direct]}")" \
-    "$(fmt "${ml[direct]}" 2)" "$(fmt "${ml[pgbouncer]}" 2)" "$(fmt "${ml[pgcorral]}" 2)"
+    "$(fmt "${ml[direct]}" 2)" "$(fmt "${ml[pgbouncer]}" 2)" "$(fmt "${ml[pgcorral]}" 2)" \
+    "$(fmt "${mp[pgbouncer]}" 2)" "$(fmt "${mp[pgcorral]}" 2)" "$(ratio "${mp[pgcorral]}" "${mp[pgbouncer]}")"
 done
