@@ -1,7 +1,8 @@
 //! The messages actors exchange, in one place so the protocol between actors reads as a whole.
 //!
-//! Control flows through these; query bytes never do (a leased server's socket travels inside
-//! [`ServerLink`](crate::actors::server::ServerLink) to the client's relay loop instead).
+//! Control flows through these; query bytes never do. A server's connection (its
+//! [`ServerLink`]) travels inside them: it waits in its Router while idle and sits in the
+//! client's relay loop while lent, so a lease costs one message each way.
 
 use actix::prelude::*;
 use tokio::sync::oneshot;
@@ -13,27 +14,40 @@ use crate::protocol::PgError;
 /// What a client waiting for a server eventually gets.
 pub type CheckoutReply = oneshot::Sender<Result<ServerOffer, PgError>>;
 
-/// A server the Router assigned to a client. A client that vanished before claiming it drops
-/// the offer, and the server goes straight back to the Router instead of being lost.
+/// A server the Router assigned to a client, connection included. A client that vanished
+/// before claiming it drops the offer, and the server goes straight back to the Router instead
+/// of being lost.
 pub struct ServerOffer {
-    server: Option<Addr<ServerConnection>>,
+    server: Addr<ServerConnection>,
+    link: Option<ServerLink>,
     router: Addr<Router>,
 }
 
 impl ServerOffer {
-    pub fn new(server: Addr<ServerConnection>, router: Addr<Router>) -> ServerOffer {
-        ServerOffer { server: Some(server), router }
+    pub fn new(server: Addr<ServerConnection>, mut link: ServerLink, router: Addr<Router>) -> ServerOffer {
+        link.lend(server.clone());
+        ServerOffer { server, link: Some(link), router }
     }
 
-    pub fn claim(mut self) -> Addr<ServerConnection> {
-        self.server.take().expect("an offer is claimed once")
+    /// Takes the lease: from now on the client must give the link back.
+    pub fn claim(mut self) -> (Addr<ServerConnection>, ServerLink) {
+        let link = self.link.take().expect("an offer is claimed once");
+        (self.server.clone(), link)
+    }
+
+    /// Takes the server back unlent (the offer could not be delivered).
+    pub fn reclaim(mut self) -> (Addr<ServerConnection>, ServerLink) {
+        let mut link = self.link.take().expect("an offer is reclaimed once");
+        link.settle();
+        (self.server.clone(), link)
     }
 }
 
 impl Drop for ServerOffer {
     fn drop(&mut self) {
-        if let Some(server) = self.server.take() {
-            self.router.do_send(ServerIdle { server, fresh: false });
+        if let Some(mut link) = self.link.take() {
+            link.settle();
+            self.router.do_send(Checkin { server: self.server.clone(), link, fresh: false });
         }
     }
 }
@@ -47,11 +61,12 @@ pub struct Checkout {
     pub reply: CheckoutReply,
 }
 
-/// A server finished logging in (`fresh`) or came back from a lease, and is free.
+/// A clean server is free: just logged in (`fresh`), back from a lease, or cleaned up.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct ServerIdle {
+pub struct Checkin {
     pub server: Addr<ServerConnection>,
+    pub link: ServerLink,
     pub fresh: bool,
 }
 
@@ -72,7 +87,7 @@ pub struct Donate {
     pub to: Addr<Router>,
 }
 
-/// An idle server moved here from another worker: start its actor on this arbiter.
+/// An idle server moved here from another worker, with its permit: adopt it.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Adopt(pub DetachedLink);
@@ -82,6 +97,12 @@ pub struct Adopt(pub DetachedLink);
 #[rtype(result = "()")]
 pub struct PermitFreed;
 
+/// Another pool of the same database or user is refused by a shared limit: close one idle
+/// server to make room.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ShedIdle;
+
 /// The pool is below `min_pool_size`: open one server and keep it idle.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -89,13 +110,7 @@ pub struct Grow;
 
 // ----- to a ServerConnection -------------------------------------------------------------------
 
-/// Hand the server's socket to the client that the router assigned it to. `None` when the
-/// server turned out to be dead; the client then asks the router again.
-#[derive(Message)]
-#[rtype(result = "Option<ServerLink>")]
-pub struct Lend;
-
-/// The lease is over: the socket comes back with what must happen before the next lease.
+/// The lease is over and the server needs cleaning first (reset query, ROLLBACK) or closing.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Return {
@@ -103,12 +118,11 @@ pub struct Return {
     pub after: AfterLease,
 }
 
-/// Move to the worker of router `to` (only when idle; a lent server ignores it).
+/// The connection moved to another worker together with its permit: stop without giving the
+/// permit back.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Migrate {
-    pub to: Addr<Router>,
-}
+pub struct Retire;
 
 /// The link this server lent was dropped without coming back (its client's future ended
 /// abnormally): the socket is gone, so the actor stops and gives its permit back.
@@ -116,7 +130,7 @@ pub struct Migrate {
 #[rtype(result = "()")]
 pub struct LinkLost;
 
-/// Close the server (pool shrinking, shutdown).
+/// Close the server (unhealthy, idle too long, past its lifetime, shutting down).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Close;

@@ -10,12 +10,12 @@
 //! `min_pool_size` servers open by sending [`Grow`] to a router.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use actix::prelude::*;
 
-use crate::actors::messages::{Grow, PermitFreed};
+use crate::actors::messages::{Grow, PermitFreed, ShedIdle};
 use crate::actors::router::Router;
 use crate::auth::Secret;
 use crate::config::PoolMode;
@@ -61,16 +61,28 @@ pub struct PoolSettings {
     pub reset_query_always: bool,
 }
 
-/// A counter with a ceiling (0 = none), shared by every worker.
+/// A counter with a ceiling (0 = none), shared by every worker. Database and user limits also
+/// know the pools that share them, so that a pool refused by the shared limit can make another
+/// pool give up an idle server, as PgBouncer does.
 #[derive(Debug, Default)]
 pub struct Limit {
     count: AtomicUsize,
     max: AtomicUsize,
+    members: Mutex<Vec<Weak<PoolShared>>>,
 }
 
 impl Limit {
     pub fn new(max: usize) -> Limit {
-        Limit { count: AtomicUsize::new(0), max: AtomicUsize::new(max) }
+        Limit { count: AtomicUsize::new(0), max: AtomicUsize::new(max), members: Mutex::new(Vec::new()) }
+    }
+
+    /// Registers a pool as counted by this limit.
+    pub fn join(&self, pool: &Arc<PoolShared>) {
+        self.members.lock().unwrap().push(Arc::downgrade(pool));
+    }
+
+    fn members(&self) -> Vec<Arc<PoolShared>> {
+        self.members.lock().unwrap().iter().filter_map(Weak::upgrade).collect()
     }
 
     pub fn set_max(&self, max: usize) {
@@ -98,6 +110,15 @@ impl Limit {
 
 /// The ParameterStatus list every new client of a pool is greeted with.
 pub type Welcome = Arc<Vec<(String, String)>>;
+
+/// Why a permit was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `pool_size` (+ reserve) reached: only this pool's own servers can help.
+    PoolFull,
+    /// `max_db_connections` or `max_user_connections` reached: other pools hold the slots.
+    SharedLimit,
+}
 
 pub struct PoolShared {
     pub key: PoolKey,
@@ -151,29 +172,61 @@ impl PoolShared {
     }
 
     /// A permit to open one server. `reserve` allows `reserve_pool_size` beyond `pool_size`.
-    pub fn try_acquire(&self, reserve: bool) -> bool {
+    pub fn try_acquire(&self, reserve: bool) -> Result<(), Refusal> {
         let extra = if reserve { self.settings().reserve_pool_size } else { 0 };
         if !self.servers.try_acquire(extra) {
-            return false;
+            return Err(Refusal::PoolFull);
         }
         if !self.db_limit.try_acquire(0) {
             self.servers.release();
-            return false;
+            return Err(Refusal::SharedLimit);
         }
         if !self.user_limit.try_acquire(0) {
             self.db_limit.release();
             self.servers.release();
-            return false;
+            return Err(Refusal::SharedLimit);
         }
-        true
+        Ok(())
     }
 
-    /// Gives a permit back (a server closed) and tells starved routers to try again.
+    /// Gives a permit back (a server closed) and tells starved routers to try again, in this
+    /// pool and in every pool sharing its database or user limit.
     pub fn release(&self) {
         self.user_limit.release();
         self.db_limit.release();
         self.servers.release();
         self.wake_starving();
+        for pool in self.db_limit.members().into_iter().chain(self.user_limit.members()) {
+            if pool.key != self.key {
+                pool.wake_starving();
+            }
+        }
+    }
+
+    /// Another pool under this pool's database or user limit has clients waiting: a server
+    /// coming back idle here should close instead, so that the slot moves there.
+    pub fn shared_limit_contended(&self) -> bool {
+        let settings = self.settings();
+        if settings.max_db_connections == 0 && settings.max_user_connections == 0 {
+            return false;
+        }
+        self.db_limit
+            .members()
+            .into_iter()
+            .chain(self.user_limit.members())
+            .any(|pool| pool.key != self.key && pool.starving.iter().any(|f| f.load(Ordering::Relaxed)))
+    }
+
+    /// Refused by `max_db_connections` or `max_user_connections`: asks the other pools under
+    /// those limits to close one idle server each, so that the slot can move here.
+    pub fn shed_elsewhere(&self) {
+        for pool in self.db_limit.members().into_iter().chain(self.user_limit.members()) {
+            if pool.key != self.key {
+                for (_, router) in pool.all_routers() {
+                    router.do_send(ShedIdle);
+                }
+            }
+        }
     }
 
     fn wake_starving(&self) {

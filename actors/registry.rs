@@ -80,7 +80,15 @@ impl Shared {
         }
         let db_limit = limit_for(&self.db_limits, &key.database, settings.max_db_connections);
         let user_limit = limit_for(&self.user_limits, &key.user, settings.max_user_connections);
-        let pool = Arc::new(PoolShared::new(key.clone(), settings, db_limit, user_limit, self.workers));
+        let pool = Arc::new(PoolShared::new(
+            key.clone(),
+            settings,
+            db_limit.clone(),
+            user_limit.clone(),
+            self.workers,
+        ));
+        db_limit.join(&pool);
+        user_limit.join(&pool);
         let for_actor = pool.clone();
         Pool::start_in_arbiter(&self.home, move |_| Pool::new(for_actor));
         pools.insert(key, pool.clone());

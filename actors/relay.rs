@@ -7,9 +7,9 @@
 //! on: ReadyForQuery (transaction ends), ParameterStatus (tracked parameters). The
 //! [`TxnTracker`] decides when a server goes back to the pool.
 //!
-//! Leasing is a conversation with actors: [`Checkout`] to this worker's Router, [`Lend`] to the
-//! ServerConnection it names (which hands over its socket), [`Return`] at the end of the
-//! transaction (or session). Control reaches the loop through a channel from the ClientSession
+//! Leasing is a conversation with this worker's Router: [`Checkout`] brings a server and its
+//! socket, [`Checkin`] gives them back at the end of the transaction (or session); a server that
+//! needs cleaning first goes to its ServerConnection instead ([`Return`]). Control reaches the loop through a channel from the ClientSession
 //! actor: a Kill, or news that a cancel it sent has been delivered.
 
 use std::cell::{Cell, RefCell};
@@ -25,7 +25,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWrite;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::actors::messages::{Checkout, Lend, Return};
+use crate::actors::messages::{Checkin, Checkout, Return};
 use crate::actors::pool::{PoolShared, Welcome};
 use crate::actors::router::Router;
 use crate::actors::server::{AfterLease, ServerConnection, ServerLink};
@@ -154,7 +154,7 @@ impl Relay {
         };
         if let Some(lease) = self.lease.take() {
             self.cancel.target.replace(None);
-            lease.server.do_send(Return { link: lease.link, after });
+            self.give_back(lease, after);
         }
         let goodbye = match ending {
             Ending::ClientLeft => None,
@@ -352,7 +352,7 @@ impl Relay {
         self.release_deferred = false;
         if let Some(lease) = self.lease.take() {
             self.cancel.target.replace(None);
-            lease.server.do_send(Return { link: lease.link, after });
+            self.give_back(lease, after);
         }
         // An idle client should hold no buffer memory.
         if self.from_client.is_empty() {
@@ -360,28 +360,31 @@ impl Relay {
         }
     }
 
+    /// A clean server goes straight back to the Router; one that needs work first goes to its
+    /// actor.
+    fn give_back(&self, lease: Lease, after: AfterLease) {
+        if after == AfterLease::Reuse && !self.pool.settings().reset_query_always {
+            self.router.do_send(Checkin { server: lease.server, link: lease.link, fresh: false });
+        } else {
+            lease.server.do_send(Return { link: lease.link, after });
+        }
+    }
+
     /// Leases a server from this worker's Router, waiting in its FIFO queue if needed, and
     /// brings the server's session parameters in line with this client's.
     async fn acquire(&mut self) -> Result<(), Ending> {
-        let link = loop {
-            let (reply, answer) = oneshot::channel();
-            self.router.do_send(Checkout { reply });
-            let server = match answer.await {
-                Ok(Ok(offer)) => offer.claim(),
-                Ok(Err(error)) => return Err(Ending::Error(error)),
-                Err(_) => {
-                    return Err(Ending::Error(PgError::fatal(
-                        sqlstate::CONNECTION_FAILURE,
-                        format!("pool {} is shutting down", self.pool.key),
-                    )))
-                }
-            };
-            // A dead idle server answers None and stops; ask the router again.
-            if let Ok(Some(link)) = server.send(Lend).await {
-                break (server, link);
+        let (reply, answer) = oneshot::channel();
+        self.router.do_send(Checkout { reply });
+        let (server, link) = match answer.await {
+            Ok(Ok(offer)) => offer.claim(),
+            Ok(Err(error)) => return Err(Ending::Error(error)),
+            Err(_) => {
+                return Err(Ending::Error(PgError::fatal(
+                    sqlstate::CONNECTION_FAILURE,
+                    format!("pool {} is shutting down", self.pool.key),
+                )))
             }
         };
-        let (server, link) = link;
         self.cancel.target.replace(Some(CancelTarget {
             addr: link.addr.clone(),
             process_id: link.process_id,

@@ -1,24 +1,29 @@
 //! The Router: one per pool per worker, owning that worker's idle servers and waiting clients.
 //!
-//! Takes [`Checkout`] from clients of its worker and answers with a server, at once from the idle
-//! list (most recently used first, so that surplus servers age out) or later, strictly in
-//! arrival order. When it has waiters and no idle server it takes a permit from the pool's
-//! shared limits and starts a [`ServerConnection`] on this same arbiter, so a client and its
-//! server always share a thread. At the limit it marks itself starving: other workers then give
-//! up idle servers ([`Donate`]: the socket moves, no reconnection) and wake it when a permit
-//! frees ([`PermitFreed`]). Once the oldest
-//! waiter has waited `reserve_pool_timeout`, it may grow into `reserve_pool_size`.
+//! Takes [`Checkout`] from clients of its worker and answers with a server and its connection
+//! ([`ServerOffer`]), at once from the idle list (most recently used first, so that surplus
+//! servers age out; checked alive first) or later, strictly in arrival order. Clean servers come
+//! back with [`Checkin`], straight from the client at the end of a transaction: one message to
+//! release, one to lease.
+//!
+//! When it has waiters and no idle server it takes a permit from the pool's shared limits and
+//! starts a [`ServerConnection`] on this same arbiter, so a client and its server always share a
+//! thread. At the limit it marks itself starving: other workers then give up idle servers
+//! ([`Donate`]: the socket moves, no reconnection) and wake it when a permit frees
+//! ([`PermitFreed`]). Once the oldest waiter has waited `reserve_pool_timeout`, it may grow into
+//! `reserve_pool_size`; one that waited `query_wait_timeout` is refused. A periodic janitor
+//! closes idle servers past `server_idle_timeout` or `server_lifetime`.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
 use crate::actors::messages::*;
-use crate::actors::pool::{PoolKey, PoolShared};
-use crate::actors::server::ServerConnection;
+use crate::actors::pool::{PoolKey, PoolShared, Refusal};
+use crate::actors::server::{ServerConnection, ServerLink};
 use crate::protocol::error::sqlstate;
 use crate::protocol::PgError;
 
@@ -60,10 +65,22 @@ struct Waiter {
     reply: CheckoutReply,
 }
 
+/// An idle server: its actor and its connection, waiting here for the next client.
+struct Idle {
+    server: Addr<ServerConnection>,
+    link: ServerLink,
+    since: Instant,
+}
+
+/// How often idle servers are checked against `server_idle_timeout` and `server_lifetime`
+/// (PgBouncer's janitor runs about as often).
+const JANITOR_PERIOD: Duration = Duration::from_secs(1);
+
 pub struct Router {
     pool: Arc<PoolShared>,
     worker: usize,
-    idle: Vec<Addr<ServerConnection>>,
+    /// Most recently used last: lent first, so that surplus servers age out.
+    idle: Vec<Idle>,
     waiters: VecDeque<Waiter>,
     connecting: usize,
     starving: bool,
@@ -90,18 +107,41 @@ impl Router {
         ServerConnection::new(self.pool.clone(), ctx.address()).start();
     }
 
+    /// The most recently used idle server that is still alive and young enough.
+    fn take_idle(&mut self) -> Option<(Addr<ServerConnection>, ServerLink)> {
+        let lifetime = self.pool.settings().server_lifetime;
+        while let Some(idle) = self.idle.pop() {
+            if idle.link.is_healthy() && !idle.link.past_lifetime(lifetime) {
+                return Some((idle.server, idle.link));
+            }
+            log::info!(
+                "pool {}: idle server {} closed, spoke unasked or outlived server_lifetime; replacing it",
+                self.pool.key,
+                idle.link.process_id
+            );
+            idle.server.do_send(Close);
+        }
+        None
+    }
+
     /// Opens servers for waiters that no login in flight will serve, within the limits.
     fn grow(&mut self, ctx: &mut Context<Self>) {
         self.waiters.retain(|w| !w.reply.is_closed());
         while self.connecting < self.waiters.len().min(MAX_CONNECTING) {
-            if self.pool.try_acquire(false) {
-                self.start_server(ctx);
-                continue;
-            }
-            if self.reserve_due() && self.pool.try_acquire(true) {
+            let refusal = match self.pool.try_acquire(false) {
+                Ok(()) => {
+                    self.start_server(ctx);
+                    continue;
+                }
+                Err(refusal) => refusal,
+            };
+            if refusal == Refusal::PoolFull && self.reserve_due() && self.pool.try_acquire(true).is_ok() {
                 log::info!("pool {}: taking connection from reserve_pool", self.pool.key);
                 self.start_server(ctx);
                 continue;
+            }
+            if refusal == Refusal::SharedLimit && !self.starving {
+                self.pool.shed_elsewhere();
             }
             self.starve(ctx);
             break;
@@ -174,22 +214,77 @@ impl Router {
         }
     }
 
-    /// Gives `server` to the oldest waiter still listening; false if there is none.
-    fn hand_to_waiter(&mut self, server: &Addr<ServerConnection>, me: Addr<Router>) -> bool {
+    /// A free server: to the oldest waiter still listening, else to a starved worker, else
+    /// idle here.
+    fn place(&mut self, server: Addr<ServerConnection>, link: ServerLink, ctx: &mut Context<Self>) {
+        let (mut server, mut link) = (server, link);
         while let Some(waiter) = self.waiters.pop_front() {
-            match waiter.reply.send(Ok(ServerOffer::new(server.clone(), me.clone()))) {
-                Ok(()) => return true,
-                // Not delivered: take it back quietly rather than let it return itself.
-                Err(Ok(offer)) => drop(offer.claim()),
-                Err(Err(_)) => {}
+            match waiter.reply.send(Ok(ServerOffer::new(server, link, ctx.address()))) {
+                Ok(()) => return,
+                Err(Ok(offer)) => (server, link) = offer.reclaim(),
+                Err(Err(_)) => unreachable!("only offers are sent"),
             }
         }
-        false
+        if let Some(to) = self.pool.starving_router(self.worker) {
+            self.migrate(server, link, to);
+        } else if self.pool.shared_limit_contended() {
+            server.do_send(Close);
+        } else {
+            self.idle.push(Idle { server, link, since: Instant::now() });
+        }
+    }
+
+    /// Hands a server to another worker's router: the socket moves between threads, the
+    /// permit goes with it, the old actor retires and the new router adopts the connection.
+    fn migrate(&mut self, server: Addr<ServerConnection>, link: ServerLink, to: Addr<Router>) {
+        if !to.connected() {
+            self.idle.push(Idle { server, link, since: Instant::now() });
+            return;
+        }
+        match link.detach() {
+            Ok(detached) => {
+                to.do_send(Adopt(detached));
+                server.do_send(Retire);
+            }
+            Err(e) => {
+                log::warn!("pool {}: could not hand a server to another worker: {e}", self.pool.key);
+                server.do_send(Close);
+            }
+        }
+    }
+
+    /// Closes idle servers that died (so that `min_pool_size` replaces them), are past
+    /// `server_lifetime`, or idle past `server_idle_timeout` while the pool stays at or above
+    /// `min_pool_size`.
+    fn janitor(&mut self) {
+        let settings = self.pool.settings();
+        let mut may_close = self.pool.server_count().saturating_sub(settings.min_pool_size);
+        let timeout = settings.server_idle_timeout;
+        let mut keep = Vec::with_capacity(self.idle.len());
+        for idle in self.idle.drain(..) {
+            let idle_too_long = !timeout.is_zero() && idle.since.elapsed() >= timeout && may_close > 0;
+            if idle_too_long || idle.link.past_lifetime(settings.server_lifetime) || !idle.link.is_healthy() {
+                may_close = may_close.saturating_sub(1);
+                log::debug!(
+                    "pool {}: closing server {} (idle timeout or lifetime)",
+                    self.pool.key,
+                    idle.link.process_id
+                );
+                idle.server.do_send(Close);
+            } else {
+                keep.push(idle);
+            }
+        }
+        self.idle = keep;
     }
 }
 
 impl Actor for Router {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(JANITOR_PERIOD, |router, _| router.janitor());
+    }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
         self.pool.set_starving(self.worker, false);
@@ -201,9 +296,10 @@ impl Handler<Checkout> for Router {
 
     fn handle(&mut self, msg: Checkout, ctx: &mut Context<Self>) {
         if self.waiters.is_empty() {
-            if let Some(server) = self.idle.pop() {
-                if let Err(Ok(offer)) = msg.reply.send(Ok(ServerOffer::new(server, ctx.address()))) {
-                    self.idle.push(offer.claim());
+            if let Some((server, link)) = self.take_idle() {
+                if let Err(Ok(offer)) = msg.reply.send(Ok(ServerOffer::new(server, link, ctx.address()))) {
+                    let (server, link) = offer.reclaim();
+                    self.idle.push(Idle { server, link, since: Instant::now() });
                 }
                 return;
             }
@@ -216,18 +312,19 @@ impl Handler<Checkout> for Router {
     }
 }
 
-impl Handler<ServerIdle> for Router {
+impl Handler<Checkin> for Router {
     type Result = ();
 
-    fn handle(&mut self, msg: ServerIdle, ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: Checkin, ctx: &mut Context<Self>) {
         if msg.fresh {
             self.connecting = self.connecting.saturating_sub(1);
         }
-        if !self.hand_to_waiter(&msg.server, ctx.address()) {
-            match self.pool.starving_router(self.worker) {
-                Some(to) => msg.server.do_send(Migrate { to }),
-                None => self.idle.push(msg.server),
-            }
+        let mut link = msg.link;
+        link.settle();
+        if link.past_lifetime(self.pool.settings().server_lifetime) {
+            msg.server.do_send(Close);
+        } else {
+            self.place(msg.server, link, ctx);
         }
         self.grow(ctx);
     }
@@ -237,7 +334,7 @@ impl Handler<ServerGone> for Router {
     type Result = ();
 
     fn handle(&mut self, msg: ServerGone, ctx: &mut Context<Self>) {
-        self.idle.retain(|s| *s != msg.server);
+        self.idle.retain(|i| i.server != msg.server);
         if let Some(error) = msg.login_error {
             self.connecting = self.connecting.saturating_sub(1);
             log::warn!("pool {}: {}", self.pool.key, error.message);
@@ -257,7 +354,7 @@ impl Handler<Donate> for Router {
     fn handle(&mut self, msg: Donate, _: &mut Context<Self>) {
         if self.waiters.is_empty() && !self.idle.is_empty() {
             let oldest = self.idle.remove(0);
-            oldest.do_send(Migrate { to: msg.to });
+            self.migrate(oldest.server, oldest.link, msg.to);
         }
     }
 }
@@ -266,7 +363,17 @@ impl Handler<Adopt> for Router {
     type Result = ();
 
     fn handle(&mut self, msg: Adopt, ctx: &mut Context<Self>) {
-        ServerConnection::adopt(self.pool.clone(), ctx.address(), msg.0).start();
+        match msg.0.attach() {
+            Ok(link) => {
+                let server = ServerConnection::adopted(self.pool.clone(), ctx.address()).start();
+                self.place(server, link, ctx);
+            }
+            Err(e) => {
+                // The retired actor kept the permit for this connection: give it back here.
+                log::warn!("pool {}: could not take over a server from another worker: {e}", self.pool.key);
+                self.pool.release();
+            }
+        }
     }
 }
 
@@ -282,8 +389,23 @@ impl Handler<Grow> for Router {
     type Result = ();
 
     fn handle(&mut self, _: Grow, ctx: &mut Context<Self>) {
-        if self.pool.try_acquire(false) {
+        if self.pool.try_acquire(false).is_ok() {
             self.start_server(ctx);
+        }
+    }
+}
+
+impl Handler<ShedIdle> for Router {
+    type Result = ();
+
+    fn handle(&mut self, _: ShedIdle, _: &mut Context<Self>) {
+        if !self.idle.is_empty() {
+            let oldest = self.idle.remove(0);
+            log::debug!(
+                "pool {}: closing an idle server for another pool of its database or user",
+                self.pool.key
+            );
+            oldest.server.do_send(Close);
         }
     }
 }

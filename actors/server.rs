@@ -1,14 +1,15 @@
 //! ServerConnection: one actor per PostgreSQL backend connection.
 //!
-//! It logs in (whatever authentication PostgreSQL asks for), then alternates between idle (it
-//! holds the socket) and lent (the socket travels in a [`ServerLink`] to the client's relay loop,
-//! so query bytes never cross a mailbox). Takes [`Lend`], [`Return`] and [`Close`]; tells its
-//! Router when it is idle ([`ServerIdle`]) and when it is gone ([`ServerGone`]), and gives its
-//! permit back to the pool when it stops, whatever the reason.
+//! It logs in (whatever authentication PostgreSQL asks for), cleans the server up after a
+//! session or an abandoned transaction (reset query, ROLLBACK), and owns the connection's
+//! permit: however the connection ends, the actor stops and gives the permit back. The
+//! connection itself — socket, BackendKeyData, ParameterStatus — is a [`ServerLink`] that
+//! travels: it waits in its Router while idle and sits in the client's relay loop while lent,
+//! so a lease costs one message each way and query bytes never cross a mailbox.
 //!
-//! Before a lease it checks that the idle socket has neither closed nor spoken out of turn (a
-//! backend terminated by `pg_terminate_backend` sends a FATAL and closes). After a lease it
-//! makes the server clean before anyone else gets it: reset query, ROLLBACK, or close.
+//! Takes [`Return`] (clean this link up, then check it in), [`Close`], [`Retire`] (the link
+//! moved to another worker with the permit) and [`LinkLost`]; sends [`Checkin`] and
+//! [`ServerGone`] to its Router.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,13 +26,11 @@ use crate::net::{DetachedSocket, ServerAddr, Socket};
 use crate::protocol::error::sqlstate;
 use crate::protocol::PgError;
 
-/// How often an idle server checks `server_idle_timeout` and `server_lifetime` (PgBouncer's
-/// janitor runs about as often).
-const JANITOR_PERIOD: Duration = Duration::from_secs(1);
-
-/// A logged-in server connection, as it travels between its actor and a client.
+/// A logged-in server connection, as it travels between its Router and a client.
 #[derive(Debug)]
 pub struct ServerLink {
+    /// When the connection was opened: `server_lifetime` counts from here on any worker.
+    pub born: Instant,
     pub socket: Socket,
     pub addr: ServerAddr,
     pub process_id: i32,
@@ -41,9 +40,9 @@ pub struct ServerLink {
     guard: LendGuard,
 }
 
-/// While a server is lent, its link knows the way home: dropped anywhere but back in its actor
-/// (a client's future dropped mid-lease, a panic), it tells the actor, which closes and gives
-/// its permit back instead of waiting forever for a socket that no longer exists.
+/// While a server is lent, its link knows the way home: dropped anywhere but back in its Router
+/// or actor (a client's future dropped mid-lease, a panic), it tells the actor, which stops and
+/// gives its permit back instead of counting a socket that no longer exists.
 #[derive(Default)]
 struct LendGuard(Option<Addr<ServerConnection>>);
 
@@ -96,9 +95,24 @@ pub struct DetachedLink {
 }
 
 impl ServerLink {
-    pub fn detach(self, born: Instant) -> std::io::Result<DetachedLink> {
+    /// Marks the link as lent out by `home`.
+    pub fn lend(&mut self, home: Addr<ServerConnection>) {
+        self.guard = LendGuard(Some(home));
+    }
+
+    /// The link is back where it belongs (Router or actor).
+    pub fn settle(&mut self) {
+        self.guard.0 = None;
+    }
+
+    pub fn past_lifetime(&self, lifetime: Duration) -> bool {
+        !lifetime.is_zero() && self.born.elapsed() >= lifetime
+    }
+
+    pub fn detach(mut self) -> std::io::Result<DetachedLink> {
+        self.settle();
         Ok(DetachedLink {
-            born,
+            born: self.born,
             socket: self.socket.detach()?,
             addr: self.addr,
             process_id: self.process_id,
@@ -107,16 +121,19 @@ impl ServerLink {
         })
     }
 
-    /// True when the idle socket has neither closed nor sent anything unasked.
-    fn is_healthy(&self) -> bool {
+    /// True when the idle socket has neither closed nor sent anything unasked (a backend
+    /// ended by `pg_terminate_backend` or a restart sends a FATAL and closes).
+    pub fn is_healthy(&self) -> bool {
         let mut probe = [0u8; 1];
         matches!(self.socket.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 }
 
 impl DetachedLink {
-    fn attach(self) -> std::io::Result<ServerLink> {
+    /// Registers the socket with this thread's reactor.
+    pub fn attach(self) -> std::io::Result<ServerLink> {
         Ok(ServerLink {
+            born: self.born,
             socket: self.socket.attach()?,
             addr: self.addr,
             process_id: self.process_id,
@@ -143,69 +160,23 @@ pub enum AfterLease {
 pub struct ServerConnection {
     pool: Arc<PoolShared>,
     router: Addr<Router>,
-    link: Option<ServerLink>,
-    /// A server that moved here from another worker, attached once this actor runs.
-    arriving: Option<DetachedLink>,
+    /// Logs in when started; false for a connection adopted from another worker.
+    fresh: bool,
     login_error: Option<PgError>,
-    close_on_return: bool,
     /// Moved to another worker: its permit went along, so stopping must not release it.
-    migrated: bool,
-    born: Instant,
-    idle_since: Instant,
+    retired: bool,
 }
 
 impl ServerConnection {
-    /// A new connection: it logs in when started.
+    /// A new connection: it logs in when started and checks itself in to `router`.
     pub fn new(pool: Arc<PoolShared>, router: Addr<Router>) -> ServerConnection {
-        ServerConnection {
-            pool,
-            router,
-            link: None,
-            arriving: None,
-            login_error: None,
-            close_on_return: false,
-            migrated: false,
-            born: Instant::now(),
-            idle_since: Instant::now(),
-        }
+        ServerConnection { pool, router, fresh: true, login_error: None, retired: false }
     }
 
-    /// An already logged-in connection handed over by another worker, with its permit.
-    pub fn adopt(pool: Arc<PoolShared>, router: Addr<Router>, link: DetachedLink) -> ServerConnection {
-        ServerConnection { arriving: Some(link), ..ServerConnection::new(pool, router) }
-    }
-
-    fn become_idle(&mut self, link: ServerLink, fresh: bool, ctx: &mut Context<Self>) {
-        if self.close_on_return || self.past_lifetime() {
-            ctx.stop();
-            return;
-        }
-        self.idle_since = Instant::now();
-        self.link = Some(link);
-        self.router.do_send(ServerIdle { server: ctx.address(), fresh });
-    }
-}
-
-impl ServerConnection {
-    fn past_lifetime(&self) -> bool {
-        let lifetime = self.pool.settings().server_lifetime;
-        !lifetime.is_zero() && self.born.elapsed() >= lifetime
-    }
-
-    /// Closes an idle server past `server_lifetime`, or idle past `server_idle_timeout` while
-    /// the pool is above `min_pool_size`. A lent server is left alone.
-    fn janitor(&mut self, ctx: &mut Context<Self>) {
-        if self.link.is_none() {
-            return;
-        }
-        let settings = self.pool.settings();
-        let idle_too_long = !settings.server_idle_timeout.is_zero()
-            && self.idle_since.elapsed() >= settings.server_idle_timeout
-            && self.pool.server_count() > settings.min_pool_size;
-        if idle_too_long || self.past_lifetime() {
-            log::debug!("pool {}: closing server (idle timeout or lifetime)", self.pool.key);
-            ctx.stop();
-        }
+    /// The actor for a connection handed over by another worker, with its permit; the Router
+    /// that adopts it keeps the link.
+    pub fn adopted(pool: Arc<PoolShared>, router: Addr<Router>) -> ServerConnection {
+        ServerConnection { fresh: false, ..ServerConnection::new(pool, router) }
     }
 }
 
@@ -231,6 +202,7 @@ async fn open(settings: Arc<PoolSettings>) -> Result<ServerLink, PgError> {
         .map_err(|_| connect_failed("login timed out".into()))?
         .map_err(|e| login_error(e, &connect_failed))?;
     let mut link = ServerLink {
+        born: Instant::now(),
         socket,
         addr: addr.clone(),
         process_id: outcome.process_id,
@@ -258,19 +230,7 @@ impl Actor for ServerConnection {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.run_interval(JANITOR_PERIOD, |server, ctx| server.janitor(ctx));
-        if let Some(arriving) = self.arriving.take() {
-            self.born = arriving.born;
-            match arriving.attach() {
-                Ok(link) => self.become_idle(link, false, ctx),
-                Err(e) => {
-                    log::warn!(
-                        "pool {}: could not take over a server from another worker: {e}",
-                        self.pool.key
-                    );
-                    ctx.stop();
-                }
-            }
+        if !self.fresh {
             return;
         }
         let settings = self.pool.settings();
@@ -278,7 +238,7 @@ impl Actor for ServerConnection {
             Ok(link) => {
                 server.pool.set_welcome_once(&link.params);
                 log::debug!("pool {}: new server connection {}", server.pool.key, link.process_id);
-                server.become_idle(link, true, ctx);
+                server.router.do_send(Checkin { server: ctx.address(), link, fresh: true });
             }
             Err(error) => {
                 server.login_error = Some(error);
@@ -288,32 +248,11 @@ impl Actor for ServerConnection {
     }
 
     fn stopped(&mut self, ctx: &mut Context<Self>) {
-        if !self.migrated {
+        if !self.retired {
             self.pool.release();
         }
         let login_error = self.login_error.take();
         self.router.do_send(ServerGone { server: ctx.address(), login_error });
-    }
-}
-
-impl Handler<Lend> for ServerConnection {
-    type Result = Option<ServerLink>;
-
-    fn handle(&mut self, _: Lend, ctx: &mut Context<Self>) -> Option<ServerLink> {
-        let link = self.link.take()?;
-        let mut probe = [0u8; 1];
-        match link.socket.try_read(&mut probe) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Some(link),
-            _ => {
-                log::info!(
-                    "pool {}: idle server {} closed or sent data unasked; replacing it",
-                    self.pool.key,
-                    link.process_id
-                );
-                ctx.stop();
-                None
-            }
-        }
     }
 }
 
@@ -322,7 +261,7 @@ impl Handler<Return> for ServerConnection {
 
     fn handle(&mut self, msg: Return, ctx: &mut Context<Self>) {
         let mut link = msg.link;
-        link.guard.0 = None;
+        link.settle();
         let settings = self.pool.settings();
         let cleanup: Vec<String> = match msg.after {
             AfterLease::Reuse if settings.reset_query_always => vec![settings.reset_query.clone()],
@@ -340,10 +279,6 @@ impl Handler<Return> for ServerConnection {
             }
         };
         let cleanup: Vec<String> = cleanup.into_iter().filter(|q| !q.trim().is_empty()).collect();
-        if cleanup.is_empty() {
-            self.become_idle(link, false, ctx);
-            return;
-        }
         let work = async move {
             for query in &cleanup {
                 link.run(query).await?;
@@ -351,7 +286,7 @@ impl Handler<Return> for ServerConnection {
             Ok::<_, BackendLoginError>(link)
         };
         ctx.spawn(wrap_future(work).map(|result, server: &mut Self, ctx| match result {
-            Ok(link) => server.become_idle(link, false, ctx),
+            Ok(link) => server.router.do_send(Checkin { server: ctx.address(), link, fresh: false }),
             Err(e) => {
                 log::warn!("pool {}: server cleanup failed, closing it: {e}", server.pool.key);
                 ctx.stop();
@@ -360,25 +295,11 @@ impl Handler<Return> for ServerConnection {
     }
 }
 
-impl Handler<Migrate> for ServerConnection {
+impl Handler<Retire> for ServerConnection {
     type Result = ();
 
-    fn handle(&mut self, msg: Migrate, ctx: &mut Context<Self>) {
-        if !msg.to.connected() {
-            return;
-        }
-        let Some(link) = self.link.take() else { return };
-        if !link.is_healthy() {
-            ctx.stop();
-            return;
-        }
-        match link.detach(self.born) {
-            Ok(detached) => {
-                self.migrated = true;
-                msg.to.do_send(Adopt(detached));
-            }
-            Err(e) => log::warn!("pool {}: could not hand a server to another worker: {e}", self.pool.key),
-        }
+    fn handle(&mut self, _: Retire, ctx: &mut Context<Self>) {
+        self.retired = true;
         ctx.stop();
     }
 }
@@ -396,10 +317,6 @@ impl Handler<Close> for ServerConnection {
     type Result = ();
 
     fn handle(&mut self, _: Close, ctx: &mut Context<Self>) {
-        if self.link.is_some() {
-            ctx.stop();
-        } else {
-            self.close_on_return = true;
-        }
+        ctx.stop();
     }
 }
