@@ -120,8 +120,17 @@ pub enum Refusal {
     SharedLimit,
 }
 
+/// What one worker's router of a pool reports about itself, for balancing servers between
+/// workers.
+#[derive(Debug, Default)]
+struct WorkerLoad {
+    waiting: AtomicUsize,
+    servers: AtomicUsize,
+}
+
 pub struct PoolShared {
     pub key: PoolKey,
+    loads: Vec<WorkerLoad>,
     settings: RwLock<Arc<PoolSettings>>,
     servers: Limit,
     db_limit: Arc<Limit>,
@@ -150,6 +159,7 @@ impl PoolShared {
             welcome: RwLock::new(None),
             routers: Mutex::new(vec![None; workers]),
             starving: (0..workers).map(|_| AtomicBool::new(false)).collect(),
+            loads: (0..workers).map(|_| WorkerLoad::default()).collect(),
         }
     }
 
@@ -244,6 +254,27 @@ impl PoolShared {
         self.starving[worker].store(starving, Ordering::Relaxed);
     }
 
+    pub fn workers(&self) -> usize {
+        self.loads.len()
+    }
+
+    pub fn publish_load(&self, worker: usize, waiting: usize, servers: usize) {
+        self.loads[worker].waiting.store(waiting, Ordering::Relaxed);
+        self.loads[worker].servers.store(servers, Ordering::Relaxed);
+    }
+
+    /// Another worker whose clients queue clearly longer per server than this one's would
+    /// after giving it a server: clients of one pool should wait alike whichever worker the
+    /// kernel gave them to. The 5/4 margin keeps a server from bouncing back and forth.
+    pub fn needier_router(&self, worker: usize, waiting: usize, servers: usize) -> Option<Addr<Router>> {
+        let loads: Vec<(usize, usize)> = self
+            .loads
+            .iter()
+            .map(|l| (l.waiting.load(Ordering::Relaxed), l.servers.load(Ordering::Relaxed)))
+            .collect();
+        self.router(needier_worker(&loads, worker, waiting, servers)?)
+    }
+
     /// The router of another worker that has clients waiting at the limit, if any.
     pub fn starving_router(&self, worker: usize) -> Option<Addr<Router>> {
         let routers = self.routers.lock().unwrap();
@@ -277,6 +308,25 @@ impl PoolShared {
             *welcome = Some(Arc::new(params.to_vec()));
         }
     }
+}
+
+/// The worker (from `loads`: waiting clients, servers) that should get a server this worker
+/// (`waiting`, `servers`) frees: the one whose queue per server, with that server, would still
+/// be more than 5/4 of this worker's without it.
+fn needier_worker(loads: &[(usize, usize)], worker: usize, waiting: usize, servers: usize) -> Option<usize> {
+    let mine_after = servers.saturating_sub(1).max(1);
+    let mut best: Option<(usize, usize)> = None; // (worker, waiting per server x 1000)
+    for (w, &(theirs_waiting, theirs_servers)) in loads.iter().enumerate() {
+        let theirs_after = theirs_servers + 1;
+        // theirs_waiting / theirs_after > 5/4 * waiting / mine_after
+        if w != worker && theirs_waiting > 0 && 4 * theirs_waiting * mine_after > 5 * waiting * theirs_after {
+            let pressure = theirs_waiting * 1000 / theirs_after;
+            if best.is_none_or(|(_, p)| pressure > p) {
+                best = Some((w, pressure));
+            }
+        }
+    }
+    best.map(|(w, _)| w)
 }
 
 /// The pool's lifecycle policy.
@@ -319,6 +369,24 @@ impl Actor for Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn servers_move_to_the_worker_whose_clients_queue_longest() {
+        // Worker 0 frees a server with 15 waiting on 13 servers; worker 1 has 15 waiting on 7.
+        assert_eq!(needier_worker(&[(15, 13), (15, 7)], 0, 15, 13), Some(1));
+        // 12 against 8 is within the margin.
+        assert_eq!(needier_worker(&[(15, 12), (15, 8)], 0, 15, 12), None);
+        // Balanced queues: keep it.
+        assert_eq!(needier_worker(&[(15, 10), (15, 10)], 0, 15, 10), None);
+        // After one move (11 vs 9) the margin stops a move back.
+        assert_eq!(needier_worker(&[(15, 11), (15, 9)], 1, 15, 9), None);
+        assert_eq!(needier_worker(&[(15, 11), (15, 9)], 0, 15, 11), None);
+        // A worker with waiters and no server at all gets one; nobody waiting elsewhere: keep it.
+        assert_eq!(needier_worker(&[(3, 5), (2, 0)], 0, 3, 5), Some(1));
+        assert_eq!(needier_worker(&[(3, 5), (0, 0)], 0, 3, 5), None);
+        // The neediest of several.
+        assert_eq!(needier_worker(&[(10, 10), (20, 5), (30, 4)], 0, 10, 10), Some(2));
+    }
 
     #[test]
     fn limit_is_exact_and_zero_means_unlimited() {

@@ -83,6 +83,8 @@ pub struct Router {
     idle: Vec<Idle>,
     waiters: VecDeque<Waiter>,
     connecting: usize,
+    /// Servers this router started or adopted and has not seen go: idle, lent or logging in.
+    owned: usize,
     starving: bool,
     reserve_check_scheduled: bool,
     wait_check_scheduled: bool,
@@ -96,6 +98,7 @@ impl Router {
             idle: Vec::new(),
             waiters: VecDeque::new(),
             connecting: 0,
+            owned: 0,
             starving: false,
             reserve_check_scheduled: false,
             wait_check_scheduled: false,
@@ -104,6 +107,7 @@ impl Router {
 
     fn start_server(&mut self, ctx: &mut Context<Self>) {
         self.connecting += 1;
+        self.owned += 1;
         ServerConnection::new(self.pool.clone(), ctx.address()).start();
     }
 
@@ -214,9 +218,19 @@ impl Router {
         }
     }
 
-    /// A free server: to the oldest waiter still listening, else to a starved worker, else
-    /// idle here.
+    fn publish_load(&self) {
+        self.pool.publish_load(self.worker, self.waiters.len(), self.owned);
+    }
+
+    /// A free server: to a worker whose clients queue clearly longer, else to the oldest waiter
+    /// still listening, else to a starved worker, else idle here.
     fn place(&mut self, server: Addr<ServerConnection>, link: ServerLink, ctx: &mut Context<Self>) {
+        if !self.waiters.is_empty() && self.pool.workers() > 1 {
+            if let Some(to) = self.pool.needier_router(self.worker, self.waiters.len(), self.owned) {
+                self.migrate(server, link, to);
+                return;
+            }
+        }
         let (mut server, mut link) = (server, link);
         while let Some(waiter) = self.waiters.pop_front() {
             match waiter.reply.send(Ok(ServerOffer::new(server, link, ctx.address()))) {
@@ -309,6 +323,7 @@ impl Handler<Checkout> for Router {
         if !self.wait_check_scheduled {
             self.expire_waiters(ctx);
         }
+        self.publish_load();
     }
 }
 
@@ -327,6 +342,7 @@ impl Handler<Checkin> for Router {
             self.place(msg.server, link, ctx);
         }
         self.grow(ctx);
+        self.publish_load();
     }
 }
 
@@ -335,6 +351,8 @@ impl Handler<ServerGone> for Router {
 
     fn handle(&mut self, msg: ServerGone, ctx: &mut Context<Self>) {
         self.idle.retain(|i| i.server != msg.server);
+        self.owned = self.owned.saturating_sub(1);
+        self.publish_load();
         if let Some(error) = msg.login_error {
             self.connecting = self.connecting.saturating_sub(1);
             log::warn!("pool {}: {}", self.pool.key, error.message);
@@ -366,7 +384,9 @@ impl Handler<Adopt> for Router {
         match msg.0.attach() {
             Ok(link) => {
                 let server = ServerConnection::adopted(self.pool.clone(), ctx.address()).start();
+                self.owned += 1;
                 self.place(server, link, ctx);
+                self.publish_load();
             }
             Err(e) => {
                 // The retired actor kept the permit for this connection: give it back here.
