@@ -13,13 +13,12 @@ use std::sync::Arc;
 use actix::fut::wrap_future;
 use actix::prelude::*;
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::actors::client_login::{accept, Accepted, LoginError, Wire};
 use crate::actors::messages::{CancelQuery, Kill};
 use crate::actors::registry::Shared;
-use crate::actors::relay::{CancelState, CancelTarget, Control, Relay};
+use crate::actors::relay::{send_cancel, CancelState, Control, Relay};
 use crate::actors::router::local_router;
 use crate::net::Socket;
 use crate::params::TrackedParams;
@@ -114,22 +113,6 @@ impl Handler<CancelQuery> for ClientSession {
             let _ = control.send(Control::CancelDelivered);
         }));
     }
-}
-
-/// Sends PostgreSQL a CancelRequest with the server's real key, over a new connection, and
-/// waits until the postmaster closes it (by then the backend has been signalled).
-async fn send_cancel(target: &CancelTarget) -> std::io::Result<()> {
-    let mut socket = target.addr.connect().await?;
-    let mut request = BytesMut::new();
-    postgres_protocol::message::frontend::cancel_request(target.process_id, target.secret_key, &mut request);
-    socket.write_all(&request).await?;
-    let mut sink = [0u8; 16];
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        tokio::io::AsyncReadExt::read(&mut socket, &mut sink),
-    )
-    .await;
-    Ok(())
 }
 
 /// The session's login and welcome, run as a future on the actor's arbiter.

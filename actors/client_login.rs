@@ -204,7 +204,7 @@ async fn authenticate(wire: &mut Wire, config: &Config, user: &str) -> Result<()
     let stored = config.secret(user).map(Secret::parse);
     let has_auth_file = config.general.auth_file.is_some();
     let known = stored.is_some();
-    let secret = stored.unwrap_or_else(|| Secret::Plain(format!("{:032x}", rand::random::<u128>())));
+    let secret = stored.unwrap_or_else(|| Secret::Plain(decoy_password().to_string()));
     let accepted = match config.general.auth_type {
         AuthType::Trust => known || !has_auth_file,
         AuthType::Plain => {
@@ -236,6 +236,14 @@ async fn authenticate(wire: &mut Wire, config: &Config, user: &str) -> Result<()
     } else {
         Err(auth_failed(user))
     }
+}
+
+/// The secret an unknown user is checked against: one random password per process, so that
+/// its SCRAM verifier is cached like a real user's and a failed login takes the same time
+/// whether or not the user exists.
+fn decoy_password() -> &'static str {
+    static DECOY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DECOY.get_or_init(|| format!("{:032x}", rand::random::<u128>()))
 }
 
 /// SCRAM-SHA-256: AuthenticationSASL, client-first, server-first, client-final, server-final.

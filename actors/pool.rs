@@ -57,6 +57,9 @@ pub struct PoolSettings {
     pub server_lifetime: Duration,
     pub server_idle_timeout: Duration,
     pub server_connect_timeout: Duration,
+    pub client_idle_timeout: Duration,
+    pub idle_transaction_timeout: Duration,
+    pub query_timeout: Duration,
     pub reset_query: String,
     pub reset_query_always: bool,
 }
@@ -215,8 +218,7 @@ impl PoolShared {
 
     /// Another pool under this pool's database or user limit has clients waiting: a server
     /// coming back idle here should close instead, so that the slot moves there.
-    pub fn shared_limit_contended(&self) -> bool {
-        let settings = self.settings();
+    pub fn shared_limit_contended(&self, settings: &PoolSettings) -> bool {
         if settings.max_db_connections == 0 && settings.max_user_connections == 0 {
             return false;
         }

@@ -28,6 +28,9 @@ struct CancelEntry {
 pub struct Shared {
     config: RwLock<Arc<Config>>,
     pools: Mutex<HashMap<PoolKey, Arc<PoolShared>>>,
+    /// (client database, client user) -> pool, so that a login does not resolve the
+    /// configuration again; emptied by every reload.
+    logins: Mutex<HashMap<(String, String), Arc<PoolShared>>>,
     db_limits: Mutex<HashMap<String, Arc<Limit>>>,
     user_limits: Mutex<HashMap<String, Arc<Limit>>>,
     clients: AtomicUsize,
@@ -43,6 +46,7 @@ impl Shared {
         Shared {
             config: RwLock::new(Arc::new(config)),
             pools: Mutex::new(HashMap::new()),
+            logins: Mutex::new(HashMap::new()),
             db_limits: Mutex::new(HashMap::new()),
             user_limits: Mutex::new(HashMap::new()),
             clients: AtomicUsize::new(0),
@@ -62,6 +66,7 @@ impl Shared {
     pub fn set_config(&self, config: Config) {
         let config = Arc::new(config);
         *self.config.write().unwrap() = config.clone();
+        self.logins.lock().unwrap().clear();
         let pools: Vec<Arc<PoolShared>> = self.pools.lock().unwrap().values().cloned().collect();
         for pool in pools {
             if let Ok((_, settings)) = resolve(&config, &pool.key.database, &pool.key.user) {
@@ -72,6 +77,16 @@ impl Shared {
 
     /// The pool a client of `database` logging in as `user` uses, created on first use.
     pub fn pool(&self, database: &str, user: &str) -> Result<Arc<PoolShared>, PgError> {
+        let login = (database.to_string(), user.to_string());
+        if let Some(pool) = self.logins.lock().unwrap().get(&login) {
+            return Ok(pool.clone());
+        }
+        let pool = self.resolve_pool(database, user)?;
+        self.logins.lock().unwrap().insert(login, pool.clone());
+        Ok(pool)
+    }
+
+    fn resolve_pool(&self, database: &str, user: &str) -> Result<Arc<PoolShared>, PgError> {
         let config = self.config();
         let (key, settings) = resolve(&config, database, user)?;
         let mut pools = self.pools.lock().unwrap();
@@ -196,6 +211,9 @@ pub fn resolve(config: &Config, database: &str, user: &str) -> Result<(PoolKey, 
         server_lifetime: general.server_lifetime,
         server_idle_timeout: general.server_idle_timeout,
         server_connect_timeout: general.server_connect_timeout,
+        client_idle_timeout: general.client_idle_timeout,
+        idle_transaction_timeout: general.idle_transaction_timeout,
+        query_timeout: general.query_timeout,
         reset_query: general.server_reset_query.clone(),
         reset_query_always: general.server_reset_query_always,
     };

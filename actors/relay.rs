@@ -13,12 +13,13 @@
 //! actor: a Kill, or news that a cancel it sent has been delivered.
 
 use std::cell::{Cell, RefCell};
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use actix::prelude::*;
 use bytes::{Buf, BytesMut};
@@ -26,7 +27,7 @@ use tokio::io::AsyncWrite;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::actors::messages::{Checkin, Checkout, Return};
-use crate::actors::pool::{PoolShared, Welcome};
+use crate::actors::pool::{PoolSettings, PoolShared, Welcome};
 use crate::actors::router::Router;
 use crate::actors::server::{AfterLease, ServerConnection, ServerLink};
 use crate::auth::BackendLoginError;
@@ -77,7 +78,32 @@ struct Lease {
     to_server: BytesMut,
 }
 
+/// The clock a client is on, by what it is doing; each has a timeout key (0 = off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Clock {
+    /// No server held: `client_idle_timeout`, restarted by any activity.
+    ClientIdle,
+    /// A query running: `query_timeout`, from its start.
+    Query,
+    /// Inside a transaction block, nothing running: `idle_transaction_timeout`, restarted by
+    /// any activity.
+    IdleInTransaction,
+}
+
+impl Clock {
+    /// PgBouncer's words for each, as the client sees them.
+    fn expired(self) -> PgError {
+        let what = match self {
+            Clock::ClientIdle => "client_idle_timeout",
+            Clock::Query => "query_timeout",
+            Clock::IdleInTransaction => "idle transaction timeout",
+        };
+        PgError::fatal(sqlstate::PROTOCOL_VIOLATION, what)
+    }
+}
+
 enum Event {
+    Timeout,
     ClientData,
     ServerData,
     ClientGone,
@@ -107,6 +133,11 @@ pub struct Relay {
     control: mpsc::UnboundedReceiver<Control>,
     max_packet: usize,
     release_deferred: bool,
+    /// The pool's settings as of this client's last lease: read once per transaction, not per
+    /// message (the shared copy sits behind a lock every worker reads).
+    settings: Arc<PoolSettings>,
+    /// Armed only when a timeout key applies to the current state: no timer work otherwise.
+    timer: Option<(Clock, Pin<Box<tokio::time::Sleep>>)>,
 }
 
 impl Relay {
@@ -121,7 +152,8 @@ impl Relay {
         control: mpsc::UnboundedReceiver<Control>,
         max_packet: usize,
     ) -> Relay {
-        let mode = pool.settings().pool_mode;
+        let settings = pool.settings();
+        let mode = settings.pool_mode;
         Relay {
             client,
             from_client,
@@ -136,6 +168,8 @@ impl Relay {
             control,
             max_packet,
             release_deferred: false,
+            settings,
+            timer: None,
         }
     }
 
@@ -181,10 +215,55 @@ impl Relay {
         }
     }
 
+    /// Which clock applies now and its timeout, if that timeout is set.
+    fn clock(&self) -> Option<(Clock, Duration)> {
+        let settings = &self.settings;
+        let (clock, timeout) = match &self.lease {
+            None => (Clock::ClientIdle, settings.client_idle_timeout),
+            Some(_) if self.tracker.busy() => (Clock::Query, settings.query_timeout),
+            Some(_) if self.tracker.quiet() && self.tracker.status() != b'I' => {
+                (Clock::IdleInTransaction, settings.idle_transaction_timeout)
+            }
+            Some(_) => return None,
+        };
+        (!timeout.is_zero()).then_some((clock, timeout))
+    }
+
+    /// Called after every event: idle clocks restart on activity, the query clock runs from the
+    /// query's start.
+    fn arm_timer(&mut self) {
+        match (self.clock(), &mut self.timer) {
+            (None, timer) => *timer = None,
+            (Some((Clock::Query, _)), Some((Clock::Query, _))) => {}
+            (Some((clock, timeout)), Some((armed, sleep))) => {
+                *armed = clock;
+                sleep.as_mut().reset(tokio::time::Instant::now() + timeout);
+            }
+            (Some((clock, timeout)), timer @ None) => {
+                *timer = Some((clock, Box::pin(tokio::time::sleep(timeout))));
+            }
+        }
+    }
+
     async fn serve(&mut self) -> Ending {
         loop {
+            self.arm_timer();
             let event = poll_fn(|cx| self.poll_event(cx)).await;
             let step = match event {
+                Event::Timeout => match &self.timer {
+                    Some((clock, _)) => {
+                        if *clock == Clock::Query {
+                            // Closing the socket alone would leave the query running on.
+                            if let Some(target) = self.cancel.target.borrow().clone() {
+                                actix::spawn(async move {
+                                    let _ = send_cancel(&target).await;
+                                });
+                            }
+                        }
+                        return Ending::Error(clock.expired());
+                    }
+                    None => Ok(()),
+                },
                 Event::ClientData => self.client_input().await,
                 Event::ServerData => self.server_input(),
                 Event::ClientGone => return Ending::ClientLeft,
@@ -213,6 +292,11 @@ impl Relay {
         }
         if let Poll::Ready(Some(control)) = self.control.poll_recv(cx) {
             return Poll::Ready(Event::Control(control));
+        }
+        if let Some((_, sleep)) = &mut self.timer {
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Timeout);
+            }
         }
         if self.to_client.len() < HIGH_WATER {
             if let Some(lease) = &mut self.lease {
@@ -363,7 +447,7 @@ impl Relay {
     /// A clean server goes straight back to the Router; one that needs work first goes to its
     /// actor.
     fn give_back(&self, lease: Lease, after: AfterLease) {
-        if after == AfterLease::Reuse && !self.pool.settings().reset_query_always {
+        if after == AfterLease::Reuse && !self.settings.reset_query_always {
             self.router.do_send(Checkin { server: lease.server, link: lease.link, fresh: false });
         } else {
             lease.server.do_send(Return { link: lease.link, after });
@@ -373,6 +457,7 @@ impl Relay {
     /// Leases a server from this worker's Router, waiting in its FIFO queue if needed, and
     /// brings the server's session parameters in line with this client's.
     async fn acquire(&mut self) -> Result<(), Ending> {
+        self.settings = self.pool.settings();
         let (reply, answer) = oneshot::channel();
         self.router.do_send(Checkout { reply });
         let (server, link) = match answer.await {
@@ -440,6 +525,19 @@ impl Relay {
     pub fn set_params(&mut self, params: TrackedParams) {
         self.params = params;
     }
+}
+
+/// Sends PostgreSQL a CancelRequest with the server's real key, over a new connection, and
+/// waits until the postmaster closes it (by then the backend has been signalled).
+pub async fn send_cancel(target: &CancelTarget) -> io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = target.addr.connect().await?;
+    let mut request = BytesMut::new();
+    postgres_protocol::message::frontend::cancel_request(target.process_id, target.secret_key, &mut request);
+    socket.write_all(&request).await?;
+    let mut sink = [0u8; 16];
+    let _ = tokio::time::timeout(Duration::from_secs(5), socket.read(&mut sink)).await;
+    Ok(())
 }
 
 /// Appends without copying when the destination is empty (the common case: one batch per read).

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use crate::actors::messages::*;
-use crate::actors::pool::{PoolKey, PoolShared, Refusal};
+use crate::actors::pool::{PoolKey, PoolSettings, PoolShared, Refusal};
 use crate::actors::server::{ServerConnection, ServerLink};
 use crate::protocol::error::sqlstate;
 use crate::protocol::PgError;
@@ -85,6 +85,9 @@ pub struct Router {
     connecting: usize,
     /// Servers this router started or adopted and has not seen go: idle, lent or logging in.
     owned: usize,
+    /// The pool's settings, refreshed by the janitor: the shared copy is behind a lock that
+    /// every worker reads, too costly per message.
+    settings: Arc<PoolSettings>,
     starving: bool,
     reserve_check_scheduled: bool,
     wait_check_scheduled: bool,
@@ -92,6 +95,7 @@ pub struct Router {
 
 impl Router {
     pub fn new(pool: Arc<PoolShared>, worker: usize) -> Router {
+        let settings = pool.settings();
         Router {
             pool,
             worker,
@@ -99,6 +103,7 @@ impl Router {
             waiters: VecDeque::new(),
             connecting: 0,
             owned: 0,
+            settings,
             starving: false,
             reserve_check_scheduled: false,
             wait_check_scheduled: false,
@@ -113,7 +118,7 @@ impl Router {
 
     /// The most recently used idle server that is still alive and young enough.
     fn take_idle(&mut self) -> Option<(Addr<ServerConnection>, ServerLink)> {
-        let lifetime = self.pool.settings().server_lifetime;
+        let lifetime = self.settings.server_lifetime;
         while let Some(idle) = self.idle.pop() {
             if idle.link.is_healthy() && !idle.link.past_lifetime(lifetime) {
                 return Some((idle.server, idle.link));
@@ -156,7 +161,7 @@ impl Router {
     /// Disconnects waiters that waited `query_wait_timeout`, then comes back when the next
     /// oldest one would.
     fn expire_waiters(&mut self, ctx: &mut Context<Self>) {
-        let timeout = self.pool.settings().query_wait_timeout;
+        let timeout = self.settings.query_wait_timeout;
         if timeout.is_zero() {
             return;
         }
@@ -179,7 +184,7 @@ impl Router {
     }
 
     fn reserve_due(&self) -> bool {
-        let settings = self.pool.settings();
+        let settings = self.settings.clone();
         settings.reserve_pool_size > 0
             && self.waiters.front().is_some_and(|w| w.since.elapsed() >= settings.reserve_pool_timeout)
     }
@@ -198,7 +203,7 @@ impl Router {
                 }
             }
         }
-        let settings = self.pool.settings();
+        let settings = self.settings.clone();
         if settings.reserve_pool_size > 0 && !self.reserve_check_scheduled {
             if let Some(oldest) = self.waiters.front() {
                 let wait = settings.reserve_pool_timeout.saturating_sub(oldest.since.elapsed());
@@ -241,7 +246,7 @@ impl Router {
         }
         if let Some(to) = self.pool.starving_router(self.worker) {
             self.migrate(server, link, to);
-        } else if self.pool.shared_limit_contended() {
+        } else if self.pool.shared_limit_contended(&self.settings) {
             server.do_send(Close);
         } else {
             self.idle.push(Idle { server, link, since: Instant::now() });
@@ -271,7 +276,8 @@ impl Router {
     /// `server_lifetime`, or idle past `server_idle_timeout` while the pool stays at or above
     /// `min_pool_size`.
     fn janitor(&mut self) {
-        let settings = self.pool.settings();
+        self.settings = self.pool.settings();
+        let settings = self.settings.clone();
         let mut may_close = self.pool.server_count().saturating_sub(settings.min_pool_size);
         let timeout = settings.server_idle_timeout;
         let mut keep = Vec::with_capacity(self.idle.len());
@@ -336,7 +342,7 @@ impl Handler<Checkin> for Router {
         }
         let mut link = msg.link;
         link.settle();
-        if link.past_lifetime(self.pool.settings().server_lifetime) {
+        if link.past_lifetime(self.settings.server_lifetime) {
             msg.server.do_send(Close);
         } else {
             self.place(msg.server, link, ctx);

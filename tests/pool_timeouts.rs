@@ -148,3 +148,58 @@ async fn pools_heal_after_postgres_restarts() {
     let fresh = pooler.connect(APP_USER, APP_PASSWORD, APP_DB).await.unwrap();
     assert_eq!(value(&fresh, "SELECT 1").await.unwrap(), "1");
 }
+
+#[tokio::test]
+async fn client_idle_timeout_disconnects_idle_clients() {
+    let pg = Postgres::shared();
+    let db = pg.create_database("client_idle");
+    let pooler = Pooler::start(&ini(pg, &db, "", "client_idle_timeout = 1"), &userlist());
+    let idle = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    assert_eq!(value(&idle, "SELECT 1").await.unwrap(), "1");
+    let busy = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    // The busy client keeps talking, so its clock keeps restarting.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(value(&busy, "SELECT 2").await.unwrap(), "2");
+    }
+    assert!(value(&idle, "SELECT 1").await.is_err(), "the idle client should have been disconnected");
+    assert!(pooler.log().contains("client_idle_timeout") || idle.is_closed());
+}
+
+#[tokio::test]
+async fn idle_transaction_timeout_rolls_back_and_disconnects() {
+    let pg = Postgres::shared();
+    let db = pg.create_database("idle_tx");
+    pg.sql_db(&db, "CREATE TABLE t (v int); ALTER TABLE t OWNER TO app_user;");
+    let pooler = Pooler::start(&ini(pg, &db, "pool_size=1", "idle_transaction_timeout = 1"), &userlist());
+    let client = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    client.batch_execute("BEGIN; INSERT INTO t VALUES (1);").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(client.batch_execute("COMMIT").await.is_err(), "the stale transaction must not commit");
+    assert_eq!(pg.sql_db(&db, "SELECT count(*) FROM t"), "0");
+    let in_txn =
+        format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND state LIKE 'idle in%'");
+    assert!(eventually(|| pg.sql(&in_txn) == "0").await);
+    // The pool's only server serves the next client.
+    let next = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    assert_eq!(value(&next, "SELECT count(*) FROM t").await.unwrap(), "0");
+}
+
+#[tokio::test]
+async fn query_timeout_ends_a_runaway_query() {
+    let pg = Postgres::shared();
+    let db = pg.create_database("query_timeout");
+    let pooler = Pooler::start(&ini(pg, &db, "pool_size=1", "query_timeout = 1"), &userlist());
+    let client = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    let started = std::time::Instant::now();
+    let err = value(&client, "SELECT pg_sleep(20)").await.expect_err("the query must be stopped");
+    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+    assert!(format!("{err:?}").contains("query_timeout"), "{err:?}");
+    // Its server was closed, not lent on with a query still running; the pool recovers.
+    let sleeping = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND query LIKE '%pg_sleep(20)%'"
+    );
+    assert!(eventually(|| pg.sql(&sleeping) == "0").await, "the runaway query is still running");
+    let next = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    assert_eq!(value(&next, "SELECT 3").await.unwrap(), "3");
+}

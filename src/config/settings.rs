@@ -61,6 +61,12 @@ pub struct General {
     pub server_connect_timeout: Duration,
     /// A client must finish logging in within this (0 = no limit).
     pub client_login_timeout: Duration,
+    /// A client holding no server for this long is disconnected (0 = never).
+    pub client_idle_timeout: Duration,
+    /// A client idle inside a transaction block for this long is disconnected (0 = never).
+    pub idle_transaction_timeout: Duration,
+    /// A query running this long disconnects its client and closes its server (0 = never).
+    pub query_timeout: Duration,
     /// 0 means unlimited.
     pub max_db_connections: usize,
     /// 0 means unlimited.
@@ -102,6 +108,9 @@ impl Default for General {
             server_idle_timeout: Duration::from_secs(600),
             server_connect_timeout: Duration::from_secs(15),
             client_login_timeout: Duration::from_secs(60),
+            client_idle_timeout: Duration::ZERO,
+            idle_transaction_timeout: Duration::ZERO,
+            query_timeout: Duration::ZERO,
             max_db_connections: 0,
             max_user_connections: 0,
             server_reset_query: "DISCARD ALL".to_string(),
@@ -217,7 +226,6 @@ pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
     "auth_user",
     "autodb_idle_timeout",
     "cancel_wait_timeout",
-    "client_idle_timeout",
     "client_tls13_ciphers",
     "client_tls_ca_file",
     "client_tls_cert_file",
@@ -232,7 +240,6 @@ pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
     "dns_max_ttl",
     "dns_nxdomain_ttl",
     "dns_zone_check_period",
-    "idle_transaction_timeout",
     "job_name",
     "listen_backlog",
     "log_connections",
@@ -246,7 +253,6 @@ pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
     "peer_id",
     "pkt_buf",
     "pool_idle_timeout",
-    "query_timeout",
     "query_wait_notify",
     "resolv_conf",
     "sbuf_loopcnt",
@@ -309,6 +315,9 @@ pub const USER_NOT_IMPLEMENTED: &[&str] = &[
 /// `[pgbouncer]` keys pgcorral implements; kept for error messages.
 const PGBOUNCER_IMPLEMENTED: &[&str] = &[
     "admin_users",
+    "client_idle_timeout",
+    "idle_transaction_timeout",
+    "query_timeout",
     "client_login_timeout",
     "query_wait_timeout",
     "server_connect_timeout",
@@ -501,6 +510,9 @@ pub(crate) fn apply_general(
         "server_idle_timeout" => general.server_idle_timeout = s.seconds()?,
         "server_connect_timeout" => general.server_connect_timeout = s.seconds()?,
         "client_login_timeout" => general.client_login_timeout = s.seconds()?,
+        "client_idle_timeout" => general.client_idle_timeout = s.seconds()?,
+        "idle_transaction_timeout" => general.idle_transaction_timeout = s.seconds()?,
+        "query_timeout" => general.query_timeout = s.seconds()?,
         "max_db_connections" => general.max_db_connections = s.usize()?,
         "max_user_connections" => general.max_user_connections = s.usize()?,
         "server_reset_query" => general.server_reset_query = s.value.to_string(),
