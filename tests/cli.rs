@@ -435,3 +435,36 @@ async fn dash_d_detaches_and_keeps_serving() {
     assert!(wait_until(DEADLINE, || !alive(pid)), "the detached daemon survived SIGTERM for {DEADLINE:?}");
     assert!(!setup.pidfile().exists(), "the detached daemon left its pidfile");
 }
+
+/// `-u postgres` as root: the daemon runs as that user (checked in /proc) and still serves.
+#[tokio::test]
+async fn dash_u_switches_user() {
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 {
+        return; // Only root may switch users; nothing to check otherwise.
+    }
+    let pg = Postgres::shared();
+    let setup = Setup::new(&format!("[databases]\napp = host=127.0.0.1 port={} dbname=app\n", pg.port));
+    // The switched-to user must be able to write its pidfile and socket there.
+    std::fs::set_permissions(&setup.dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let mut child = spawn_supervised({
+        let mut cmd = pgcorral();
+        cmd.args(["-u", "postgres", setup.ini_arg()]).stdout(Stdio::null()).stderr(Stdio::null());
+        cmd
+    })
+    .expect("spawn pgcorral -u postgres");
+    let up = wait_until(DEADLINE, || std::net::TcpStream::connect(("127.0.0.1", setup.port)).is_ok());
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or_default().to_string();
+    let login = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={} user={APP_USER} password={APP_PASSWORD} dbname=app", setup.port),
+        tokio_postgres::NoTls,
+    )
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(up, "pgcorral -u postgres did not start listening");
+    let postgres_uid = postgres_ids().expect("a postgres user").0;
+    assert!(uid_line.split_whitespace().skip(1).all(|u| u == postgres_uid.to_string()), "{uid_line}");
+    assert!(login.is_ok(), "login through pgcorral -u postgres failed");
+}

@@ -107,3 +107,74 @@ async fn statement_mode_refuses_transaction_blocks() {
     let out = pooler.psql(APP_USER, APP_PASSWORD, &db, "BEGIN");
     assert!(String::from_utf8_lossy(&out.stderr).contains("transaction blocks not allowed"));
 }
+
+#[tokio::test]
+async fn notices_and_notifications_pass_through() {
+    use futures_util::StreamExt;
+    use tokio_postgres::AsyncMessage;
+    let pg = Postgres::shared();
+    let db = pg.create_database("notify");
+    let pooler = Pooler::start(&ini(pg, &db, "session", 2), &userlist());
+    // A client whose connection task hands us its asynchronous messages.
+    let (listener, mut connection) =
+        tokio_postgres::connect(&pooler.url(APP_USER, APP_PASSWORD, &db), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = messages.next().await {
+            let _ = tx.send(message);
+        }
+    });
+    listener
+        .batch_execute("LISTEN corral; DO $$ BEGIN RAISE NOTICE 'hello from plpgsql'; END $$;")
+        .await
+        .unwrap();
+    let notifier = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    notifier.batch_execute("NOTIFY corral, 'payload 1'").await.unwrap();
+    // Session mode: the listener's server delivers the notification when it next talks.
+    listener.batch_execute("SELECT 1").await.unwrap();
+    let (mut notice, mut notification) = (None, None);
+    while let Ok(Some(message)) = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await {
+        match message {
+            AsyncMessage::Notice(n) => notice = Some(n.message().to_string()),
+            AsyncMessage::Notification(n) => {
+                notification = Some((n.channel().to_string(), n.payload().to_string()))
+            }
+            _ => {}
+        }
+        if notice.is_some() && notification.is_some() {
+            break;
+        }
+    }
+    assert_eq!(notice.as_deref(), Some("hello from plpgsql"));
+    assert_eq!(notification, Some(("corral".to_string(), "payload 1".to_string())));
+}
+
+#[tokio::test]
+async fn pipelined_queries_in_transaction_mode_come_back_in_order() {
+    let pg = Postgres::shared();
+    let db = pg.create_database("pipeline");
+    let pooler = Pooler::start(&ini(pg, &db, "transaction", 1), &userlist());
+    let client = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    // tokio-postgres sends all of these before reading any answer: one batch of messages with
+    // several Syncs, some failing, which must come back in order and leave the server clean.
+    let queries: Vec<String> =
+        (0..20).map(|i| if i % 7 == 3 { "SELECT 1/0".to_string() } else { format!("SELECT {i}") }).collect();
+    let results = futures_util::future::join_all(queries.iter().map(|q| client.simple_query(q))).await;
+    for (i, result) in results.into_iter().enumerate() {
+        if i % 7 == 3 {
+            assert!(result.is_err(), "query {i} should fail");
+        } else {
+            let rows = result.unwrap();
+            let value = rows.iter().find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            });
+            assert_eq!(value, Some(i.to_string()), "answer {i} out of order");
+        }
+    }
+    let other = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    assert_eq!(first_value(&other, "SELECT 'clean'").await.unwrap(), "clean");
+}
