@@ -11,7 +11,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
@@ -20,6 +20,7 @@ use crate::actors::router::Router;
 use crate::auth::Secret;
 use crate::config::PoolMode;
 use crate::net::ServerAddr;
+use crate::protocol::PgError;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -57,6 +58,8 @@ pub struct PoolSettings {
     pub server_lifetime: Duration,
     pub server_idle_timeout: Duration,
     pub server_connect_timeout: Duration,
+    pub server_login_retry: Duration,
+    pub server_round_robin: bool,
     pub client_idle_timeout: Duration,
     pub idle_transaction_timeout: Duration,
     pub query_timeout: Duration,
@@ -131,8 +134,21 @@ struct WorkerLoad {
     servers: AtomicUsize,
 }
 
+/// Server logins are failing: when the next attempt may start, and what clients are told
+/// meanwhile.
+#[derive(Debug, Clone)]
+struct Backoff {
+    until: Instant,
+    error: PgError,
+    failures: u32,
+}
+
+/// First wait after a failed login; doubled per failure up to `server_login_retry`.
+const FIRST_RETRY: Duration = Duration::from_millis(250);
+
 pub struct PoolShared {
     pub key: PoolKey,
+    login_backoff: Mutex<Option<Backoff>>,
     loads: Vec<WorkerLoad>,
     settings: RwLock<Arc<PoolSettings>>,
     servers: Limit,
@@ -163,6 +179,7 @@ impl PoolShared {
             routers: Mutex::new(vec![None; workers]),
             starving: (0..workers).map(|_| AtomicBool::new(false)).collect(),
             loads: (0..workers).map(|_| WorkerLoad::default()).collect(),
+            login_backoff: Mutex::new(None),
         }
     }
 
@@ -254,6 +271,41 @@ impl PoolShared {
 
     pub fn set_starving(&self, worker: usize, starving: bool) {
         self.starving[worker].store(starving, Ordering::Relaxed);
+    }
+
+    /// While logins are backing off: the error to give clients and when to try again.
+    pub fn login_blocked(&self) -> Option<(PgError, Instant)> {
+        let backoff = self.login_backoff.lock().unwrap();
+        backoff.as_ref().filter(|b| b.until > Instant::now()).map(|b| (b.error.clone(), b.until))
+    }
+
+    /// Records a failed login and sets the next attempt after an exponentially growing,
+    /// jittered delay capped at `server_login_retry`; logs once per step, not per client.
+    pub fn login_failed(&self, error: &PgError) {
+        let mut backoff = self.login_backoff.lock().unwrap();
+        let now = Instant::now();
+        if backoff.as_ref().is_some_and(|b| b.until > now) {
+            return; // another worker's failure already opened this step
+        }
+        let failures = backoff.as_ref().map_or(0, |b| b.failures) + 1;
+        let cap = self.settings().server_login_retry;
+        let doubled = FIRST_RETRY.saturating_mul(1u32 << (failures - 1).min(16));
+        let jitter = rand::random::<f64>() * 0.4 + 0.8;
+        let delay = doubled.min(cap).mul_f64(jitter);
+        log::warn!(
+            "pool {}: {}; next login attempt in {:.1} s",
+            self.key,
+            error.message,
+            delay.as_secs_f64()
+        );
+        *backoff = Some(Backoff { until: now + delay, error: error.clone(), failures });
+    }
+
+    pub fn login_succeeded(&self) {
+        let mut backoff = self.login_backoff.lock().unwrap();
+        if backoff.take().is_some() {
+            log::info!("pool {}: server login works again", self.key);
+        }
     }
 
     pub fn workers(&self) -> usize {

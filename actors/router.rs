@@ -91,6 +91,7 @@ pub struct Router {
     starving: bool,
     reserve_check_scheduled: bool,
     wait_check_scheduled: bool,
+    retry_scheduled: bool,
 }
 
 impl Router {
@@ -107,6 +108,7 @@ impl Router {
             starving: false,
             reserve_check_scheduled: false,
             wait_check_scheduled: false,
+            retry_scheduled: false,
         }
     }
 
@@ -116,10 +118,15 @@ impl Router {
         ServerConnection::new(self.pool.clone(), ctx.address()).start();
     }
 
-    /// The most recently used idle server that is still alive and young enough.
+    /// The most recently used idle server (the oldest with `server_round_robin`) that is
+    /// still alive and young enough.
     fn take_idle(&mut self) -> Option<(Addr<ServerConnection>, ServerLink)> {
         let lifetime = self.settings.server_lifetime;
-        while let Some(idle) = self.idle.pop() {
+        loop {
+            let idle = match self.settings.server_round_robin {
+                true if !self.idle.is_empty() => self.idle.remove(0),
+                _ => self.idle.pop()?,
+            };
             if idle.link.is_healthy() && !idle.link.past_lifetime(lifetime) {
                 return Some((idle.server, idle.link));
             }
@@ -130,12 +137,14 @@ impl Router {
             );
             idle.server.do_send(Close);
         }
-        None
     }
 
     /// Opens servers for waiters that no login in flight will serve, within the limits.
     fn grow(&mut self, ctx: &mut Context<Self>) {
         self.waiters.retain(|w| !w.reply.is_closed());
+        if self.waiters.len() > self.connecting && self.backing_off(ctx) {
+            return;
+        }
         while self.connecting < self.waiters.len().min(MAX_CONNECTING) {
             let refusal = match self.pool.try_acquire(false) {
                 Ok(()) => {
@@ -156,6 +165,26 @@ impl Router {
             break;
         }
         self.update_starving();
+    }
+
+    /// Logins are failing: no new attempt until the backoff step ends. Waiters with no live
+    /// server of this router to wait for get the login error now rather than hang.
+    fn backing_off(&mut self, ctx: &mut Context<Self>) -> bool {
+        let Some((error, until)) = self.pool.login_blocked() else { return false };
+        if self.owned == self.connecting {
+            for waiter in self.waiters.drain(..) {
+                let _ = waiter.reply.send(Err(error.clone()));
+            }
+        }
+        if !self.retry_scheduled {
+            self.retry_scheduled = true;
+            ctx.run_later(until.saturating_duration_since(Instant::now()), |router, ctx| {
+                router.retry_scheduled = false;
+                router.grow(ctx);
+            });
+        }
+        self.update_starving();
+        true
     }
 
     /// Disconnects waiters that waited `query_wait_timeout`, then comes back when the next
@@ -339,6 +368,7 @@ impl Handler<Checkin> for Router {
     fn handle(&mut self, msg: Checkin, ctx: &mut Context<Self>) {
         if msg.fresh {
             self.connecting = self.connecting.saturating_sub(1);
+            self.pool.login_succeeded();
         }
         let mut link = msg.link;
         link.settle();
@@ -361,12 +391,7 @@ impl Handler<ServerGone> for Router {
         self.publish_load();
         if let Some(error) = msg.login_error {
             self.connecting = self.connecting.saturating_sub(1);
-            log::warn!("pool {}: {}", self.pool.key, error.message);
-            for waiter in self.waiters.drain(..) {
-                let _ = waiter.reply.send(Err(error.clone()));
-            }
-            self.update_starving();
-            return;
+            self.pool.login_failed(&error);
         }
         self.grow(ctx);
     }
@@ -415,7 +440,7 @@ impl Handler<Grow> for Router {
     type Result = ();
 
     fn handle(&mut self, _: Grow, ctx: &mut Context<Self>) {
-        if self.pool.try_acquire(false).is_ok() {
+        if self.pool.login_blocked().is_none() && self.pool.try_acquire(false).is_ok() {
             self.start_server(ctx);
         }
     }

@@ -203,3 +203,71 @@ async fn query_timeout_ends_a_runaway_query() {
     let next = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
     assert_eq!(value(&next, "SELECT 3").await.unwrap(), "3");
 }
+
+#[tokio::test]
+async fn postgres_down_fails_clients_fast_then_heals() {
+    let pg = Postgres::start(); // private: it is stopped and started again
+    let pooler = Pooler::start(&ini(&pg, APP_DB, "pool_size=2", "server_login_retry = 2"), &userlist());
+    let idle = pooler.connect(APP_USER, APP_PASSWORD, APP_DB).await.unwrap();
+    assert_eq!(value(&idle, "SELECT 1").await.unwrap(), "1");
+    pg.stop();
+    // Logging in needs no server (the pool's welcome is known): undisturbed.
+    let late = pooler.connect(APP_USER, APP_PASSWORD, APP_DB).await.expect("login while PostgreSQL is down");
+    // A query needs one: a clear error, fast, not a hang until query_wait_timeout.
+    let started = std::time::Instant::now();
+    let err = value(&late, "SELECT 1").await.expect_err("no server can be had");
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::CONNECTION_FAILURE), "{err:?}");
+    // More clients meanwhile get the same error without a login attempt each.
+    for _ in 0..5 {
+        if let Ok(c) = pooler.connect(APP_USER, APP_PASSWORD, APP_DB).await {
+            assert!(value(&c, "SELECT 1").await.is_err());
+        }
+    }
+    let attempts = pooler.log().matches("next login attempt").count();
+    assert!(
+        (1..=4).contains(&attempts),
+        "expected one log line per backoff step, got {attempts}:\n{}",
+        pooler.log()
+    );
+
+    pg.start_again();
+    let mut healed = false;
+    for _ in 0..60 {
+        if let Ok(c) = pooler.connect(APP_USER, APP_PASSWORD, APP_DB).await {
+            if value(&c, "SELECT 42").await.ok().as_deref() == Some("42") {
+                healed = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(healed, "pgcorral did not heal after PostgreSQL came back:\n{}", pooler.log());
+    assert!(pooler.log().contains("server login works again"));
+}
+
+#[tokio::test]
+async fn server_round_robin_lends_the_oldest_idle_server() {
+    let pg = Postgres::shared();
+    for (round_robin, expect_same) in [("0", true), ("1", false)] {
+        let db = pg.create_database("round_robin");
+        let pooler = Pooler::start(
+            &format!(
+                "{}workers = 1\n",
+                ini(pg, &db, "pool_size=2", &format!("server_round_robin = {round_robin}"))
+            ),
+            &userlist(),
+        );
+        // Two servers: open both with two concurrent transactions.
+        let a = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+        let b = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+        a.batch_execute("BEGIN").await.unwrap();
+        b.batch_execute("BEGIN").await.unwrap();
+        a.batch_execute("COMMIT").await.unwrap();
+        b.batch_execute("COMMIT").await.unwrap();
+        let first = value(&a, "SELECT pg_backend_pid()").await.unwrap();
+        let second = value(&a, "SELECT pg_backend_pid()").await.unwrap();
+        // LIFO reuses the server just returned; round robin takes the other one.
+        assert_eq!(first == second, expect_same, "server_round_robin = {round_robin}");
+    }
+}

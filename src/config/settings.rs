@@ -61,6 +61,11 @@ pub struct General {
     pub server_connect_timeout: Duration,
     /// A client must finish logging in within this (0 = no limit).
     pub client_login_timeout: Duration,
+    /// After a failed server login, the longest wait before the next attempt (backoff grows
+    /// to it); meanwhile clients with no server to wait for get the login error at once.
+    pub server_login_retry: Duration,
+    /// Lend idle servers oldest first instead of most recently used first.
+    pub server_round_robin: bool,
     /// A client holding no server for this long is disconnected (0 = never).
     pub client_idle_timeout: Duration,
     /// A client idle inside a transaction block for this long is disconnected (0 = never).
@@ -108,6 +113,8 @@ impl Default for General {
             server_idle_timeout: Duration::from_secs(600),
             server_connect_timeout: Duration::from_secs(15),
             client_login_timeout: Duration::from_secs(60),
+            server_login_retry: Duration::from_secs(15),
+            server_round_robin: false,
             client_idle_timeout: Duration::ZERO,
             idle_transaction_timeout: Duration::ZERO,
             query_timeout: Duration::ZERO,
@@ -260,8 +267,6 @@ pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
     "server_check_delay",
     "server_check_query",
     "server_fast_close",
-    "server_login_retry",
-    "server_round_robin",
     "server_tls13_ciphers",
     "server_tls_ca_file",
     "server_tls_cert_file",
@@ -315,6 +320,8 @@ pub const USER_NOT_IMPLEMENTED: &[&str] = &[
 /// `[pgbouncer]` keys pgcorral implements; kept for error messages.
 const PGBOUNCER_IMPLEMENTED: &[&str] = &[
     "admin_users",
+    "server_login_retry",
+    "server_round_robin",
     "client_idle_timeout",
     "idle_transaction_timeout",
     "query_timeout",
@@ -510,6 +517,8 @@ pub(crate) fn apply_general(
         "server_idle_timeout" => general.server_idle_timeout = s.seconds()?,
         "server_connect_timeout" => general.server_connect_timeout = s.seconds()?,
         "client_login_timeout" => general.client_login_timeout = s.seconds()?,
+        "server_login_retry" => general.server_login_retry = s.seconds()?,
+        "server_round_robin" => general.server_round_robin = s.bool()?,
         "client_idle_timeout" => general.client_idle_timeout = s.seconds()?,
         "idle_transaction_timeout" => general.idle_transaction_timeout = s.seconds()?,
         "query_timeout" => general.query_timeout = s.seconds()?,
