@@ -1,0 +1,133 @@
+//! Faults production brings: backends terminated under a client or while idle, and a thousand
+//! clients that vanish mid-transaction without a Terminate. Each must fail only whom it must,
+//! and leave no server, slot or permit behind.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+fn ini(pg: &Postgres, db: &str, pool: &str, general: &str) -> String {
+    format!(
+        "[databases]\n{db} = host=127.0.0.1 port={port} dbname={db} {pool}\n\
+         [pgbouncer]\nauth_type = md5\npool_mode = transaction\n{general}\n",
+        port = pg.port
+    )
+}
+
+fn userlist() -> String {
+    Pooler::userlist_line(APP_USER, APP_PASSWORD)
+}
+
+async fn value(client: &Client, sql: &str) -> Result<String, tokio_postgres::Error> {
+    for message in client.simple_query(sql).await? {
+        if let SimpleQueryMessage::Row(row) = message {
+            return Ok(row.get(0).unwrap_or_default().to_string());
+        }
+    }
+    Ok(String::new())
+}
+
+fn count(pg: &Postgres, sql: &str) -> usize {
+    pg.sql(sql).parse().unwrap()
+}
+
+#[tokio::test]
+async fn terminated_backends_fail_only_the_client_holding_them() {
+    let pg = Postgres::shared();
+    let db = pg.create_database("terminate");
+    let pooler = Pooler::start(&ini(pg, &db, "pool_size=2", ""), &userlist());
+    let holder = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    let bystander = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    holder.batch_execute("BEGIN").await.unwrap();
+    let held_pid = value(&holder, "SELECT pg_backend_pid()").await.unwrap();
+    assert_eq!(value(&bystander, "SELECT 1").await.unwrap(), "1");
+
+    pg.sql(&format!("SELECT pg_terminate_backend({held_pid})"));
+    let err = value(&holder, "SELECT 1").await.expect_err("the holder's server is gone");
+    let code = err.code().cloned();
+    assert!(
+        code == Some(tokio_postgres::error::SqlState::ADMIN_SHUTDOWN)
+            || code == Some(tokio_postgres::error::SqlState::CONNECTION_FAILURE)
+            || err.is_closed(),
+        "{err:?}"
+    );
+    assert_eq!(value(&bystander, "SELECT 2").await.unwrap(), "2", "the bystander was disturbed");
+
+    // An idle server terminated: nobody notices, it is replaced before being lent.
+    let idle_pid = value(&bystander, "SELECT pg_backend_pid()").await.unwrap();
+    pg.sql(&format!("SELECT pg_terminate_backend({idle_pid})"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..5 {
+        assert_eq!(value(&bystander, &format!("SELECT {i}")).await.unwrap(), i.to_string());
+    }
+    let fresh = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    assert_eq!(value(&fresh, "SELECT 3").await.unwrap(), "3");
+}
+
+#[tokio::test]
+async fn a_thousand_vanishing_clients_leak_nothing() {
+    let pg = Postgres::shared();
+    let db = pg.create_database("vanish");
+    pg.sql_db(&db, "CREATE TABLE t (v int); ALTER TABLE t OWNER TO app_user;");
+    // query_wait_timeout turns a leaked permit into an error instead of a hang.
+    let pooler = Pooler::start(
+        &ini(pg, &db, "pool_size=5", "max_client_conn = 120\nquery_wait_timeout = 20"),
+        &userlist(),
+    );
+    let url = pooler.url(APP_USER, APP_PASSWORD, &db);
+    for batch in 0..20 {
+        let mut tasks = Vec::new();
+        for i in 0..50 {
+            let url = url.clone();
+            tasks.push(tokio::spawn(async move {
+                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+                let connection = tokio::spawn(connection);
+                // Inside a transaction, with an uncommitted row...
+                client.batch_execute(&format!("BEGIN; INSERT INTO t VALUES ({});", batch * 50 + i)).await?;
+                // ...the socket just goes away: no ROLLBACK, no Terminate.
+                connection.abort();
+                let _ = connection.await;
+                Ok::<_, tokio_postgres::Error>(())
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap().expect("client transaction");
+        }
+    }
+    // PostgreSQL: no uncommitted row survived, nothing idle in transaction, at most the pool.
+    let in_txn =
+        format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND state LIKE 'idle in%'");
+    let mut settled = false;
+    for _ in 0..200 {
+        if count(pg, &in_txn) == 0 {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(settled, "backends stayed idle in transaction");
+    assert_eq!(pg.sql_db(&db, "SELECT count(*) FROM t"), "0");
+    let backends = count(pg, &format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND backend_type = 'client backend'"));
+    assert!(backends <= 5, "{backends} backends for pool_size 5");
+
+    // pgcorral's accounting: all client slots and all five server permits are free again.
+    let mut holders = Vec::new();
+    for _ in 0..5 {
+        let c = pooler.connect(APP_USER, APP_PASSWORD, &db).await.expect("client slot");
+        c.batch_execute("BEGIN").await.expect("a server permit for each of 5 transactions");
+        holders.push(c);
+    }
+    let mut others = Vec::new();
+    for _ in 0..110 {
+        others.push(
+            pooler.connect(APP_USER, APP_PASSWORD, &db).await.expect("max_client_conn slots were leaked"),
+        );
+    }
+    for c in &holders {
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    assert_eq!(value(&others[109], "SELECT 'ok'").await.unwrap(), "ok");
+}
