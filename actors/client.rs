@@ -32,6 +32,8 @@ pub struct ClientSession {
     control_rx: Option<mpsc::UnboundedReceiver<Control>>,
     admitted: Rc<std::cell::Cell<bool>>,
     process_id: Rc<std::cell::Cell<Option<i32>>>,
+    /// (database, user) this client is counted under once logged in.
+    counted: Rc<std::cell::RefCell<Option<(String, String)>>>,
 }
 
 impl ClientSession {
@@ -45,6 +47,7 @@ impl ClientSession {
             control_rx: Some(control_rx),
             admitted: Rc::default(),
             process_id: Rc::default(),
+            counted: Rc::default(),
         }
     }
 }
@@ -63,6 +66,7 @@ impl Actor for ClientSession {
             cancel: self.cancel.clone(),
             admitted: self.admitted.clone(),
             process_id: self.process_id.clone(),
+            counted: self.counted.clone(),
         };
         // Two futures, one after the other, so that an idle session keeps only the relay's
         // state, not the login's.
@@ -83,6 +87,9 @@ impl Actor for ClientSession {
         }
         if let Some(process_id) = self.process_id.get() {
             self.shared.forget_cancel_key(process_id);
+        }
+        if let Some((database, user)) = self.counted.borrow_mut().take() {
+            self.shared.login_left(&database, &user);
         }
     }
 }
@@ -122,6 +129,7 @@ struct Session {
     cancel: Rc<CancelState>,
     admitted: Rc<std::cell::Cell<bool>>,
     process_id: Rc<std::cell::Cell<Option<i32>>>,
+    counted: Rc<std::cell::RefCell<Option<(String, String)>>>,
 }
 
 impl Session {
@@ -153,6 +161,14 @@ impl Session {
             Ok(Err(LoginError::Gone)) | Err(_) => return None,
         };
         log::debug!("client {peer}: login as {} to {}", login.user, login.database);
+        if let Err(error) = self.shared.admit_login(&login.database, &login.user) {
+            log::info!("client {peer}: login refused: {}", error.message);
+            wire.out.clear();
+            error.encode(&mut wire.out);
+            let _ = wire.flush().await;
+            return None;
+        }
+        self.counted.replace(Some((login.database.clone(), login.user.clone())));
 
         let (process_id, secret_key) = self.shared.register_cancel_key(self.me.clone());
         self.process_id.set(Some(process_id));

@@ -60,6 +60,7 @@ pub struct PoolSettings {
     pub server_connect_timeout: Duration,
     pub server_login_retry: Duration,
     pub server_round_robin: bool,
+    pub query_wait_notify: Duration,
     pub client_idle_timeout: Duration,
     pub idle_transaction_timeout: Duration,
     pub query_timeout: Duration,

@@ -34,6 +34,10 @@ pub struct Shared {
     db_limits: Mutex<HashMap<String, Arc<Limit>>>,
     user_limits: Mutex<HashMap<String, Arc<Limit>>>,
     clients: AtomicUsize,
+    /// Logged-in clients per database and per user, for max_db_client_connections and
+    /// max_user_client_connections.
+    clients_per_db: Mutex<HashMap<String, usize>>,
+    clients_per_user: Mutex<HashMap<String, usize>>,
     cancel_keys: Mutex<HashMap<i32, CancelEntry>>,
     next_process_id: AtomicI32,
     pub workers: usize,
@@ -50,6 +54,8 @@ impl Shared {
             db_limits: Mutex::new(HashMap::new()),
             user_limits: Mutex::new(HashMap::new()),
             clients: AtomicUsize::new(0),
+            clients_per_db: Mutex::new(HashMap::new()),
+            clients_per_user: Mutex::new(HashMap::new()),
             cancel_keys: Mutex::new(HashMap::new()),
             next_process_id: AtomicI32::new(1),
             workers,
@@ -114,6 +120,48 @@ impl Shared {
     pub fn admit_client(&self) -> bool {
         let max = self.config().general.max_client_conn;
         self.clients.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < max).then_some(n + 1)).is_ok()
+    }
+
+    /// Counts a logged-in client against `max_db_client_connections` and
+    /// `max_user_client_connections` (per entry, else global; 0 = unlimited).
+    pub fn admit_login(&self, database: &str, user: &str) -> Result<(), PgError> {
+        let config = self.config();
+        let general = &config.general;
+        let db_max = config
+            .database(database)
+            .and_then(|d| d.max_db_client_connections)
+            .unwrap_or(general.max_db_client_connections);
+        let user_max = config
+            .user(user)
+            .and_then(|u| u.max_user_client_connections)
+            .unwrap_or(general.max_user_client_connections);
+        let mut per_db = self.clients_per_db.lock().unwrap();
+        let mut per_user = self.clients_per_user.lock().unwrap();
+        let full = |max: usize, n: Option<&usize>| max > 0 && n.copied().unwrap_or(0) >= max;
+        let refuse = |key: &str| {
+            PgError::fatal(sqlstate::TOO_MANY_CONNECTIONS, format!("no more connections allowed ({key})"))
+        };
+        if full(db_max, per_db.get(database)) {
+            return Err(refuse("max_db_client_connections"));
+        }
+        if full(user_max, per_user.get(user)) {
+            return Err(refuse("max_user_client_connections"));
+        }
+        *per_db.entry(database.to_string()).or_default() += 1;
+        *per_user.entry(user.to_string()).or_default() += 1;
+        Ok(())
+    }
+
+    pub fn login_left(&self, database: &str, user: &str) {
+        for (map, key) in [(&self.clients_per_db, database), (&self.clients_per_user, user)] {
+            let mut map = map.lock().unwrap();
+            if let Some(n) = map.get_mut(key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    map.remove(key);
+                }
+            }
+        }
     }
 
     pub fn client_left(&self) {
@@ -213,6 +261,7 @@ pub fn resolve(config: &Config, database: &str, user: &str) -> Result<(PoolKey, 
         server_connect_timeout: general.server_connect_timeout,
         server_login_retry: general.server_login_retry,
         server_round_robin: general.server_round_robin,
+        query_wait_notify: general.query_wait_notify,
         client_idle_timeout: general.client_idle_timeout,
         idle_transaction_timeout: general.idle_transaction_timeout,
         query_timeout: general.query_timeout,

@@ -458,9 +458,30 @@ impl Relay {
     /// brings the server's session parameters in line with this client's.
     async fn acquire(&mut self) -> Result<(), Ending> {
         self.settings = self.pool.settings();
-        let (reply, answer) = oneshot::channel();
+        let (reply, mut answer) = oneshot::channel();
         self.router.do_send(Checkout { reply });
-        let (server, link) = match answer.await {
+        let notify = self.settings.query_wait_notify;
+        let answer = match notify.is_zero() {
+            true => answer.await,
+            false => match tokio::time::timeout(notify, &mut answer).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    // query_wait_notify: tell the client why nothing happens, then keep waiting.
+                    PgError {
+                        severity: "NOTICE".into(),
+                        code: "00000".into(),
+                        message: format!(
+                            "No server connection available in pool {}, client being queued",
+                            self.pool.key
+                        ),
+                    }
+                    .encode_notice(&mut self.to_client);
+                    let _ = poll_fn(|cx| flush(&mut self.client, &mut self.to_client, cx)).await;
+                    answer.await
+                }
+            },
+        };
+        let (server, link) = match answer {
             Ok(Ok(offer)) => offer.claim(),
             Ok(Err(error)) => return Err(Ending::Error(error)),
             Err(_) => {

@@ -395,3 +395,50 @@ fn workers_setting() {
         assert!(peak >= 1, "workers = {workers}: the pool was used");
     }
 }
+
+#[tokio::test]
+async fn client_connection_limits_per_database_and_user() {
+    let pg = Postgres::shared();
+    let capped = pg.create_database("client_cap");
+    let other = pg.create_database("client_free");
+    let ini = format!(
+        "[databases]\n{capped} = host=127.0.0.1 port={port} max_db_client_connections=2\n\
+         {other} = host=127.0.0.1 port={port}\n\
+         [users]\nmd5_user = max_user_client_connections=1\n\
+         [pgbouncer]\nauth_type = md5\npool_mode = transaction\n",
+        port = pg.port
+    );
+    let userlist =
+        [Pooler::userlist_line(APP_USER, APP_PASSWORD), Pooler::userlist_line(MD5_USER, MD5_PASSWORD)]
+            .concat();
+    let pooler = Pooler::start(&ini, &userlist);
+    let first = pooler.connect(APP_USER, APP_PASSWORD, &capped).await.unwrap();
+    let second = pooler.connect(APP_USER, APP_PASSWORD, &capped).await.unwrap();
+    let refused = match pooler.connect(APP_USER, APP_PASSWORD, &capped).await {
+        Ok(_) => panic!("a third client of {capped} must be refused"),
+        Err(e) => e,
+    };
+    assert_eq!(refused.code(), Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS));
+    assert!(format!("{refused:?}").contains("max_db_client_connections"), "{refused:?}");
+    // Other databases are not affected, and the slot frees when a client leaves.
+    pooler.connect(APP_USER, APP_PASSWORD, &other).await.expect("another database");
+    drop(second);
+    let mut admitted = false;
+    for _ in 0..100 {
+        if pooler.connect(APP_USER, APP_PASSWORD, &capped).await.is_ok() {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(admitted, "the slot of a client that left was not given back");
+    first.simple_query("SELECT 1").await.unwrap();
+
+    let md5 = pooler.connect(MD5_USER, MD5_PASSWORD, &other).await.unwrap();
+    let refused = match pooler.connect(MD5_USER, MD5_PASSWORD, &other).await {
+        Ok(_) => panic!("a second md5_user client must be refused"),
+        Err(e) => e,
+    };
+    assert!(format!("{refused:?}").contains("max_user_client_connections"), "{refused:?}");
+    md5.simple_query("SELECT 1").await.unwrap();
+}

@@ -271,3 +271,32 @@ async fn server_round_robin_lends_the_oldest_idle_server() {
         assert_eq!(first == second, expect_same, "server_round_robin = {round_robin}");
     }
 }
+
+#[tokio::test]
+async fn query_wait_notify_tells_a_waiting_client() {
+    use futures_util::StreamExt;
+    let pg = Postgres::shared();
+    let db = pg.create_database("wait_notify");
+    let pooler = Pooler::start(&ini(pg, &db, "pool_size=1", "query_wait_notify = 1"), &userlist());
+    let holder = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    holder.batch_execute("BEGIN").await.unwrap();
+    let (waiter, mut connection) =
+        tokio_postgres::connect(&pooler.url(APP_USER, APP_PASSWORD, &db), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    let (tx, mut notices) = tokio::sync::mpsc::unbounded_channel();
+    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notice(n) = message {
+                let _ = tx.send(n.message().to_string());
+            }
+        }
+    });
+    let query = tokio::spawn(async move { value(&waiter, "SELECT 'served'").await });
+    let notice =
+        tokio::time::timeout(Duration::from_secs(10), notices.recv()).await.expect("a notice").unwrap();
+    assert!(notice.contains("client being queued"), "{notice}");
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(query.await.unwrap().unwrap(), "served", "the waiter is still served after the notice");
+}

@@ -66,6 +66,8 @@ pub struct General {
     pub server_login_retry: Duration,
     /// Lend idle servers oldest first instead of most recently used first.
     pub server_round_robin: bool,
+    /// A client waiting this long for a server is told so with a NOTICE (0 = never).
+    pub query_wait_notify: Duration,
     /// A client holding no server for this long is disconnected (0 = never).
     pub client_idle_timeout: Duration,
     /// A client idle inside a transaction block for this long is disconnected (0 = never).
@@ -76,6 +78,10 @@ pub struct General {
     pub max_db_connections: usize,
     /// 0 means unlimited.
     pub max_user_connections: usize,
+    /// Client connections per database (0 = unlimited).
+    pub max_db_client_connections: usize,
+    /// Client connections per user (0 = unlimited).
+    pub max_user_client_connections: usize,
     pub server_reset_query: String,
     pub server_reset_query_always: bool,
     /// Lowercased.
@@ -115,11 +121,14 @@ impl Default for General {
             client_login_timeout: Duration::from_secs(60),
             server_login_retry: Duration::from_secs(15),
             server_round_robin: false,
+            query_wait_notify: Duration::from_secs(5),
             client_idle_timeout: Duration::ZERO,
             idle_transaction_timeout: Duration::ZERO,
             query_timeout: Duration::ZERO,
             max_db_connections: 0,
             max_user_connections: 0,
+            max_db_client_connections: 0,
+            max_user_client_connections: 0,
             server_reset_query: "DISCARD ALL".to_string(),
             server_reset_query_always: false,
             ignore_startup_parameters: Vec::new(),
@@ -152,6 +161,7 @@ pub struct DatabaseEntry {
     pub reserve_pool_size: Option<usize>,
     pub pool_mode: Option<PoolMode>,
     pub max_db_connections: Option<usize>,
+    pub max_db_client_connections: Option<usize>,
     pub client_encoding: Option<String>,
     pub datestyle: Option<String>,
     pub timezone: Option<String>,
@@ -166,6 +176,7 @@ pub struct UserEntry {
     pub pool_mode: Option<PoolMode>,
     pub pool_size: Option<usize>,
     pub max_user_connections: Option<usize>,
+    pub max_user_client_connections: Option<usize>,
 }
 
 /// Something in the configuration that was accepted but has no effect.
@@ -254,13 +265,10 @@ pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
     "log_pooler_errors",
     "log_stats",
     "login_notify_message",
-    "max_db_client_connections",
     "max_prepared_statements",
-    "max_user_client_connections",
     "peer_id",
     "pkt_buf",
     "pool_idle_timeout",
-    "query_wait_notify",
     "resolv_conf",
     "sbuf_loopcnt",
     "scram_iterations",
@@ -300,7 +308,6 @@ pub const DATABASE_NOT_IMPLEMENTED: &[&str] = &[
     "auth_query",
     "auth_user",
     "load_balance_hosts",
-    "max_db_client_connections",
     "query_wait_timeout",
     "server_lifetime",
     "target_session_attrs",
@@ -310,7 +317,6 @@ pub const DATABASE_NOT_IMPLEMENTED: &[&str] = &[
 pub const USER_NOT_IMPLEMENTED: &[&str] = &[
     "client_idle_timeout",
     "idle_transaction_timeout",
-    "max_user_client_connections",
     "query_timeout",
     "query_wait_timeout",
     "reserve_pool_size",
@@ -320,6 +326,9 @@ pub const USER_NOT_IMPLEMENTED: &[&str] = &[
 /// `[pgbouncer]` keys pgcorral implements; kept for error messages.
 const PGBOUNCER_IMPLEMENTED: &[&str] = &[
     "admin_users",
+    "query_wait_notify",
+    "max_db_client_connections",
+    "max_user_client_connections",
     "server_login_retry",
     "server_round_robin",
     "client_idle_timeout",
@@ -367,6 +376,7 @@ const DATABASE_IMPLEMENTED: &[&str] = &[
     "reserve_pool",
     "pool_mode",
     "max_db_connections",
+    "max_db_client_connections",
     "client_encoding",
     "datestyle",
     "timezone",
@@ -374,7 +384,8 @@ const DATABASE_IMPLEMENTED: &[&str] = &[
     "connect_query",
 ];
 
-const USER_IMPLEMENTED: &[&str] = &["pool_mode", "pool_size", "max_user_connections"];
+const USER_IMPLEMENTED: &[&str] =
+    &["pool_mode", "pool_size", "max_user_connections", "max_user_client_connections"];
 
 const PEER_KEYS: &[&str] = &["host", "port", "pool_size"];
 
@@ -519,11 +530,14 @@ pub(crate) fn apply_general(
         "client_login_timeout" => general.client_login_timeout = s.seconds()?,
         "server_login_retry" => general.server_login_retry = s.seconds()?,
         "server_round_robin" => general.server_round_robin = s.bool()?,
+        "query_wait_notify" => general.query_wait_notify = s.seconds()?,
         "client_idle_timeout" => general.client_idle_timeout = s.seconds()?,
         "idle_transaction_timeout" => general.idle_transaction_timeout = s.seconds()?,
         "query_timeout" => general.query_timeout = s.seconds()?,
         "max_db_connections" => general.max_db_connections = s.usize()?,
         "max_user_connections" => general.max_user_connections = s.usize()?,
+        "max_db_client_connections" => general.max_db_client_connections = s.usize()?,
+        "max_user_client_connections" => general.max_user_client_connections = s.usize()?,
         "server_reset_query" => general.server_reset_query = s.value.to_string(),
         "server_reset_query_always" => general.server_reset_query_always = s.bool()?,
         "ignore_startup_parameters" => {
@@ -623,6 +637,7 @@ pub(crate) fn parse_database(line: &Line<'_>) -> Result<(DatabaseEntry, Vec<Conf
         reserve_pool_size: None,
         pool_mode: None,
         max_db_connections: None,
+        max_db_client_connections: None,
         client_encoding: None,
         datestyle: None,
         timezone: None,
@@ -644,6 +659,7 @@ pub(crate) fn parse_database(line: &Line<'_>) -> Result<(DatabaseEntry, Vec<Conf
                 "reserve_pool_size" | "reserve_pool" => db.reserve_pool_size = Some(s.usize()?),
                 "pool_mode" => db.pool_mode = Some(s.pool_mode()?),
                 "max_db_connections" => db.max_db_connections = Some(s.usize()?),
+                "max_db_client_connections" => db.max_db_client_connections = Some(s.usize()?),
                 "client_encoding" => db.client_encoding = text,
                 "datestyle" => db.datestyle = text,
                 "timezone" => db.timezone = text,
@@ -663,12 +679,14 @@ pub(crate) fn parse_user(line: &Line<'_>) -> Result<(UserEntry, Vec<ConfigWarnin
         pool_mode: None,
         pool_size: None,
         max_user_connections: None,
+        max_user_client_connections: None,
     };
     let warnings = line.each_param("user", USER_IMPLEMENTED, USER_NOT_IMPLEMENTED, |param, s| {
         match param {
             "pool_mode" => user.pool_mode = Some(s.pool_mode()?),
             "pool_size" => user.pool_size = Some(s.usize()?),
             "max_user_connections" => user.max_user_connections = Some(s.usize()?),
+            "max_user_client_connections" => user.max_user_client_connections = Some(s.usize()?),
             _ => unreachable!("{param} is listed in USER_IMPLEMENTED"),
         }
         Ok(())
