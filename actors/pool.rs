@@ -152,6 +152,9 @@ pub struct PoolShared {
     login_backoff: Mutex<Option<Backoff>>,
     loads: Vec<WorkerLoad>,
     settings: RwLock<Arc<PoolSettings>>,
+    /// Bumped by every settings change, so that holders of a copy can check it is current
+    /// with a plain atomic read instead of taking the lock every worker shares.
+    settings_version: AtomicUsize,
     servers: Limit,
     db_limit: Arc<Limit>,
     user_limit: Arc<Limit>,
@@ -173,6 +176,7 @@ impl PoolShared {
         PoolShared {
             key,
             settings: RwLock::new(Arc::new(settings)),
+            settings_version: AtomicUsize::new(0),
             servers,
             db_limit,
             user_limit,
@@ -188,6 +192,14 @@ impl PoolShared {
         self.settings.read().unwrap().clone()
     }
 
+    /// Refreshes a held copy of the settings if they changed since it was taken.
+    pub fn refresh_settings(&self, held: &mut (usize, Arc<PoolSettings>)) {
+        let version = self.settings_version.load(Ordering::Acquire);
+        if held.0 != version {
+            *held = (version, self.settings());
+        }
+    }
+
     /// Applies reloaded settings; servers already open keep running and follow the new sizes
     /// as they come and go.
     pub fn update_settings(&self, settings: PoolSettings) {
@@ -195,6 +207,7 @@ impl PoolShared {
         self.db_limit.set_max(settings.max_db_connections);
         self.user_limit.set_max(settings.max_user_connections);
         *self.settings.write().unwrap() = Arc::new(settings);
+        self.settings_version.fetch_add(1, Ordering::Release);
         self.wake_starving();
     }
 

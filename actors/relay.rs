@@ -133,9 +133,9 @@ pub struct Relay {
     control: mpsc::UnboundedReceiver<Control>,
     max_packet: usize,
     release_deferred: bool,
-    /// The pool's settings as of this client's last lease: read once per transaction, not per
-    /// message (the shared copy sits behind a lock every worker reads).
-    settings: Arc<PoolSettings>,
+    /// The pool's settings (with their version) as of this client's last lease: the shared
+    /// copy sits behind a lock every worker reads, so it is only re-read when it changed.
+    settings: (usize, Arc<PoolSettings>),
     /// Armed only when a timeout key applies to the current state: no timer work otherwise.
     timer: Option<(Clock, Pin<Box<tokio::time::Sleep>>)>,
 }
@@ -152,8 +152,8 @@ impl Relay {
         control: mpsc::UnboundedReceiver<Control>,
         max_packet: usize,
     ) -> Relay {
-        let settings = pool.settings();
-        let mode = settings.pool_mode;
+        let settings = (usize::MAX, pool.settings());
+        let mode = settings.1.pool_mode;
         Relay {
             client,
             from_client,
@@ -217,7 +217,7 @@ impl Relay {
 
     /// Which clock applies now and its timeout, if that timeout is set.
     fn clock(&self) -> Option<(Clock, Duration)> {
-        let settings = &self.settings;
+        let settings = &self.settings.1;
         let (clock, timeout) = match &self.lease {
             None => (Clock::ClientIdle, settings.client_idle_timeout),
             Some(_) if self.tracker.busy() => (Clock::Query, settings.query_timeout),
@@ -447,7 +447,7 @@ impl Relay {
     /// A clean server goes straight back to the Router; one that needs work first goes to its
     /// actor.
     fn give_back(&self, lease: Lease, after: AfterLease) {
-        if after == AfterLease::Reuse && !self.settings.reset_query_always {
+        if after == AfterLease::Reuse && !self.settings.1.reset_query_always {
             self.router.do_send(Checkin { server: lease.server, link: lease.link, fresh: false });
         } else {
             lease.server.do_send(Return { link: lease.link, after });
@@ -457,10 +457,10 @@ impl Relay {
     /// Leases a server from this worker's Router, waiting in its FIFO queue if needed, and
     /// brings the server's session parameters in line with this client's.
     async fn acquire(&mut self) -> Result<(), Ending> {
-        self.settings = self.pool.settings();
+        self.pool.refresh_settings(&mut self.settings);
         let (reply, mut answer) = oneshot::channel();
         self.router.do_send(Checkout { reply });
-        let notify = self.settings.query_wait_notify;
+        let notify = self.settings.1.query_wait_notify;
         let answer = match notify.is_zero() {
             true => answer.await,
             false => match tokio::time::timeout(notify, &mut answer).await {
