@@ -268,7 +268,12 @@ impl Router {
         let (mut server, mut link) = (server, link);
         while let Some(waiter) = self.waiters.pop_front() {
             match waiter.reply.send(Ok(ServerOffer::new(server, link, ctx.address()))) {
-                Ok(()) => return,
+                Ok(()) => {
+                    // A stale starving flag would stop the next starvation from asking other
+                    // workers for servers, and make them send theirs here for nobody.
+                    self.update_starving();
+                    return;
+                }
                 Err(Ok(offer)) => (server, link) = offer.reclaim(),
                 Err(Err(_)) => unreachable!("only offers are sent"),
             }

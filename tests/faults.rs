@@ -7,28 +7,6 @@ mod support;
 use std::time::Duration;
 
 use support::*;
-use tokio_postgres::{Client, SimpleQueryMessage};
-
-fn ini(pg: &Postgres, db: &str, pool: &str, general: &str) -> String {
-    format!(
-        "[databases]\n{db} = host=127.0.0.1 port={port} dbname={db} {pool}\n\
-         [pgbouncer]\nauth_type = md5\npool_mode = transaction\n{general}\n",
-        port = pg.port
-    )
-}
-
-fn userlist() -> String {
-    Pooler::userlist_line(APP_USER, APP_PASSWORD)
-}
-
-async fn value(client: &Client, sql: &str) -> Result<String, tokio_postgres::Error> {
-    for message in client.simple_query(sql).await? {
-        if let SimpleQueryMessage::Row(row) = message {
-            return Ok(row.get(0).unwrap_or_default().to_string());
-        }
-    }
-    Ok(String::new())
-}
 
 fn count(pg: &Postgres, sql: &str) -> usize {
     pg.sql(sql).parse().unwrap()
@@ -38,15 +16,15 @@ fn count(pg: &Postgres, sql: &str) -> usize {
 async fn terminated_backends_fail_only_the_client_holding_them() {
     let pg = Postgres::shared();
     let db = pg.create_database("terminate");
-    let pooler = Pooler::start(&ini(pg, &db, "pool_size=2", ""), &userlist());
+    let pooler = Pooler::start(&pool_ini(pg, &db, "pool_size=2", "transaction", ""), &app_userlist());
     let holder = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
     let bystander = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
     holder.batch_execute("BEGIN").await.unwrap();
-    let held_pid = value(&holder, "SELECT pg_backend_pid()").await.unwrap();
-    assert_eq!(value(&bystander, "SELECT 1").await.unwrap(), "1");
+    let held_pid = first_value(&holder, "SELECT pg_backend_pid()").await.unwrap();
+    assert_eq!(first_value(&bystander, "SELECT 1").await.unwrap(), "1");
 
     pg.sql(&format!("SELECT pg_terminate_backend({held_pid})"));
-    let err = value(&holder, "SELECT 1").await.expect_err("the holder's server is gone");
+    let err = first_value(&holder, "SELECT 1").await.expect_err("the holder's server is gone");
     let code = err.code().cloned();
     assert!(
         code == Some(tokio_postgres::error::SqlState::ADMIN_SHUTDOWN)
@@ -54,17 +32,17 @@ async fn terminated_backends_fail_only_the_client_holding_them() {
             || err.is_closed(),
         "{err:?}"
     );
-    assert_eq!(value(&bystander, "SELECT 2").await.unwrap(), "2", "the bystander was disturbed");
+    assert_eq!(first_value(&bystander, "SELECT 2").await.unwrap(), "2", "the bystander was disturbed");
 
     // An idle server terminated: nobody notices, it is replaced before being lent.
-    let idle_pid = value(&bystander, "SELECT pg_backend_pid()").await.unwrap();
+    let idle_pid = first_value(&bystander, "SELECT pg_backend_pid()").await.unwrap();
     pg.sql(&format!("SELECT pg_terminate_backend({idle_pid})"));
     tokio::time::sleep(Duration::from_millis(200)).await;
     for i in 0..5 {
-        assert_eq!(value(&bystander, &format!("SELECT {i}")).await.unwrap(), i.to_string());
+        assert_eq!(first_value(&bystander, &format!("SELECT {i}")).await.unwrap(), i.to_string());
     }
     let fresh = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
-    assert_eq!(value(&fresh, "SELECT 3").await.unwrap(), "3");
+    assert_eq!(first_value(&fresh, "SELECT 3").await.unwrap(), "3");
 }
 
 #[tokio::test]
@@ -74,8 +52,8 @@ async fn a_thousand_vanishing_clients_leak_nothing() {
     pg.sql_db(&db, "CREATE TABLE t (v int); ALTER TABLE t OWNER TO app_user;");
     // query_wait_timeout turns a leaked permit into an error instead of a hang.
     let pooler = Pooler::start(
-        &ini(pg, &db, "pool_size=5", "max_client_conn = 120\nquery_wait_timeout = 20"),
-        &userlist(),
+        &pool_ini(pg, &db, "pool_size=5", "transaction", "max_client_conn = 120\nquery_wait_timeout = 20"),
+        &app_userlist(),
     );
     let url = pooler.url(APP_USER, APP_PASSWORD, &db);
     for batch in 0..20 {
@@ -129,5 +107,5 @@ async fn a_thousand_vanishing_clients_leak_nothing() {
     for c in &holders {
         c.batch_execute("COMMIT").await.unwrap();
     }
-    assert_eq!(value(&others[109], "SELECT 'ok'").await.unwrap(), "ok");
+    assert_eq!(first_value(&others[109], "SELECT 'ok'").await.unwrap(), "ok");
 }

@@ -8,34 +8,6 @@ use std::io::Read;
 use std::time::Duration;
 
 use support::*;
-use tokio_postgres::{Client, SimpleQueryMessage};
-
-fn ini(pg: &Postgres, db: &str, pool: &str, general: &str) -> String {
-    format!(
-        "[databases]\n{db} = host=127.0.0.1 port={port} dbname={db} {pool}\n\
-         [pgbouncer]\nauth_type = md5\npool_mode = transaction\n{general}\n",
-        port = pg.port
-    )
-}
-
-fn userlist() -> String {
-    Pooler::userlist_line(APP_USER, APP_PASSWORD)
-}
-
-async fn value(client: &Client, sql: &str) -> Result<String, tokio_postgres::Error> {
-    for message in client.simple_query(sql).await? {
-        if let SimpleQueryMessage::Row(row) = message {
-            return Ok(row.get(0).unwrap_or_default().to_string());
-        }
-    }
-    Ok(String::new())
-}
-
-fn backends(pg: &Postgres, db: &str) -> String {
-    pg.sql(&format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND backend_type = 'client backend'"
-    ))
-}
 
 async fn eventually(mut check: impl FnMut() -> bool) -> bool {
     for _ in 0..200 {
@@ -51,59 +23,71 @@ async fn eventually(mut check: impl FnMut() -> bool) -> bool {
 async fn query_wait_timeout_disconnects_a_waiting_client() {
     let pg = Postgres::shared();
     let db = pg.create_database("qwait");
-    let pooler = Pooler::start(&ini(pg, &db, "pool_size=1", "query_wait_timeout = 1"), &userlist());
+    let pooler = Pooler::start(
+        &pool_ini(pg, &db, "pool_size=1", "transaction", "query_wait_timeout = 1"),
+        &app_userlist(),
+    );
     let holder = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
     holder.batch_execute("BEGIN").await.unwrap(); // keeps the only server
     let waiter = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
-    let err = value(&waiter, "SELECT 1").await.expect_err("the waiter must be refused");
+    let err = first_value(&waiter, "SELECT 1").await.expect_err("the waiter must be refused");
     assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::PROTOCOL_VIOLATION), "{err:?}");
     assert!(format!("{err:?}").contains("query_wait_timeout"), "{err:?}");
     // The holder is undisturbed and the server is free again afterwards.
-    assert_eq!(value(&holder, "SELECT 7").await.unwrap(), "7");
+    assert_eq!(first_value(&holder, "SELECT 7").await.unwrap(), "7");
     holder.batch_execute("COMMIT").await.unwrap();
     let next = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
-    assert_eq!(value(&next, "SELECT 8").await.unwrap(), "8");
+    assert_eq!(first_value(&next, "SELECT 8").await.unwrap(), "8");
 }
 
 #[tokio::test]
 async fn server_idle_timeout_closes_idle_servers_above_min_pool_size() {
     let pg = Postgres::shared();
     let db = pg.create_database("idle");
-    let pooler = Pooler::start(&ini(pg, &db, "pool_size=3", "server_idle_timeout = 1"), &userlist());
+    let pooler = Pooler::start(
+        &pool_ini(pg, &db, "pool_size=3", "transaction", "server_idle_timeout = 1"),
+        &app_userlist(),
+    );
     let client = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
-    value(&client, "SELECT 1").await.unwrap();
-    assert_eq!(backends(pg, &db), "1");
-    assert!(eventually(|| backends(pg, &db) == "0").await, "the idle server was never closed");
+    first_value(&client, "SELECT 1").await.unwrap();
+    assert_eq!(backend_count(pg, &db), 1);
+    assert!(eventually(|| backend_count(pg, &db) == 0).await, "the idle server was never closed");
     // The client does not notice: its next query gets a new server.
-    assert_eq!(value(&client, "SELECT 2").await.unwrap(), "2");
+    assert_eq!(first_value(&client, "SELECT 2").await.unwrap(), "2");
 
     let db = pg.create_database("idle_min");
-    let pooler =
-        Pooler::start(&ini(pg, &db, "pool_size=3 min_pool_size=1", "server_idle_timeout = 1"), &userlist());
+    let pooler = Pooler::start(
+        &pool_ini(pg, &db, "pool_size=3 min_pool_size=1", "transaction", "server_idle_timeout = 1"),
+        &app_userlist(),
+    );
     let client = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
-    value(&client, "SELECT 1").await.unwrap();
+    first_value(&client, "SELECT 1").await.unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(backends(pg, &db), "1", "min_pool_size keeps one server despite server_idle_timeout");
+    assert_eq!(backend_count(pg, &db), 1, "min_pool_size keeps one server despite server_idle_timeout");
 }
 
 #[tokio::test]
 async fn server_lifetime_replaces_old_servers() {
     let pg = Postgres::shared();
     let db = pg.create_database("lifetime");
-    let pooler = Pooler::start(&ini(pg, &db, "pool_size=1", "server_lifetime = 1"), &userlist());
+    let pooler = Pooler::start(
+        &pool_ini(pg, &db, "pool_size=1", "transaction", "server_lifetime = 1"),
+        &app_userlist(),
+    );
     let client = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
-    let first = value(&client, "SELECT pg_backend_pid()").await.unwrap();
+    let first = first_value(&client, "SELECT pg_backend_pid()").await.unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let second = value(&client, "SELECT pg_backend_pid()").await.unwrap();
+    let second = first_value(&client, "SELECT pg_backend_pid()").await.unwrap();
     assert_ne!(first, second, "a server past server_lifetime was lent again");
-    assert_eq!(backends(pg, &db), "1");
+    assert_eq!(backend_count(pg, &db), 1);
 }
 
 #[test]
 fn client_login_timeout_closes_silent_clients() {
     let pg = Postgres::shared();
     let db = pg.create_database("login_timeout");
-    let pooler = Pooler::start(&ini(pg, &db, "", "client_login_timeout = 1"), &userlist());
+    let pooler =
+        Pooler::start(&pool_ini(pg, &db, "", "transaction", "client_login_timeout = 1"), &app_userlist());
     let mut silent = std::net::TcpStream::connect(("127.0.0.1", pooler.port)).unwrap();
     silent.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut buf = [0u8; 64];
@@ -123,7 +107,7 @@ async fn server_connect_timeout_fails_clients_fast_when_the_server_never_answers
             "[databases]\nhung = host=127.0.0.1 port={port} dbname=app\n\
              [pgbouncer]\nauth_type = md5\nserver_connect_timeout = 1\n"
         ),
-        &userlist(),
+        &app_userlist(),
     );
     let started = std::time::Instant::now();
     let err = match pooler.connect(APP_USER, APP_PASSWORD, "hung").await {
@@ -138,31 +122,32 @@ async fn server_connect_timeout_fails_clients_fast_when_the_server_never_answers
 #[tokio::test]
 async fn pools_heal_after_postgres_restarts() {
     let pg = Postgres::start(); // private: a restart must not disturb other tests
-    let pooler = Pooler::start(&ini(&pg, APP_DB, "pool_size=2", ""), &userlist());
+    let pooler = Pooler::start(&pool_ini(&pg, APP_DB, "pool_size=2", "transaction", ""), &app_userlist());
     let client = pooler.connect(APP_USER, APP_PASSWORD, APP_DB).await.unwrap();
-    let before = value(&client, "SELECT pg_backend_pid()").await.unwrap();
+    let before = first_value(&client, "SELECT pg_backend_pid()").await.unwrap();
     pg.restart();
     // The idle server died with PostgreSQL; it is noticed before being lent and replaced.
-    let after = value(&client, "SELECT pg_backend_pid()").await.expect("query after restart");
+    let after = first_value(&client, "SELECT pg_backend_pid()").await.expect("query after restart");
     assert_ne!(before, after);
     let fresh = pooler.connect(APP_USER, APP_PASSWORD, APP_DB).await.unwrap();
-    assert_eq!(value(&fresh, "SELECT 1").await.unwrap(), "1");
+    assert_eq!(first_value(&fresh, "SELECT 1").await.unwrap(), "1");
 }
 
 #[tokio::test]
 async fn client_idle_timeout_disconnects_idle_clients() {
     let pg = Postgres::shared();
     let db = pg.create_database("client_idle");
-    let pooler = Pooler::start(&ini(pg, &db, "", "client_idle_timeout = 1"), &userlist());
+    let pooler =
+        Pooler::start(&pool_ini(pg, &db, "", "transaction", "client_idle_timeout = 1"), &app_userlist());
     let idle = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
-    assert_eq!(value(&idle, "SELECT 1").await.unwrap(), "1");
+    assert_eq!(first_value(&idle, "SELECT 1").await.unwrap(), "1");
     let busy = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
     // The busy client keeps talking, so its clock keeps restarting.
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(400)).await;
-        assert_eq!(value(&busy, "SELECT 2").await.unwrap(), "2");
+        assert_eq!(first_value(&busy, "SELECT 2").await.unwrap(), "2");
     }
-    assert!(value(&idle, "SELECT 1").await.is_err(), "the idle client should have been disconnected");
+    assert!(first_value(&idle, "SELECT 1").await.is_err(), "the idle client should have been disconnected");
     assert!(pooler.log().contains("client_idle_timeout") || idle.is_closed());
 }
 
@@ -171,7 +156,10 @@ async fn idle_transaction_timeout_rolls_back_and_disconnects() {
     let pg = Postgres::shared();
     let db = pg.create_database("idle_tx");
     pg.sql_db(&db, "CREATE TABLE t (v int); ALTER TABLE t OWNER TO app_user;");
-    let pooler = Pooler::start(&ini(pg, &db, "pool_size=1", "idle_transaction_timeout = 1"), &userlist());
+    let pooler = Pooler::start(
+        &pool_ini(pg, &db, "pool_size=1", "transaction", "idle_transaction_timeout = 1"),
+        &app_userlist(),
+    );
     let client = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
     client.batch_execute("BEGIN; INSERT INTO t VALUES (1);").await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -182,17 +170,18 @@ async fn idle_transaction_timeout_rolls_back_and_disconnects() {
     assert!(eventually(|| pg.sql(&in_txn) == "0").await);
     // The pool's only server serves the next client.
     let next = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
-    assert_eq!(value(&next, "SELECT count(*) FROM t").await.unwrap(), "0");
+    assert_eq!(first_value(&next, "SELECT count(*) FROM t").await.unwrap(), "0");
 }
 
 #[tokio::test]
 async fn query_timeout_ends_a_runaway_query() {
     let pg = Postgres::shared();
     let db = pg.create_database("query_timeout");
-    let pooler = Pooler::start(&ini(pg, &db, "pool_size=1", "query_timeout = 1"), &userlist());
+    let pooler =
+        Pooler::start(&pool_ini(pg, &db, "pool_size=1", "transaction", "query_timeout = 1"), &app_userlist());
     let client = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
     let started = std::time::Instant::now();
-    let err = value(&client, "SELECT pg_sleep(20)").await.expect_err("the query must be stopped");
+    let err = first_value(&client, "SELECT pg_sleep(20)").await.expect_err("the query must be stopped");
     assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
     assert!(format!("{err:?}").contains("query_timeout"), "{err:?}");
     // Its server was closed, not lent on with a query still running; the pool recovers.
@@ -201,27 +190,30 @@ async fn query_timeout_ends_a_runaway_query() {
     );
     assert!(eventually(|| pg.sql(&sleeping) == "0").await, "the runaway query is still running");
     let next = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
-    assert_eq!(value(&next, "SELECT 3").await.unwrap(), "3");
+    assert_eq!(first_value(&next, "SELECT 3").await.unwrap(), "3");
 }
 
 #[tokio::test]
 async fn postgres_down_fails_clients_fast_then_heals() {
     let pg = Postgres::start(); // private: it is stopped and started again
-    let pooler = Pooler::start(&ini(&pg, APP_DB, "pool_size=2", "server_login_retry = 2"), &userlist());
+    let pooler = Pooler::start(
+        &pool_ini(&pg, APP_DB, "pool_size=2", "transaction", "server_login_retry = 2"),
+        &app_userlist(),
+    );
     let idle = pooler.connect(APP_USER, APP_PASSWORD, APP_DB).await.unwrap();
-    assert_eq!(value(&idle, "SELECT 1").await.unwrap(), "1");
+    assert_eq!(first_value(&idle, "SELECT 1").await.unwrap(), "1");
     pg.stop();
     // Logging in needs no server (the pool's welcome is known): undisturbed.
     let late = pooler.connect(APP_USER, APP_PASSWORD, APP_DB).await.expect("login while PostgreSQL is down");
     // A query needs one: a clear error, fast, not a hang until query_wait_timeout.
     let started = std::time::Instant::now();
-    let err = value(&late, "SELECT 1").await.expect_err("no server can be had");
+    let err = first_value(&late, "SELECT 1").await.expect_err("no server can be had");
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
     assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::CONNECTION_FAILURE), "{err:?}");
     // More clients meanwhile get the same error without a login attempt each.
     for _ in 0..5 {
         if let Ok(c) = pooler.connect(APP_USER, APP_PASSWORD, APP_DB).await {
-            assert!(value(&c, "SELECT 1").await.is_err());
+            assert!(first_value(&c, "SELECT 1").await.is_err());
         }
     }
     let attempts = pooler.log().matches("next login attempt").count();
@@ -235,7 +227,7 @@ async fn postgres_down_fails_clients_fast_then_heals() {
     let mut healed = false;
     for _ in 0..60 {
         if let Ok(c) = pooler.connect(APP_USER, APP_PASSWORD, APP_DB).await {
-            if value(&c, "SELECT 42").await.ok().as_deref() == Some("42") {
+            if first_value(&c, "SELECT 42").await.ok().as_deref() == Some("42") {
                 healed = true;
                 break;
             }
@@ -254,9 +246,15 @@ async fn server_round_robin_lends_the_oldest_idle_server() {
         let pooler = Pooler::start(
             &format!(
                 "{}workers = 1\n",
-                ini(pg, &db, "pool_size=2", &format!("server_round_robin = {round_robin}"))
+                pool_ini(
+                    pg,
+                    &db,
+                    "pool_size=2",
+                    "transaction",
+                    &format!("server_round_robin = {round_robin}")
+                )
             ),
-            &userlist(),
+            &app_userlist(),
         );
         // Two servers: open both with two concurrent transactions.
         let a = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
@@ -265,8 +263,8 @@ async fn server_round_robin_lends_the_oldest_idle_server() {
         b.batch_execute("BEGIN").await.unwrap();
         a.batch_execute("COMMIT").await.unwrap();
         b.batch_execute("COMMIT").await.unwrap();
-        let first = value(&a, "SELECT pg_backend_pid()").await.unwrap();
-        let second = value(&a, "SELECT pg_backend_pid()").await.unwrap();
+        let first = first_value(&a, "SELECT pg_backend_pid()").await.unwrap();
+        let second = first_value(&a, "SELECT pg_backend_pid()").await.unwrap();
         // LIFO reuses the server just returned; round robin takes the other one.
         assert_eq!(first == second, expect_same, "server_round_robin = {round_robin}");
     }
@@ -277,7 +275,10 @@ async fn query_wait_notify_tells_a_waiting_client() {
     use futures_util::StreamExt;
     let pg = Postgres::shared();
     let db = pg.create_database("wait_notify");
-    let pooler = Pooler::start(&ini(pg, &db, "pool_size=1", "query_wait_notify = 1"), &userlist());
+    let pooler = Pooler::start(
+        &pool_ini(pg, &db, "pool_size=1", "transaction", "query_wait_notify = 1"),
+        &app_userlist(),
+    );
     let holder = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
     holder.batch_execute("BEGIN").await.unwrap();
     let (waiter, mut connection) =
@@ -293,7 +294,7 @@ async fn query_wait_notify_tells_a_waiting_client() {
             }
         }
     });
-    let query = tokio::spawn(async move { value(&waiter, "SELECT 'served'").await });
+    let query = tokio::spawn(async move { first_value(&waiter, "SELECT 'served'").await });
     let notice =
         tokio::time::timeout(Duration::from_secs(10), notices.recv()).await.expect("a notice").unwrap();
     assert!(notice.contains("client being queued"), "{notice}");

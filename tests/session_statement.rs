@@ -4,34 +4,12 @@
 mod support;
 
 use support::*;
-use tokio_postgres::{Client, SimpleQueryMessage};
-
-fn ini(pg: &Postgres, db: &str, mode: &str, pool_size: usize) -> String {
-    format!(
-        "[databases]\n{db} = host=127.0.0.1 port={port} dbname={db} pool_size={pool_size}\n\
-         [pgbouncer]\nauth_type = md5\npool_mode = {mode}\n",
-        port = pg.port
-    )
-}
-
-fn userlist() -> String {
-    Pooler::userlist_line(APP_USER, APP_PASSWORD)
-}
-
-async fn first_value(client: &Client, sql: &str) -> Result<String, tokio_postgres::Error> {
-    for message in client.simple_query(sql).await? {
-        if let SimpleQueryMessage::Row(row) = message {
-            return Ok(row.get(0).unwrap_or_default().to_string());
-        }
-    }
-    Ok(String::new())
-}
 
 #[tokio::test]
 async fn session_mode_isolates_temp_tables_and_settings() {
     let pg = Postgres::shared();
     let db = pg.create_database("session");
-    let pooler = Pooler::start(&ini(pg, &db, "session", 2), &userlist());
+    let pooler = Pooler::start(&pool_ini(pg, &db, "pool_size=2", "session", ""), &app_userlist());
     let a = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
     let b = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
 
@@ -71,7 +49,7 @@ async fn session_mode_client_leaving_mid_transaction_is_rolled_back() {
     let pg = Postgres::shared();
     let db = pg.create_database("session_tx");
     pg.sql_db(&db, "CREATE TABLE t (v int); ALTER TABLE t OWNER TO app_user;");
-    let pooler = Pooler::start(&ini(pg, &db, "session", 1), &userlist());
+    let pooler = Pooler::start(&pool_ini(pg, &db, "pool_size=1", "session", ""), &app_userlist());
     let a = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
     a.batch_execute("BEGIN; INSERT INTO t VALUES (1);").await.unwrap();
     drop(a);
@@ -87,7 +65,7 @@ async fn statement_mode_refuses_transaction_blocks() {
     let pg = Postgres::shared();
     let db = pg.create_database("statement");
     pg.sql_db(&db, "CREATE TABLE t (v int); ALTER TABLE t OWNER TO app_user;");
-    let pooler = Pooler::start(&ini(pg, &db, "statement", 2), &userlist());
+    let pooler = Pooler::start(&pool_ini(pg, &db, "pool_size=2", "statement", ""), &app_userlist());
     let client = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
 
     let err = client.batch_execute("BEGIN").await.expect_err("BEGIN must be refused");
@@ -114,7 +92,7 @@ async fn notices_and_notifications_pass_through() {
     use tokio_postgres::AsyncMessage;
     let pg = Postgres::shared();
     let db = pg.create_database("notify");
-    let pooler = Pooler::start(&ini(pg, &db, "session", 2), &userlist());
+    let pooler = Pooler::start(&pool_ini(pg, &db, "pool_size=2", "session", ""), &app_userlist());
     // A client whose connection task hands us its asynchronous messages.
     let (listener, mut connection) =
         tokio_postgres::connect(&pooler.url(APP_USER, APP_PASSWORD, &db), tokio_postgres::NoTls)
@@ -156,7 +134,7 @@ async fn notices_and_notifications_pass_through() {
 async fn pipelined_queries_in_transaction_mode_come_back_in_order() {
     let pg = Postgres::shared();
     let db = pg.create_database("pipeline");
-    let pooler = Pooler::start(&ini(pg, &db, "transaction", 1), &userlist());
+    let pooler = Pooler::start(&pool_ini(pg, &db, "pool_size=1", "transaction", ""), &app_userlist());
     let client = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
     // tokio-postgres sends all of these before reading any answer: one batch of messages with
     // several Syncs, some failing, which must come back in order and leave the server clean.

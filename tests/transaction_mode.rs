@@ -11,36 +11,20 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-fn ini(pg: &Postgres, db: &str, pool: &str) -> String {
-    format!(
-        "[databases]\n{db} = host=127.0.0.1 port={port} dbname={db} {pool}\n\
-         [pgbouncer]\nauth_type = md5\npool_mode = transaction\nmax_client_conn = 400\n",
-        port = pg.port
-    )
-}
-
-fn userlist() -> String {
-    Pooler::userlist_line(APP_USER, APP_PASSWORD)
-}
-
-/// Server connections PostgreSQL has open to `db` (the pooler's, since tests connect only
-/// through it).
-fn backends(pg: &Postgres, db: &str) -> usize {
-    pg.sql(&format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND backend_type = 'client backend'"
-    ))
-    .parse()
-    .unwrap()
-}
-
 #[test]
 fn two_hundred_clients_share_ten_servers() {
     let pg = Postgres::shared();
     let db = pg.create_database("txn200");
     pg.sql_db(&db, "CREATE TABLE hits (client int, n int); ALTER TABLE hits OWNER TO app_user;");
     let pooler = Pooler::start(
-        &format!("{}reserve_pool_timeout = 1\n", ini(pg, &db, "pool_size=10 reserve_pool_size=2")),
-        &userlist(),
+        &pool_ini(
+            pg,
+            &db,
+            "pool_size=10 reserve_pool_size=2",
+            "transaction",
+            "max_client_conn = 400\nreserve_pool_timeout = 1",
+        ),
+        &app_userlist(),
     );
 
     // Sample what PostgreSQL sees while the clients run.
@@ -50,7 +34,7 @@ fn two_hundred_clients_share_ten_servers() {
         let (done, peak, db) = (done.clone(), peak.clone(), db.clone());
         std::thread::spawn(move || {
             while !done.load(Ordering::Relaxed) {
-                peak.fetch_max(backends(Postgres::shared(), &db), Ordering::Relaxed);
+                peak.fetch_max(backend_count(Postgres::shared(), &db), Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(20));
             }
         })
@@ -94,40 +78,31 @@ fn two_hundred_clients_share_ten_servers() {
     assert!(peak >= 2, "the pool was used ({peak} connections)");
 }
 
-/// The first value of the first row of a simple-protocol query (transaction mode without
-/// protocol-level prepared statements, which arrive with a later issue).
-async fn show(client: &tokio_postgres::Client, sql: &str) -> String {
-    let messages = client.simple_query(sql).await.unwrap();
-    for message in messages {
-        if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
-            return row.get(0).unwrap_or_default().to_string();
-        }
-    }
-    panic!("{sql} returned no row")
-}
-
 #[tokio::test]
 async fn set_timezone_stays_with_its_client() {
     let pg = Postgres::shared();
     let db = pg.create_database("tz");
     // One server: both clients are certainly lent the same backend.
-    let pooler = Pooler::start(&ini(pg, &db, "pool_size=1"), &userlist());
+    let pooler = Pooler::start(
+        &pool_ini(pg, &db, "pool_size=1", "transaction", "max_client_conn = 400"),
+        &app_userlist(),
+    );
     let tokyo = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
     let other = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
-    let default_tz = show(&other, "SHOW TimeZone").await;
+    let default_tz = first_value(&other, "SHOW TimeZone").await.unwrap();
     assert_ne!(default_tz, "Asia/Tokyo");
 
     tokyo.batch_execute("SET TimeZone = 'Asia/Tokyo'").await.unwrap();
     for _ in 0..3 {
-        let mine = show(&tokyo, "SHOW TimeZone").await;
-        let theirs = show(&other, "SHOW TimeZone").await;
+        let mine = first_value(&tokyo, "SHOW TimeZone").await.unwrap();
+        let theirs = first_value(&other, "SHOW TimeZone").await.unwrap();
         assert_eq!(mine, "Asia/Tokyo");
         assert_eq!(theirs, default_tz, "one client's SET leaked to another");
     }
     // A SET inside a rolled-back transaction does not stick either.
     other.batch_execute("BEGIN; SET TimeZone = 'Europe/Paris'; ROLLBACK;").await.unwrap();
-    assert_eq!(show(&other, "SHOW TimeZone").await, default_tz);
-    assert_eq!(backends(pg, &db), 1);
+    assert_eq!(first_value(&other, "SHOW TimeZone").await.unwrap(), default_tz);
+    assert_eq!(backend_count(pg, &db), 1);
 }
 
 #[test]
@@ -135,7 +110,10 @@ fn client_killed_inside_a_transaction_leaves_no_trace() {
     let pg = Postgres::shared();
     let db = pg.create_database("killed");
     pg.sql_db(&db, "CREATE TABLE t (v int); ALTER TABLE t OWNER TO app_user;");
-    let pooler = Pooler::start(&ini(pg, &db, "pool_size=1"), &userlist());
+    let pooler = Pooler::start(
+        &pool_ini(pg, &db, "pool_size=1", "transaction", "max_client_conn = 400"),
+        &app_userlist(),
+    );
 
     let mut psql = Command::new(pg_bin("psql"))
         .args(["-X", "-q", "-h", "127.0.0.1", "-p", &pooler.port.to_string(), "-U", APP_USER, "-d", &db])
@@ -172,7 +150,10 @@ fn client_killed_inside_a_transaction_leaves_no_trace() {
 async fn cancel_reaches_the_running_query_and_the_connection_keeps_working() {
     let pg = Postgres::shared();
     let db = pg.create_database("cancel");
-    let pooler = Pooler::start(&ini(pg, &db, "pool_size=2"), &userlist());
+    let pooler = Pooler::start(
+        &pool_ini(pg, &db, "pool_size=2", "transaction", "max_client_conn = 400"),
+        &app_userlist(),
+    );
     let sleeper = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
     let bystander = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
     let token = sleeper.cancel_token();
@@ -197,7 +178,7 @@ async fn cancel_reaches_the_running_query_and_the_connection_keeps_working() {
 
     let (_bystander, r) = bystander_query.await.unwrap();
     r.expect("the other client's query was not cancelled");
-    assert_eq!(show(&sleeper, "SELECT 41 + 1").await, "42", "connection works after cancel");
+    assert_eq!(first_value(&sleeper, "SELECT 41 + 1").await.unwrap(), "42", "connection works after cancel");
 }
 
 #[tokio::test]
@@ -207,7 +188,10 @@ async fn copy_in_and_out_round_trip_byte_for_byte() {
     let db = pg.create_database("copy");
     pg.sql_db(&db, "CREATE TABLE c (id int, body text, n numeric); ALTER TABLE c OWNER TO app_user;");
     // One server, so that tokio-postgres's prepare-then-execute lands on the same backend.
-    let pooler = Pooler::start(&ini(pg, &db, "pool_size=1"), &userlist());
+    let pooler = Pooler::start(
+        &pool_ini(pg, &db, "pool_size=1", "transaction", "max_client_conn = 400"),
+        &app_userlist(),
+    );
     let client = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
 
     let mut data = Vec::new();
@@ -232,14 +216,17 @@ async fn copy_in_and_out_round_trip_byte_for_byte() {
     assert_eq!(out.len(), data.len());
     assert!(out == data, "COPY OUT differs from what COPY IN sent");
     // The connection is in a clean state afterwards.
-    assert_eq!(show(&client, "SELECT count(*) FROM c").await, "100000");
+    assert_eq!(first_value(&client, "SELECT count(*) FROM c").await.unwrap(), "100000");
 }
 
 #[test]
 fn pgbench_runs_clean_through_a_small_pool() {
     let pg = Postgres::shared();
     let db = pg.create_database("bench");
-    let pooler = Pooler::start(&ini(pg, &db, "pool_size=5"), &userlist());
+    let pooler = Pooler::start(
+        &pool_ini(pg, &db, "pool_size=5", "transaction", "max_client_conn = 400"),
+        &app_userlist(),
+    );
     let init = Command::new(pg_bin("pgbench"))
         .args(["-i", "-s", "1", "-q", "-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", APP_USER, &db])
         .env("PGPASSWORD", APP_PASSWORD)
@@ -262,7 +249,7 @@ fn pgbench_runs_clean_through_a_small_pool() {
         assert!(stdout.contains(&expected), "pgbench {args:?}:\n{stdout}");
         assert!(stdout.contains("number of failed transactions: 0"), "{stdout}");
     }
-    assert!(backends(pg, &db) <= 5);
+    assert!(backend_count(pg, &db) <= 5);
     let history: usize = pg.sql_db(&db, "SELECT count(*) FROM pgbench_history").parse().unwrap();
     assert_eq!(history, 20 * 50 + 10 * 50);
 }

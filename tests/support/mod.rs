@@ -137,3 +137,43 @@ pub(crate) fn conninfo(port: u16, user: &str, password: &str, db: &str) -> Strin
     s.push_str(&format!(" dbname={}", value(db)));
     s
 }
+
+/// The configuration most tests need: a `[databases]` entry for `db` on `pg` with extra
+/// connection-string `params`, then `[pgbouncer]` with md5 auth, `mode` and `general` lines.
+pub fn pool_ini(pg: &Postgres, db: &str, params: &str, mode: &str, general: &str) -> String {
+    format!(
+        "[databases]\n{db} = host=127.0.0.1 port={port} dbname={db} {params}\n\
+         [pgbouncer]\nauth_type = md5\npool_mode = {mode}\n{general}\n",
+        port = pg.port
+    )
+}
+
+/// An auth_file with app_user's plain password.
+pub fn app_userlist() -> String {
+    Pooler::userlist_line(APP_USER, APP_PASSWORD)
+}
+
+/// First column of the first row of a simple-protocol query, "" if it returned no row. Simple
+/// protocol because tokio-postgres prepares statements in one transaction and runs them in the
+/// next, which transaction pooling does not carry yet.
+pub async fn first_value(
+    client: &tokio_postgres::Client,
+    sql: &str,
+) -> Result<String, tokio_postgres::Error> {
+    for message in client.simple_query(sql).await? {
+        if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
+            return Ok(row.get(0).unwrap_or_default().to_string());
+        }
+    }
+    Ok(String::new())
+}
+
+/// Client backends PostgreSQL has open to `db`: the pooler's server connections, since tests
+/// reach a test database only through the pooler.
+pub fn backend_count(pg: &Postgres, db: &str) -> usize {
+    pg.sql(&format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND backend_type = 'client backend'"
+    ))
+    .parse()
+    .expect("a count")
+}
