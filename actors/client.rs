@@ -136,7 +136,6 @@ impl Session {
     /// Logs the client in and greets it; returns the relay that serves it from then on, or
     /// None when the connection is over (refused, a cancel request, gone).
     async fn login(self, socket: Socket, control_rx: mpsc::UnboundedReceiver<Control>) -> Option<Relay> {
-        let peer = socket.peer();
         let mut wire = Wire::new(socket);
         let mut admitted = false;
         // client_login_timeout: a client that does not finish logging in is disconnected.
@@ -153,16 +152,19 @@ impl Session {
                 return None;
             }
             Ok(Err(LoginError::Refused(error))) => {
-                log::info!("client {peer}: login refused: {}", error.message);
+                log::info!("client {}: login refused: {}", wire.socket.peer(), error.message);
                 error.encode(&mut wire.out);
                 let _ = wire.flush().await;
                 return None;
             }
             Ok(Err(LoginError::Gone)) | Err(_) => return None,
         };
-        log::debug!("client {peer}: login as {} to {}", login.user, login.database);
+        // The peer's address costs a system call: only asked for when it is logged.
+        if log::log_enabled!(log::Level::Debug) {
+            log::debug!("client {}: login as {} to {}", wire.socket.peer(), login.user, login.database);
+        }
         if let Err(error) = self.shared.admit_login(&login.database, &login.user) {
-            log::info!("client {peer}: login refused: {}", error.message);
+            log::info!("client {}: login refused: {}", wire.socket.peer(), error.message);
             wire.out.clear();
             error.encode(&mut wire.out);
             let _ = wire.flush().await;
