@@ -177,3 +177,12 @@ pub fn backend_count(pg: &Postgres, db: &str) -> usize {
     .parse()
     .expect("a count")
 }
+
+/// A tokio-postgres client without TLS, its connection driven by a spawned task.
+pub(crate) async fn connect_plain(conninfo: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}

@@ -101,12 +101,7 @@ impl Pooler {
         password: &str,
         db: &str,
     ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let (client, conn) =
-            tokio_postgres::connect(&self.url(user, password, db), tokio_postgres::NoTls).await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(client)
+        super::connect_plain(&self.url(user, password, db)).await
     }
 
     /// psql through the pooler; the caller inspects status, stdout and stderr.

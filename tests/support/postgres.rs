@@ -169,12 +169,7 @@ impl Postgres {
         password: &str,
         db: &str,
     ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let (client, conn) =
-            tokio_postgres::connect(&self.url(user, password, db), tokio_postgres::NoTls).await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(client)
+        super::connect_plain(&self.url(user, password, db)).await
     }
 
     /// The server log, for failure messages.
@@ -331,7 +326,8 @@ pub(crate) fn postgres_ids() -> Option<(libc::uid_t, libc::gid_t)> {
     }
 }
 
-fn check(out: &Output, what: &str) {
+/// Panics with the command's output when it failed.
+pub(crate) fn check(out: &Output, what: &str) {
     if !out.status.success() {
         panic!(
             "{what} failed ({}):\n{}{}",

@@ -71,12 +71,5 @@ pub fn run_python(script: &str, env: &[(&str, &str)]) -> Output {
 
 fn run_checked(cmd: &mut Command, what: &str) {
     let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    if !out.status.success() {
-        panic!(
-            "{what} failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    super::postgres::check(&out, what);
 }
