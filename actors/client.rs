@@ -10,10 +10,10 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
+use crate::local_queue::{local_queue, LocalReceiver, LocalSender};
 use actix::fut::wrap_future;
 use actix::prelude::*;
 use bytes::BytesMut;
-use tokio::sync::mpsc;
 
 use crate::actors::client_login::{accept, Accepted, LoginError, Wire};
 use crate::actors::messages::{CancelQuery, Kill};
@@ -28,8 +28,8 @@ pub struct ClientSession {
     shared: Arc<Shared>,
     socket: Option<Socket>,
     cancel: Rc<CancelState>,
-    control: mpsc::UnboundedSender<Control>,
-    control_rx: Option<mpsc::UnboundedReceiver<Control>>,
+    control: LocalSender<Control>,
+    control_rx: Option<LocalReceiver<Control>>,
     admitted: Rc<std::cell::Cell<bool>>,
     process_id: Rc<std::cell::Cell<Option<i32>>>,
     /// (database, user) this client is counted under once logged in.
@@ -38,7 +38,7 @@ pub struct ClientSession {
 
 impl ClientSession {
     pub fn new(shared: Arc<Shared>, socket: Socket) -> ClientSession {
-        let (control, control_rx) = mpsc::unbounded_channel();
+        let (control, control_rx) = local_queue();
         ClientSession {
             shared,
             socket: Some(socket),
@@ -98,7 +98,7 @@ impl Handler<Kill> for ClientSession {
     type Result = ();
 
     fn handle(&mut self, msg: Kill, _: &mut Context<Self>) {
-        let _ = self.control.send(Control::Kill(msg.0));
+        self.control.send(Control::Kill(msg.0));
     }
 }
 
@@ -117,7 +117,7 @@ impl Handler<CancelQuery> for ClientSession {
                 log::warn!("could not forward cancel request to {}: {e}", target.addr);
             }
             cancel.in_flight.set(cancel.in_flight.get().saturating_sub(1));
-            let _ = control.send(Control::CancelDelivered);
+            control.send(Control::CancelDelivered);
         }));
     }
 }
@@ -135,7 +135,7 @@ struct Session {
 impl Session {
     /// Logs the client in and greets it; returns the relay that serves it from then on, or
     /// None when the connection is over (refused, a cancel request, gone).
-    async fn login(self, socket: Socket, control_rx: mpsc::UnboundedReceiver<Control>) -> Option<Relay> {
+    async fn login(self, socket: Socket, control_rx: LocalReceiver<Control>) -> Option<Relay> {
         let mut wire = Wire::new(socket);
         let mut admitted = false;
         // client_login_timeout: a client that does not finish logging in is disconnected.
@@ -200,6 +200,7 @@ impl Session {
         };
         let names = TrackedParams::names(&config.general.track_extra_parameters);
         let (reported, tracked) = TrackedParams::for_new_client(&welcome, &login.startup, &names);
+        let tracked = tracked.share(&login.pool.shared_params);
         let mut hello = BytesMut::new();
         for (name, value) in &reported {
             backend::parameter_status(&mut hello, name, value);

@@ -9,7 +9,7 @@
 //! The [`Pool`] actor owns the pool's lifecycle policy; it takes a periodic tick in which it keeps
 //! `min_pool_size` servers open by sending [`Grow`] to a router.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use crate::actors::router::Router;
 use crate::auth::Secret;
 use crate::config::PoolMode;
 use crate::net::ServerAddr;
+use crate::params::SharedParams;
 use crate::protocol::PgError;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -128,12 +129,18 @@ pub enum Refusal {
 }
 
 /// What one worker's router of a pool reports about itself, for balancing servers between
-/// workers.
+/// workers: when its oldest waiting client began to wait, as nanoseconds after the pool's
+/// `epoch` plus one; zero while nobody waits.
 #[derive(Debug, Default)]
 struct WorkerLoad {
-    waiting: AtomicUsize,
-    servers: AtomicUsize,
+    oldest_waiter: AtomicU64,
 }
+
+/// How much longer than this worker's another worker's oldest client must have waited to be
+/// sent a server: an eighth more (about what one server more or less changes in a queue served
+/// by ten, so that a move is not undone by the next) and this much more, so that short waits
+/// move nothing.
+const WAIT_GAP: Duration = Duration::from_millis(2);
 
 /// Server logins are failing: when the next attempt may start, and what clients are told
 /// meanwhile.
@@ -151,6 +158,7 @@ pub struct PoolShared {
     pub key: PoolKey,
     login_backoff: Mutex<Option<Backoff>>,
     loads: Vec<WorkerLoad>,
+    epoch: Instant,
     settings: RwLock<Arc<PoolSettings>>,
     /// Bumped by every settings change, so that holders of a copy can check it is current
     /// with a plain atomic read instead of taking the lock every worker shares.
@@ -160,6 +168,8 @@ pub struct PoolShared {
     user_limit: Arc<Limit>,
     /// ParameterStatus of the first server that logged in: what new clients are told.
     welcome: RwLock<Option<Welcome>>,
+    /// The tracked-parameter values this pool's clients share (see [`SharedParams`]).
+    pub shared_params: SharedParams,
     routers: Mutex<Vec<Option<Addr<Router>>>>,
     starving: Vec<AtomicBool>,
 }
@@ -181,9 +191,11 @@ impl PoolShared {
             db_limit,
             user_limit,
             welcome: RwLock::new(None),
+            shared_params: SharedParams::default(),
             routers: Mutex::new(vec![None; workers]),
             starving: (0..workers).map(|_| AtomicBool::new(false)).collect(),
             loads: (0..workers).map(|_| WorkerLoad::default()).collect(),
+            epoch: Instant::now(),
             login_backoff: Mutex::new(None),
         }
     }
@@ -326,21 +338,27 @@ impl PoolShared {
         self.loads.len()
     }
 
-    pub fn publish_load(&self, worker: usize, waiting: usize, servers: usize) {
-        self.loads[worker].waiting.store(waiting, Ordering::Relaxed);
-        self.loads[worker].servers.store(servers, Ordering::Relaxed);
+    /// Tells other workers since when this worker's oldest client waits, if one does.
+    pub fn publish_oldest_waiter(&self, worker: usize, since: Option<Instant>) {
+        let nanos = since.map_or(0, |s| s.saturating_duration_since(self.epoch).as_nanos() as u64 + 1);
+        self.loads[worker].oldest_waiter.store(nanos, Ordering::Relaxed);
     }
 
-    /// Another worker whose clients queue clearly longer per server than this one's would
-    /// after giving it a server: clients of one pool should wait alike whichever worker the
-    /// kernel gave them to. The 5/4 margin keeps a server from bouncing back and forth.
-    pub fn needier_router(&self, worker: usize, waiting: usize, servers: usize) -> Option<Addr<Router>> {
-        let loads: Vec<(usize, usize)> = self
+    /// Another worker whose oldest client has waited clearly longer than this worker's
+    /// (`my_wait`). PgBouncer serves a pool's clients from one queue; sending freed servers to
+    /// where the wait is longest keeps clients of one pool waiting alike whichever worker the
+    /// kernel gave them to.
+    pub fn needier_router(&self, worker: usize, my_wait: Duration) -> Option<Addr<Router>> {
+        let now = Instant::now();
+        let waits: Vec<Option<Duration>> = self
             .loads
             .iter()
-            .map(|l| (l.waiting.load(Ordering::Relaxed), l.servers.load(Ordering::Relaxed)))
+            .map(|l| match l.oldest_waiter.load(Ordering::Relaxed) {
+                0 => None,
+                nanos => Some(now.saturating_duration_since(self.epoch + Duration::from_nanos(nanos - 1))),
+            })
             .collect();
-        self.router(needier_worker(&loads, worker, waiting, servers)?)
+        self.router(needier_worker(&waits, worker, my_wait)?)
     }
 
     /// The router of another worker that has clients waiting at the limit, if any.
@@ -378,23 +396,16 @@ impl PoolShared {
     }
 }
 
-/// The worker (from `loads`: waiting clients, servers) that should get a server this worker
-/// (`waiting`, `servers`) frees: the one whose queue per server, with that server, would still
-/// be more than 5/4 of this worker's without it.
-fn needier_worker(loads: &[(usize, usize)], worker: usize, waiting: usize, servers: usize) -> Option<usize> {
-    let mine_after = servers.saturating_sub(1).max(1);
-    let mut best: Option<(usize, usize)> = None; // (worker, waiting per server x 1000)
-    for (w, &(theirs_waiting, theirs_servers)) in loads.iter().enumerate() {
-        let theirs_after = theirs_servers + 1;
-        // theirs_waiting / theirs_after > 5/4 * waiting / mine_after
-        if w != worker && theirs_waiting > 0 && 4 * theirs_waiting * mine_after > 5 * waiting * theirs_after {
-            let pressure = theirs_waiting * 1000 / theirs_after;
-            if best.is_none_or(|(_, p)| pressure > p) {
-                best = Some((w, pressure));
-            }
-        }
-    }
-    best.map(|(w, _)| w)
+/// The worker (from `waits`: how long each one's oldest client has waited) that should get
+/// the server this worker frees, whose oldest client has waited `mine`.
+fn needier_worker(waits: &[Option<Duration>], worker: usize, mine: Duration) -> Option<usize> {
+    let threshold = mine + mine / 8 + WAIT_GAP;
+    waits
+        .iter()
+        .enumerate()
+        .filter_map(|(w, wait)| wait.filter(|&t| w != worker && t > threshold).map(|t| (w, t)))
+        .max_by_key(|&(_, t)| t)
+        .map(|(w, _)| w)
 }
 
 /// The pool's lifecycle policy.
@@ -439,21 +450,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn servers_move_to_the_worker_whose_clients_queue_longest() {
-        // Worker 0 frees a server with 15 waiting on 13 servers; worker 1 has 15 waiting on 7.
-        assert_eq!(needier_worker(&[(15, 13), (15, 7)], 0, 15, 13), Some(1));
-        // 12 against 8 is within the margin.
-        assert_eq!(needier_worker(&[(15, 12), (15, 8)], 0, 15, 12), None);
-        // Balanced queues: keep it.
-        assert_eq!(needier_worker(&[(15, 10), (15, 10)], 0, 15, 10), None);
-        // After one move (11 vs 9) the margin stops a move back.
-        assert_eq!(needier_worker(&[(15, 11), (15, 9)], 1, 15, 9), None);
-        assert_eq!(needier_worker(&[(15, 11), (15, 9)], 0, 15, 11), None);
-        // A worker with waiters and no server at all gets one; nobody waiting elsewhere: keep it.
-        assert_eq!(needier_worker(&[(3, 5), (2, 0)], 0, 3, 5), Some(1));
-        assert_eq!(needier_worker(&[(3, 5), (0, 0)], 0, 3, 5), None);
-        // The neediest of several.
-        assert_eq!(needier_worker(&[(10, 10), (20, 5), (30, 4)], 0, 10, 10), Some(2));
+    fn servers_move_to_the_worker_whose_clients_waited_longest() {
+        let ms = Duration::from_millis;
+        // Worker 1's oldest client has waited 68 ms, worker 0's 58 ms: more than an eighth more.
+        assert_eq!(needier_worker(&[Some(ms(58)), Some(ms(68))], 0, ms(58)), Some(1));
+        // 64 against 60 is within the margin, so a move is not undone by the next.
+        assert_eq!(needier_worker(&[Some(ms(60)), Some(ms(64))], 0, ms(60)), None);
+        assert_eq!(needier_worker(&[Some(ms(60)), Some(ms(64))], 1, ms(64)), None);
+        // Short waits move nothing; nobody waiting elsewhere: keep it.
+        assert_eq!(needier_worker(&[Some(ms(0)), Some(ms(1))], 0, ms(0)), None);
+        assert_eq!(needier_worker(&[Some(ms(5)), None], 0, ms(5)), None);
+        // The longest wait of several.
+        assert_eq!(needier_worker(&[Some(ms(10)), Some(ms(30)), Some(ms(40))], 0, ms(10)), Some(2));
     }
 
     #[test]

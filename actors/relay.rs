@@ -24,7 +24,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWrite;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::actors::messages::{Checkin, Checkout, Return};
 use crate::actors::pool::{PoolSettings, PoolShared, Welcome};
@@ -32,6 +32,7 @@ use crate::actors::router::Router;
 use crate::actors::server::{AfterLease, ServerConnection, ServerLink};
 use crate::auth::BackendLoginError;
 use crate::config::PoolMode;
+use crate::local_queue::LocalReceiver;
 use crate::net::{ServerAddr, Socket};
 use crate::params::TrackedParams;
 use crate::protocol::backend::{parse_parameter_status, ready_for_query};
@@ -130,7 +131,7 @@ pub struct Relay {
     mode: PoolMode,
     params: TrackedParams,
     cancel: Rc<CancelState>,
-    control: mpsc::UnboundedReceiver<Control>,
+    control: LocalReceiver<Control>,
     max_packet: usize,
     release_deferred: bool,
     /// The pool's settings (with their version) as of this client's last lease: the shared
@@ -149,7 +150,7 @@ impl Relay {
         router: Addr<Router>,
         params: TrackedParams,
         cancel: Rc<CancelState>,
-        control: mpsc::UnboundedReceiver<Control>,
+        control: LocalReceiver<Control>,
         max_packet: usize,
     ) -> Relay {
         let settings = (usize::MAX, pool.settings());
@@ -290,7 +291,7 @@ impl Relay {
                 return Poll::Ready(Event::ServerGone);
             }
         }
-        if let Poll::Ready(Some(control)) = self.control.poll_recv(cx) {
+        if let Poll::Ready(control) = self.control.poll_recv(cx) {
             return Poll::Ready(Event::Control(control));
         }
         if let Some((_, sleep)) = &mut self.timer {
@@ -503,7 +504,13 @@ impl Relay {
     /// Sends the `SET`s that make the leased server match what this client believes.
     async fn sync_params(&mut self) -> Result<(), Ending> {
         let Some(lease) = &mut self.lease else { return Ok(()) };
-        let Some(sql) = self.params.sync_query(|name| lease.link.param(name)) else { return Ok(()) };
+        if lease.link.matches_client.as_ref().is_some_and(|known| known.same_set(&self.params)) {
+            return Ok(());
+        }
+        let Some(sql) = self.params.sync_query(|name| lease.link.param(name)) else {
+            lease.link.matches_client = Some(self.params.clone());
+            return Ok(());
+        };
         match lease.link.run(&sql).await {
             Ok(()) => {
                 // The server's normalised spelling becomes what the client is compared with.
@@ -512,6 +519,7 @@ impl Relay {
                         self.params.observe(&name, value);
                     }
                 }
+                lease.link.matches_client = Some(self.params.clone());
                 Ok(())
             }
             Err(BackendLoginError::Server { code, message, .. }) => Err(Ending::Error(PgError::fatal(

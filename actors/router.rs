@@ -76,6 +76,13 @@ struct Idle {
 /// (PgBouncer's janitor runs about as often).
 const JANITOR_PERIOD: Duration = Duration::from_secs(1);
 
+/// The shortest gap between two servers leaving one router for another worker. A move costs
+/// two thread wake-ups and a socket re-registration, about as much as a transaction, and
+/// queue lengths under steady load flicker from one transaction to the next: unthrottled,
+/// servers bounced between workers on every other transaction. Throttled, an imbalance of
+/// ten servers still evens out within a tenth of a second.
+const MOVE_INTERVAL: Duration = Duration::from_millis(10);
+
 pub struct Router {
     pool: Arc<PoolShared>,
     worker: usize,
@@ -92,6 +99,9 @@ pub struct Router {
     reserve_check_scheduled: bool,
     wait_check_scheduled: bool,
     retry_scheduled: bool,
+    /// When a server last left for another worker (see [`MOVE_INTERVAL`]).
+    last_move: Option<Instant>,
+    donation_scheduled: bool,
 }
 
 impl Router {
@@ -109,6 +119,8 @@ impl Router {
             reserve_check_scheduled: false,
             wait_check_scheduled: false,
             retry_scheduled: false,
+            last_move: None,
+            donation_scheduled: false,
         }
     }
 
@@ -141,7 +153,11 @@ impl Router {
 
     /// Opens servers for waiters that no login in flight will serve, within the limits.
     fn grow(&mut self, ctx: &mut Context<Self>) {
-        self.waiters.retain(|w| !w.reply.is_closed());
+        // Only the front: this runs on every checkout and checkin, and a queue of a thousand
+        // waiters must not cost a thousand checks each time. The janitor sweeps the rest.
+        while self.waiters.front().is_some_and(|w| w.reply.is_closed()) {
+            self.waiters.pop_front();
+        }
         if self.waiters.len() > self.connecting && self.backing_off(ctx) {
             return;
         }
@@ -253,14 +269,20 @@ impl Router {
     }
 
     fn publish_load(&self) {
-        self.pool.publish_load(self.worker, self.waiters.len(), self.owned);
+        self.pool.publish_oldest_waiter(self.worker, self.waiters.front().map(|w| w.since));
+    }
+
+    /// Whether a server may leave for another worker now, or must wait out [`MOVE_INTERVAL`].
+    fn may_move(&self) -> bool {
+        self.pool.workers() > 1 && self.last_move.is_none_or(|at| at.elapsed() >= MOVE_INTERVAL)
     }
 
     /// A free server: to a worker whose clients queue clearly longer, else to the oldest waiter
     /// still listening, else to a starved worker, else idle here.
     fn place(&mut self, server: Addr<ServerConnection>, link: ServerLink, ctx: &mut Context<Self>) {
-        if !self.waiters.is_empty() && self.pool.workers() > 1 {
-            if let Some(to) = self.pool.needier_router(self.worker, self.waiters.len(), self.owned) {
+        if !self.waiters.is_empty() && self.may_move() {
+            let my_wait = self.waiters.front().map_or(Duration::ZERO, |w| w.since.elapsed());
+            if let Some(to) = self.pool.needier_router(self.worker, my_wait) {
                 self.migrate(server, link, to);
                 return;
             }
@@ -278,18 +300,47 @@ impl Router {
                 Err(Err(_)) => unreachable!("only offers are sent"),
             }
         }
-        if let Some(to) = self.pool.starving_router(self.worker) {
-            self.migrate(server, link, to);
+        let starving = self.pool.starving_router(self.worker);
+        if let Some(to) = starving.as_ref().filter(|_| self.may_move()) {
+            self.migrate(server, link, to.clone());
         } else if self.pool.shared_limit_contended(&self.settings) {
             server.do_send(Close);
         } else {
             self.idle.push(Idle { server, link, since: Instant::now() });
+            if starving.is_some() {
+                self.schedule_donation(ctx);
+            }
         }
+    }
+
+    /// Another worker starves while a move is throttled: once the interval is over, give it
+    /// the oldest idle server if this router still has no use for it, and so on while it
+    /// starves, so that no client waits for a server idling on another thread.
+    fn schedule_donation(&mut self, ctx: &mut Context<Self>) {
+        if self.donation_scheduled {
+            return;
+        }
+        self.donation_scheduled = true;
+        let wait = self.last_move.map_or(Duration::ZERO, |at| MOVE_INTERVAL.saturating_sub(at.elapsed()));
+        ctx.run_later(wait, |router, ctx| {
+            router.donation_scheduled = false;
+            if !router.waiters.is_empty() || router.idle.is_empty() {
+                return;
+            }
+            if let Some(to) = router.pool.starving_router(router.worker) {
+                let oldest = router.idle.remove(0);
+                router.migrate(oldest.server, oldest.link, to);
+                if !router.idle.is_empty() {
+                    router.schedule_donation(ctx);
+                }
+            }
+        });
     }
 
     /// Hands a server to another worker's router: the socket moves between threads, the
     /// permit goes with it, the old actor retires and the new router adopts the connection.
     fn migrate(&mut self, server: Addr<ServerConnection>, link: ServerLink, to: Addr<Router>) {
+        self.last_move = Some(Instant::now());
         if !to.connected() {
             self.idle.push(Idle { server, link, since: Instant::now() });
             return;
@@ -306,10 +357,12 @@ impl Router {
         }
     }
 
-    /// Closes idle servers that died (so that `min_pool_size` replaces them), are past
-    /// `server_lifetime`, or idle past `server_idle_timeout` while the pool stays at or above
-    /// `min_pool_size`.
+    /// Forgets waiters that left, and closes idle servers that died (so that `min_pool_size`
+    /// replaces them), are past `server_lifetime`, or idle past `server_idle_timeout` while the
+    /// pool stays at or above `min_pool_size`.
     fn janitor(&mut self) {
+        self.waiters.retain(|w| !w.reply.is_closed());
+        self.update_starving();
         self.settings = self.pool.settings();
         let settings = self.settings.clone();
         let mut may_close = self.pool.server_count().saturating_sub(settings.min_pool_size);
@@ -405,10 +458,14 @@ impl Handler<ServerGone> for Router {
 impl Handler<Donate> for Router {
     type Result = ();
 
-    fn handle(&mut self, msg: Donate, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: Donate, ctx: &mut Context<Self>) {
         if self.waiters.is_empty() && !self.idle.is_empty() {
-            let oldest = self.idle.remove(0);
-            self.migrate(oldest.server, oldest.link, msg.to);
+            if self.may_move() {
+                let oldest = self.idle.remove(0);
+                self.migrate(oldest.server, oldest.link, msg.to);
+            } else {
+                self.schedule_donation(ctx);
+            }
         }
     }
 }

@@ -23,6 +23,7 @@ use crate::actors::router::Router;
 use crate::auth::{self, BackendLoginError, LoginRequest};
 use crate::config::PoolMode;
 use crate::net::{DetachedSocket, ServerAddr, Socket};
+use crate::params::TrackedParams;
 use crate::protocol::error::sqlstate;
 use crate::protocol::PgError;
 
@@ -37,6 +38,9 @@ pub struct ServerLink {
     pub secret_key: i32,
     /// The server's current ParameterStatus values, kept up to date by whoever reads its output.
     pub params: Vec<(String, String)>,
+    /// The client values these parameters were last found to match; any ParameterStatus
+    /// clears it. Saves comparing every tracked parameter on every lease.
+    pub matches_client: Option<TrackedParams>,
     guard: LendGuard,
 }
 
@@ -66,6 +70,7 @@ impl ServerLink {
     }
 
     pub fn set_param(&mut self, name: &str, value: &str) {
+        self.matches_client = None;
         match self.params.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
             Some(entry) => entry.1 = value.to_string(),
             None => self.params.push((name.to_string(), value.to_string())),
@@ -139,6 +144,7 @@ impl DetachedLink {
             process_id: self.process_id,
             secret_key: self.secret_key,
             params: self.params,
+            matches_client: None,
             guard: LendGuard::default(),
         })
     }
@@ -208,6 +214,7 @@ async fn open(settings: Arc<PoolSettings>) -> Result<ServerLink, PgError> {
         process_id: outcome.process_id,
         secret_key: outcome.secret_key,
         params: outcome.params,
+        matches_client: None,
         guard: LendGuard::default(),
     };
     if let Some(query) = &settings.connect_query {

@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod config;
 pub mod daemon;
+pub mod local_queue;
 pub mod logging;
 pub mod net;
 pub mod params;

@@ -13,6 +13,9 @@ use pgcorral::actors::supervisor::{Signals, Supervisor};
 use pgcorral::config::Config;
 use pgcorral::{daemon, logging, version};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "pgcorral", version = env!("CARGO_PKG_VERSION"), disable_version_flag = true,
           about = "PostgreSQL connection pooler; reads pgbouncer.ini")]

@@ -5,6 +5,12 @@
 //! standard_conforming_strings, application_name and `track_extra_parameters`. Each client keeps
 //! the values it believes in; when it is lent a server whose reported values differ, pgcorral
 //! sends the `SET`s first. Names compare case-insensitively, as PostgreSQL's GUCs do.
+//!
+//! The values sit behind an `Arc` that clients with equal values share (see
+//! [`TrackedParams::share`]): a server remembers the set it last matched, so the usual lease,
+//! to a client whose values equal the previous one's, costs one pointer comparison.
+
+use std::sync::{Arc, Mutex};
 
 /// The parameters PgBouncer always tracks, with PostgreSQL's own spelling.
 pub const ALWAYS_TRACKED: &[&str] =
@@ -13,8 +19,16 @@ pub const ALWAYS_TRACKED: &[&str] =
 /// The values a client believes in, for the tracked names only.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TrackedParams {
-    values: Vec<(String, String)>,
+    values: Arc<Vec<(String, String)>>,
 }
+
+/// How many distinct value sets a pool shares between its clients; clients beyond that keep
+/// their own copy and are compared value by value.
+const SHARED_SETS: usize = 16;
+
+/// The value sets a pool's clients share.
+#[derive(Debug, Default)]
+pub struct SharedParams(Mutex<Vec<TrackedParams>>);
 
 impl TrackedParams {
     /// The names tracked under a given `track_extra_parameters`.
@@ -54,7 +68,24 @@ impl TrackedParams {
                 reported.iter().find(|(r, _)| r.eq_ignore_ascii_case(n)).map(|(_, v)| (n.clone(), v.clone()))
             })
             .collect();
-        (reported, TrackedParams { values })
+        (reported, TrackedParams { values: Arc::new(values) })
+    }
+
+    /// The same values, as the copy other clients with equal values hold when there is one.
+    pub fn share(self, shared: &SharedParams) -> TrackedParams {
+        let mut sets = shared.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(known) = sets.iter().find(|known| **known == self) {
+            return known.clone();
+        }
+        if sets.len() < SHARED_SETS {
+            sets.push(self.clone());
+        }
+        self
+    }
+
+    /// True when both are the very same shared set of values (not merely equal ones).
+    pub fn same_set(&self, other: &TrackedParams) -> bool {
+        Arc::ptr_eq(&self.values, &other.values)
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
@@ -63,9 +94,11 @@ impl TrackedParams {
 
     /// Records a ParameterStatus the client saw; ignored unless the name is tracked.
     pub fn observe(&mut self, name: &str, value: &str) {
-        if let Some(entry) = self.values.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
-            entry.1 = value.to_string();
-        }
+        let Some(index) = self.values.iter().position(|(n, v)| n.eq_ignore_ascii_case(name) && v != value)
+        else {
+            return;
+        };
+        Arc::make_mut(&mut self.values)[index].1 = value.to_string();
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
@@ -76,7 +109,7 @@ impl TrackedParams {
     /// client, as one simple-protocol query; `None` when they already match.
     pub fn sync_query<'a>(&self, server_value: impl Fn(&str) -> Option<&'a str>) -> Option<String> {
         let mut sql = String::new();
-        for (name, want) in &self.values {
+        for (name, want) in self.values.iter() {
             if server_value(name).is_some_and(|have| same_value(name, have, want)) {
                 continue;
             }
@@ -159,6 +192,26 @@ mod tests {
         assert_eq!(tracked.sync_query(lookup).unwrap(), "SET \"TimeZone\" TO E'Asia/Tokyo';");
         tracked.observe("client_encoding", "utf-8");
         assert_eq!(tracked.sync_query(lookup).unwrap(), "SET \"TimeZone\" TO E'Asia/Tokyo';");
+    }
+
+    #[test]
+    fn clients_with_equal_values_share_one_set_until_one_changes() {
+        let names = TrackedParams::names(&[]);
+        let welcome = pairs(&[("client_encoding", "UTF8"), ("TimeZone", "UTC")]);
+        let shared = SharedParams::default();
+        let a = TrackedParams::for_new_client(&welcome, &[], &names).1.share(&shared);
+        let mut b = TrackedParams::for_new_client(&welcome, &[], &names).1.share(&shared);
+        assert!(a.same_set(&b));
+        b.observe("TimeZone", "UTC");
+        assert!(a.same_set(&b), "an unchanged value keeps the shared set");
+        b.observe("TimeZone", "Asia/Tokyo");
+        assert!(!a.same_set(&b));
+        assert_eq!(a.get("TimeZone"), Some("UTC"));
+        let paris = pairs(&[("timezone", "Europe/Paris")]);
+        let c = TrackedParams::for_new_client(&welcome, &paris, &names).1.share(&shared);
+        assert!(!c.same_set(&a));
+        let d = TrackedParams::for_new_client(&welcome, &paris, &names).1.share(&shared);
+        assert!(c.same_set(&d));
     }
 
     #[test]
