@@ -10,7 +10,6 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
-use crate::local_queue::{local_queue, LocalReceiver, LocalSender};
 use actix::fut::wrap_future;
 use actix::prelude::*;
 use bytes::BytesMut;
@@ -20,9 +19,12 @@ use crate::actors::messages::{CancelQuery, Kill};
 use crate::actors::registry::Shared;
 use crate::actors::relay::{send_cancel, CancelState, Control, Relay};
 use crate::actors::router::local_router;
+use crate::local_queue::{local_queue, LocalReceiver, LocalSender};
 use crate::net::Socket;
 use crate::params::TrackedParams;
 use crate::protocol::backend;
+use crate::protocol::error::sqlstate;
+use crate::protocol::PgError;
 
 pub struct ClientSession {
     shared: Arc<Shared>,
@@ -112,9 +114,25 @@ impl Handler<CancelQuery> for ClientSession {
         self.cancel.in_flight.set(self.cancel.in_flight.get() + 1);
         let cancel = self.cancel.clone();
         let control = self.control.clone();
+        let wait = self.shared.config().general.cancel_wait_timeout;
         ctx.spawn(wrap_future(async move {
-            if let Err(e) = send_cancel(&target).await {
-                log::warn!("could not forward cancel request to {}: {e}", target.addr);
+            let sent = match wait.is_zero() {
+                true => Ok(send_cancel(&target).await),
+                false => tokio::time::timeout(wait, send_cancel(&target)).await,
+            };
+            match sent {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => log::warn!("could not forward cancel request to {}: {e}", target.addr),
+                Err(_) => {
+                    // The request may still reach PostgreSQL later and cancel whatever runs on
+                    // that server then: the client goes, and its server is closed, not reused.
+                    log::warn!("cancel request to {} not delivered within cancel_wait_timeout", target.addr);
+                    control.send(Control::Kill(PgError::fatal(
+                        sqlstate::CONNECTION_FAILURE,
+                        "cancel request could not be delivered within cancel_wait_timeout",
+                    )));
+                    return;
+                }
             }
             cancel.in_flight.set(cancel.in_flight.get().saturating_sub(1));
             control.send(Control::CancelDelivered);

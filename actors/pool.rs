@@ -65,6 +65,11 @@ pub struct PoolSettings {
     pub client_idle_timeout: Duration,
     pub idle_transaction_timeout: Duration,
     pub query_timeout: Duration,
+    pub transaction_timeout: Duration,
+    pub cancel_wait_timeout: Duration,
+    pub server_check_delay: Duration,
+    /// `None`: no check; `Some("")`: an empty query (PgBouncer's `<empty>`).
+    pub server_check_query: Option<String>,
     pub reset_query: String,
     pub reset_query_always: bool,
 }

@@ -105,6 +105,7 @@ impl Clock {
 
 enum Event {
     Timeout,
+    TransactionTimeout,
     ClientData,
     ServerData,
     ClientGone,
@@ -139,6 +140,9 @@ pub struct Relay {
     settings: (usize, Arc<PoolSettings>),
     /// Armed only when a timeout key applies to the current state: no timer work otherwise.
     timer: Option<(Clock, Pin<Box<tokio::time::Sleep>>)>,
+    /// `transaction_timeout`, which runs alongside the other clocks from a transaction's
+    /// start to its end; armed only while one is open and the key is set.
+    transaction_timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Relay {
@@ -171,6 +175,7 @@ impl Relay {
             release_deferred: false,
             settings,
             timer: None,
+            transaction_timer: None,
         }
     }
 
@@ -205,7 +210,8 @@ impl Relay {
     fn after_lease_on_exit(&self) -> AfterLease {
         let Some(lease) = &self.lease else { return AfterLease::Close };
         let clean_wire = lease.from_server.is_empty() && lease.to_server.is_empty();
-        if !clean_wire || !self.tracker.quiet() {
+        // A cancel still on its way would hit whatever the next client runs there.
+        if !clean_wire || !self.tracker.quiet() || self.cancel.in_flight.get() > 0 {
             AfterLease::Close
         } else if self.tracker.status() != b'I' {
             AfterLease::Rollback
@@ -244,6 +250,23 @@ impl Relay {
                 *timer = Some((clock, Box::pin(tokio::time::sleep(timeout))));
             }
         }
+        let limit = self.settings.1.transaction_timeout;
+        let in_transaction = self.lease.is_some() && (self.tracker.busy() || self.tracker.status() != b'I');
+        match (in_transaction && !limit.is_zero(), &self.transaction_timer) {
+            (true, None) => self.transaction_timer = Some(Box::pin(tokio::time::sleep(limit))),
+            (false, Some(_)) => self.transaction_timer = None,
+            _ => {}
+        }
+    }
+
+    /// Stops the query this client is running, if any: closing the sockets alone would leave
+    /// it running on the server.
+    fn cancel_running_query(&self) {
+        if let Some(target) = self.cancel.target.borrow().clone() {
+            actix::spawn(async move {
+                let _ = send_cancel(&target).await;
+            });
+        }
     }
 
     async fn serve(&mut self) -> Ending {
@@ -254,17 +277,21 @@ impl Relay {
                 Event::Timeout => match &self.timer {
                     Some((clock, _)) => {
                         if *clock == Clock::Query {
-                            // Closing the socket alone would leave the query running on.
-                            if let Some(target) = self.cancel.target.borrow().clone() {
-                                actix::spawn(async move {
-                                    let _ = send_cancel(&target).await;
-                                });
-                            }
+                            self.cancel_running_query();
                         }
                         return Ending::Error(clock.expired());
                     }
                     None => Ok(()),
                 },
+                Event::TransactionTimeout => {
+                    if self.tracker.busy() {
+                        self.cancel_running_query();
+                    }
+                    return Ending::Error(PgError::fatal(
+                        sqlstate::PROTOCOL_VIOLATION,
+                        "transaction timeout",
+                    ));
+                }
                 Event::ClientData => self.client_input().await,
                 Event::ServerData => self.server_input(),
                 Event::ClientGone => return Ending::ClientLeft,
@@ -297,6 +324,11 @@ impl Relay {
         if let Some((_, sleep)) = &mut self.timer {
             if sleep.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Timeout);
+            }
+        }
+        if let Some(sleep) = &mut self.transaction_timer {
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::TransactionTimeout);
             }
         }
         if self.to_client.len() < HIGH_WATER {

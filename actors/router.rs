@@ -23,7 +23,7 @@ use actix::prelude::*;
 
 use crate::actors::messages::*;
 use crate::actors::pool::{PoolKey, PoolSettings, PoolShared, Refusal};
-use crate::actors::server::{ServerConnection, ServerLink};
+use crate::actors::server::{AfterLease, ServerConnection, ServerLink};
 use crate::protocol::error::sqlstate;
 use crate::protocol::PgError;
 
@@ -90,6 +90,8 @@ pub struct Router {
     idle: Vec<Idle>,
     waiters: VecDeque<Waiter>,
     connecting: usize,
+    /// Idle servers sent to run `server_check_query`; they come back with a [`Checkin`] or go.
+    checking: Vec<Addr<ServerConnection>>,
     /// Servers this router started or adopted and has not seen go: idle, lent or logging in.
     owned: usize,
     /// The pool's settings, refreshed by the janitor: the shared copy is behind a lock that
@@ -113,6 +115,7 @@ impl Router {
             idle: Vec::new(),
             waiters: VecDeque::new(),
             connecting: 0,
+            checking: Vec::new(),
             owned: 0,
             settings,
             starving: false,
@@ -131,7 +134,8 @@ impl Router {
     }
 
     /// The most recently used idle server (the oldest with `server_round_robin`) that is
-    /// still alive and young enough.
+    /// still alive and young enough. One unused for `server_check_delay` is sent to run
+    /// `server_check_query` first, and served to a waiter when it passes.
     fn take_idle(&mut self) -> Option<(Addr<ServerConnection>, ServerLink)> {
         let lifetime = self.settings.server_lifetime;
         loop {
@@ -139,7 +143,16 @@ impl Router {
                 true if !self.idle.is_empty() => self.idle.remove(0),
                 _ => self.idle.pop()?,
             };
-            if idle.link.is_healthy() && !idle.link.past_lifetime(lifetime) {
+            let healthy = idle.link.is_healthy();
+            if healthy
+                && self.settings.server_check_query.is_some()
+                && idle.since.elapsed() >= self.settings.server_check_delay
+            {
+                self.checking.push(idle.server.clone());
+                idle.server.do_send(Return { link: idle.link, after: AfterLease::Check });
+                continue;
+            }
+            if healthy && !idle.link.past_lifetime(lifetime) {
                 return Some((idle.server, idle.link));
             }
             log::info!(
@@ -161,7 +174,8 @@ impl Router {
         if self.waiters.len() > self.connecting && self.backing_off(ctx) {
             return;
         }
-        while self.connecting < self.waiters.len().min(MAX_CONNECTING) {
+        // A server being checked will serve a waiter soon, as a login in flight will.
+        while self.connecting + self.checking.len() < self.waiters.len().min(MAX_CONNECTING) {
             let refusal = match self.pool.try_acquire(false) {
                 Ok(()) => {
                     self.start_server(ctx);
@@ -262,7 +276,7 @@ impl Router {
     }
 
     fn update_starving(&mut self) {
-        if self.starving && self.waiters.len() <= self.connecting {
+        if self.starving && self.waiters.len() <= self.connecting + self.checking.len() {
             self.starving = false;
             self.pool.set_starving(self.worker, false);
         }
@@ -428,6 +442,7 @@ impl Handler<Checkin> for Router {
             self.connecting = self.connecting.saturating_sub(1);
             self.pool.login_succeeded();
         }
+        self.checking.retain(|s| *s != msg.server);
         let mut link = msg.link;
         link.settle();
         if link.past_lifetime(self.settings.server_lifetime) {
@@ -445,6 +460,7 @@ impl Handler<ServerGone> for Router {
 
     fn handle(&mut self, msg: ServerGone, ctx: &mut Context<Self>) {
         self.idle.retain(|i| i.server != msg.server);
+        self.checking.retain(|s| *s != msg.server);
         self.owned = self.owned.saturating_sub(1);
         self.publish_load();
         if let Some(error) = msg.login_error {

@@ -161,6 +161,8 @@ pub enum AfterLease {
     Rollback,
     /// The protocol state is unknown (client left mid-query, I/O error): never lend it again.
     Close,
+    /// Idle past `server_check_delay`: run `server_check_query` before lending it again.
+    Check,
 }
 
 pub struct ServerConnection {
@@ -270,7 +272,7 @@ impl Handler<Return> for ServerConnection {
         let mut link = msg.link;
         link.settle();
         let settings = self.pool.settings();
-        let cleanup: Vec<String> = match msg.after {
+        let queries: Vec<String> = match msg.after {
             AfterLease::Reuse if settings.reset_query_always => vec![settings.reset_query.clone()],
             AfterLease::Reuse => Vec::new(),
             AfterLease::Reset => vec![settings.reset_query.clone()],
@@ -284,18 +286,24 @@ impl Handler<Return> for ServerConnection {
                 ctx.stop();
                 return;
             }
+            // An empty check query (PgBouncer's `<empty>`) is sent as it is.
+            AfterLease::Check => settings.server_check_query.iter().cloned().collect(),
         };
-        let cleanup: Vec<String> = cleanup.into_iter().filter(|q| !q.trim().is_empty()).collect();
+        let queries: Vec<String> = match msg.after {
+            AfterLease::Check => queries,
+            _ => queries.into_iter().filter(|q| !q.trim().is_empty()).collect(),
+        };
+        let what = if msg.after == AfterLease::Check { "check" } else { "cleanup" };
         let work = async move {
-            for query in &cleanup {
+            for query in &queries {
                 link.run(query).await?;
             }
             Ok::<_, BackendLoginError>(link)
         };
-        ctx.spawn(wrap_future(work).map(|result, server: &mut Self, ctx| match result {
+        ctx.spawn(wrap_future(work).map(move |result, server: &mut Self, ctx| match result {
             Ok(link) => server.router.do_send(Checkin { server: ctx.address(), link, fresh: false }),
             Err(e) => {
-                log::warn!("pool {}: server cleanup failed, closing it: {e}", server.pool.key);
+                log::warn!("pool {}: server {what} failed, closing it: {e}", server.pool.key);
                 ctx.stop();
             }
         }));

@@ -1,6 +1,6 @@
-//! Faults production brings: backends terminated under a client or while idle, and a thousand
-//! clients that vanish mid-transaction without a Terminate. Each must fail only whom it must,
-//! and leave no server, slot or permit behind.
+//! Faults production brings: backends terminated under a client or while idle, a thousand
+//! clients that vanish mid-transaction without a Terminate, a postmaster that stops answering
+//! cancel requests. Each must fail only whom it must, and leave no server, slot or permit behind.
 
 mod support;
 
@@ -108,4 +108,44 @@ async fn a_thousand_vanishing_clients_leak_nothing() {
         c.batch_execute("COMMIT").await.unwrap();
     }
     assert_eq!(first_value(&others[109], "SELECT 'ok'").await.unwrap(), "ok");
+}
+
+/// Stops (SIGSTOP) or resumes (SIGCONT) the postmaster: TCP connections to it still complete
+/// in the kernel's backlog, but nothing reads them, so a cancel request goes nowhere.
+fn signal_postmaster(pg: &Postgres, signal: i32) {
+    let pidfile = std::fs::read_to_string(pg.data_dir.join("postmaster.pid")).expect("postmaster.pid");
+    let pid: i32 = pidfile.lines().next().and_then(|l| l.trim().parse().ok()).expect("pid in postmaster.pid");
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "signal {signal} to the postmaster");
+}
+
+// Two threads: the query runs in a spawned task while this one waits synchronously.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undeliverable_cancel_ends_its_client_after_cancel_wait_timeout() {
+    let pg = Postgres::start();
+    let pooler = Pooler::start(
+        &pool_ini(&pg, APP_DB, "pool_size=2", "transaction", "cancel_wait_timeout = 1"),
+        &app_userlist(),
+    );
+    let victim = pooler.connect(APP_USER, APP_PASSWORD, APP_DB).await.unwrap();
+    let token = victim.cancel_token();
+    let running =
+        tokio::spawn(async move { victim.batch_execute("SELECT pg_sleep(4) /* stuck_cancel */").await });
+    let started =
+        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%stuck_cancel%' AND pid <> pg_backend_pid()";
+    assert!(wait_until(Duration::from_secs(10), || count(&pg, started) == 1), "the query never started");
+
+    signal_postmaster(&pg, libc::SIGSTOP);
+    token.cancel_query(tokio_postgres::NoTls).await.expect("the pooler takes the cancel request");
+    let outcome = running.await.unwrap();
+    signal_postmaster(&pg, libc::SIGCONT);
+
+    // The client is told, rather than left with a server that a late cancel could still hit.
+    let err = outcome.expect_err("the client of an undeliverable cancel is disconnected");
+    assert!(format!("{err:?}").contains("cancel_wait_timeout"), "{err:?}");
+    // That server was closed, never lent to the next client; the pool serves on.
+    let next = pooler.connect(APP_USER, APP_PASSWORD, APP_DB).await.unwrap();
+    assert_eq!(first_value(&next, "SELECT 5").await.unwrap(), "5");
+    let stuck =
+        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%stuck_cancel%' AND pid <> pg_backend_pid()";
+    assert!(wait_until(Duration::from_secs(10), || count(&pg, stuck) == 0), "the cancelled server lingers");
 }

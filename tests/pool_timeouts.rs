@@ -1,6 +1,6 @@
-//! Pool policy keys that close or refuse on a clock — query_wait_timeout, server_idle_timeout,
-//! server_lifetime, client_login_timeout, server_connect_timeout — and pools healing after a
-//! PostgreSQL restart. Timeouts are set to a second or so; assertions only bound liveness.
+//! Pool policy keys that close, check or refuse on a clock — query_wait_timeout,
+//! server_idle_timeout, server_lifetime, client_login_timeout, server_connect_timeout,
+//! transaction_timeout, server_check_delay — and pools healing after a PostgreSQL restart. Timeouts are set to a second or so; assertions only bound liveness.
 
 mod support;
 
@@ -300,4 +300,95 @@ async fn query_wait_notify_tells_a_waiting_client() {
     assert!(notice.contains("client being queued"), "{notice}");
     holder.batch_execute("COMMIT").await.unwrap();
     assert_eq!(query.await.unwrap().unwrap(), "served", "the waiter is still served after the notice");
+}
+
+#[tokio::test]
+async fn transaction_timeout_ends_long_transactions_not_long_sessions() {
+    let pg = Postgres::shared();
+    let db = pg.create_database("txn_timeout");
+    pg.sql_db(&db, "CREATE TABLE t (v int); ALTER TABLE t OWNER TO app_user;");
+    let pooler = Pooler::start(
+        &pool_ini(pg, &db, "pool_size=1", "transaction", "transaction_timeout = 1"),
+        &app_userlist(),
+    );
+    // Short transactions for longer than the timeout, back to back: never disturbed.
+    let steady = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    for i in 0..6 {
+        steady.batch_execute(&format!("BEGIN; INSERT INTO t VALUES ({i}); COMMIT;")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(first_value(&steady, "SELECT count(*) FROM t").await.unwrap(), "6");
+    drop(steady);
+
+    // A transaction that stays open, busy with statements all along, is ended and rolled back.
+    let client = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    client.batch_execute("BEGIN; INSERT INTO t VALUES (100);").await.unwrap();
+    let mut ended = None;
+    for _ in 0..40 {
+        if let Err(e) = client.batch_execute("SELECT pg_sleep(0.1)").await {
+            ended = Some(e);
+            break;
+        }
+    }
+    let err = ended.expect("a transaction open for 4 s outlived transaction_timeout = 1");
+    assert!(format!("{err:?}").contains("transaction timeout"), "{err:?}");
+    assert_eq!(pg.sql_db(&db, "SELECT count(*) FROM t WHERE v = 100"), "0");
+
+    // One long statement inside a transaction is stopped on the server too.
+    let client = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    client.batch_execute("BEGIN").await.unwrap();
+    let err = client.batch_execute("SELECT pg_sleep(20)").await.expect_err("must be stopped");
+    assert!(format!("{err:?}").contains("transaction timeout"), "{err:?}");
+    let sleeping = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND query LIKE '%pg_sleep(20)%'"
+    );
+    assert!(eventually(|| pg.sql(&sleeping) == "0").await, "the statement is still running");
+    let next = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    assert_eq!(first_value(&next, "SELECT count(*) FROM t").await.unwrap(), "6");
+}
+
+/// Leases through a one-server pool with a check query that counts itself in a sequence.
+async fn checks_counted(pg: &Postgres, name: &str, general: &str) -> (String, String, String) {
+    let db = pg.create_database(name);
+    pg.sql_db(&db, "CREATE SEQUENCE checks; ALTER SEQUENCE checks OWNER TO app_user;");
+    let pooler = Pooler::start(&pool_ini(pg, &db, "pool_size=1", "transaction", general), &app_userlist());
+    let client = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    let first_pid = first_value(&client, "SELECT pg_backend_pid()").await.unwrap();
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        first_value(&client, "SELECT 1").await.unwrap();
+    }
+    let last_pid = first_value(&client, "SELECT pg_backend_pid()").await.unwrap();
+    let checks = pg.sql_db(&db, "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM checks");
+    (checks, first_pid, last_pid)
+}
+
+#[tokio::test]
+async fn server_check_query_runs_on_servers_idle_past_server_check_delay() {
+    let pg = Postgres::shared();
+    let counting = "server_check_query = SELECT nextval('checks')";
+    // server_check_delay = 0: every lease of an idle server is checked first. Login borrows
+    // the server fresh from its own login (no check), then six queries: six checks.
+    let (checks, first, last) =
+        checks_counted(pg, "check_always", &format!("{counting}\nserver_check_delay = 0")).await;
+    assert_eq!(checks, "6", "one check per lease of an idle server");
+    assert_eq!(first, last, "a server that passes its check is lent on");
+    // The default delay (30 s): servers in steady use are not checked.
+    let (checks, _, _) = checks_counted(pg, "check_default", counting).await;
+    assert_eq!(checks, "0");
+    // An empty server_check_query turns checking off; PgBouncer's <empty> sends an empty query.
+    let (checks, _, _) =
+        checks_counted(pg, "check_off", "server_check_query =\nserver_check_delay = 0").await;
+    assert_eq!(checks, "0");
+    let (checks, first, last) =
+        checks_counted(pg, "check_empty", "server_check_query = <empty>\nserver_check_delay = 0").await;
+    assert_eq!((checks.as_str(), first), ("0", last), "an empty query is a check that passes");
+    // A server failing its check is closed and replaced; the client does not notice.
+    let (_, first, last) = checks_counted(
+        pg,
+        "check_fails",
+        "server_check_query = SELECT 1/0 FROM (SELECT nextval('checks')) s\nserver_check_delay = 0",
+    )
+    .await;
+    assert_ne!(first, last, "a server that failed its check was lent again");
 }

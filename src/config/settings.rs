@@ -74,6 +74,16 @@ pub struct General {
     pub idle_transaction_timeout: Duration,
     /// A query running this long disconnects its client and closes its server (0 = never).
     pub query_timeout: Duration,
+    /// A transaction open this long, running or idle, disconnects its client (0 = never).
+    pub transaction_timeout: Duration,
+    /// A cancel request not delivered to PostgreSQL within this time disconnects the client
+    /// whose query it was for (0 = wait as long as it takes).
+    pub cancel_wait_timeout: Duration,
+    /// An idle server unused for this long is checked with `server_check_query` before it is
+    /// lent (0 = check every time).
+    pub server_check_delay: Duration,
+    /// The check; empty turns checking off, `<empty>` sends an empty query.
+    pub server_check_query: String,
     /// 0 means unlimited.
     pub max_db_connections: usize,
     /// 0 means unlimited.
@@ -125,6 +135,10 @@ impl Default for General {
             client_idle_timeout: Duration::ZERO,
             idle_transaction_timeout: Duration::ZERO,
             query_timeout: Duration::ZERO,
+            transaction_timeout: Duration::ZERO,
+            cancel_wait_timeout: Duration::from_secs(10),
+            server_check_delay: Duration::from_secs(30),
+            server_check_query: "select 1".to_string(),
             max_db_connections: 0,
             max_user_connections: 0,
             max_db_client_connections: 0,
@@ -243,7 +257,6 @@ pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
     "auth_query",
     "auth_user",
     "autodb_idle_timeout",
-    "cancel_wait_timeout",
     "client_tls13_ciphers",
     "client_tls_ca_file",
     "client_tls_cert_file",
@@ -272,8 +285,6 @@ pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
     "resolv_conf",
     "sbuf_loopcnt",
     "scram_iterations",
-    "server_check_delay",
-    "server_check_query",
     "server_fast_close",
     "server_tls13_ciphers",
     "server_tls_ca_file",
@@ -296,7 +307,6 @@ pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
     "tcp_keepintvl",
     "tcp_socket_buffer",
     "tcp_user_timeout",
-    "transaction_timeout",
     "unix_socket_group",
     "unix_socket_mode",
     "user",
@@ -334,6 +344,10 @@ const PGBOUNCER_IMPLEMENTED: &[&str] = &[
     "client_idle_timeout",
     "idle_transaction_timeout",
     "query_timeout",
+    "transaction_timeout",
+    "cancel_wait_timeout",
+    "server_check_delay",
+    "server_check_query",
     "client_login_timeout",
     "query_wait_timeout",
     "server_connect_timeout",
@@ -534,6 +548,10 @@ pub(crate) fn apply_general(
         "client_idle_timeout" => general.client_idle_timeout = s.seconds()?,
         "idle_transaction_timeout" => general.idle_transaction_timeout = s.seconds()?,
         "query_timeout" => general.query_timeout = s.seconds()?,
+        "transaction_timeout" => general.transaction_timeout = s.seconds()?,
+        "cancel_wait_timeout" => general.cancel_wait_timeout = s.seconds()?,
+        "server_check_delay" => general.server_check_delay = s.seconds()?,
+        "server_check_query" => general.server_check_query = s.value.to_string(),
         "max_db_connections" => general.max_db_connections = s.usize()?,
         "max_user_connections" => general.max_user_connections = s.usize()?,
         "max_db_client_connections" => general.max_db_client_connections = s.usize()?,
