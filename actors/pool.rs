@@ -7,7 +7,7 @@
 //! servers and waiting clients.
 //!
 //! The [`Pool`] actor owns the pool's lifecycle policy; it takes a periodic tick in which it keeps
-//! `min_pool_size` servers open by sending [`Grow`] to a router.
+//! `min_pool_size` servers open by sending [`Grow`] to a router, while the pool has clients.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -169,6 +169,8 @@ pub struct PoolShared {
     /// with a plain atomic read instead of taking the lock every worker shares.
     settings_version: AtomicUsize,
     servers: Limit,
+    /// Clients logged in to this pool now, on any worker (see [`PoolMember`]).
+    clients: AtomicUsize,
     db_limit: Arc<Limit>,
     user_limit: Arc<Limit>,
     /// ParameterStatus of the first server that logged in: what new clients are told.
@@ -193,6 +195,7 @@ impl PoolShared {
             settings: RwLock::new(Arc::new(settings)),
             settings_version: AtomicUsize::new(0),
             servers,
+            clients: AtomicUsize::new(0),
             db_limit,
             user_limit,
             welcome: RwLock::new(None),
@@ -230,6 +233,16 @@ impl PoolShared {
 
     pub fn server_count(&self) -> usize {
         self.servers.count()
+    }
+
+    /// Counts a logged-in client of this pool for as long as the returned guard lives.
+    pub fn member(self: &Arc<Self>) -> PoolMember {
+        self.clients.fetch_add(1, Ordering::Relaxed);
+        PoolMember(self.clone())
+    }
+
+    pub fn client_count(&self) -> usize {
+        self.clients.load(Ordering::Relaxed)
     }
 
     /// A permit to open one server. `reserve` allows `reserve_pool_size` beyond `pool_size`.
@@ -413,6 +426,15 @@ fn needier_worker(waits: &[Option<Duration>], worker: usize, mine: Duration) -> 
         .map(|(w, _)| w)
 }
 
+/// A logged-in client, counted in its pool's `client_count` until dropped.
+pub struct PoolMember(Arc<PoolShared>);
+
+impl Drop for PoolMember {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The pool's lifecycle policy.
 pub struct Pool {
     shared: Arc<PoolShared>,
@@ -426,11 +448,14 @@ impl Pool {
         Pool { shared, next_worker: 0 }
     }
 
-    /// Keeps `min_pool_size` open, spreading the servers across workers that have a router.
+    /// Keeps `min_pool_size` open (never above `pool_size`), spreading the servers across
+    /// workers that have a router. As in PgBouncer, only while the pool has a client: a pool
+    /// nobody uses any more keeps what it has but does not grow back to its minimum.
     fn keep_warm(&mut self) {
-        let min = self.shared.settings().min_pool_size;
+        let settings = self.shared.settings();
+        let min = settings.min_pool_size.min(settings.pool_size);
         let routers = self.shared.all_routers();
-        if routers.is_empty() {
+        if routers.is_empty() || self.shared.client_count() == 0 {
             return;
         }
         let missing = min.saturating_sub(self.shared.server_count());

@@ -27,7 +27,7 @@ use tokio::io::AsyncWrite;
 use tokio::sync::oneshot;
 
 use crate::actors::messages::{Checkin, Checkout, Return};
-use crate::actors::pool::{PoolSettings, PoolShared, Welcome};
+use crate::actors::pool::{PoolMember, PoolSettings, PoolShared, Welcome};
 use crate::actors::router::Router;
 use crate::actors::server::{AfterLease, ServerConnection, ServerLink};
 use crate::auth::BackendLoginError;
@@ -140,6 +140,9 @@ pub struct Relay {
     settings: (usize, Arc<PoolSettings>),
     /// Armed only when a timeout key applies to the current state: no timer work otherwise.
     timer: Option<(Clock, Pin<Box<tokio::time::Sleep>>)>,
+    /// Counts this client in its pool for as long as the relay lives (`min_pool_size` is kept
+    /// only while a pool has clients).
+    _member: PoolMember,
     /// `transaction_timeout`, which runs alongside the other clocks from a transaction's
     /// start to its end; armed only while one is open and the key is set.
     transaction_timer: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -159,6 +162,7 @@ impl Relay {
     ) -> Relay {
         let settings = (usize::MAX, pool.settings());
         let mode = settings.1.pool_mode;
+        let member = pool.member();
         Relay {
             client,
             from_client,
@@ -176,6 +180,7 @@ impl Relay {
             settings,
             timer: None,
             transaction_timer: None,
+            _member: member,
         }
     }
 

@@ -186,19 +186,35 @@ async fn fallback_database_serves_any_name() {
     assert!(message.contains("database \"no_such_database\" does not exist"), "{err:?}");
 }
 
-#[test]
-fn min_pool_size_keeps_servers_warm() {
+// Two threads: the client's connection task runs while this one waits synchronously.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_pool_size_keeps_servers_warm_while_the_pool_has_clients() {
     let pg = Postgres::shared();
     let db = pg.create_database("minpool");
     let pooler = Pooler::start(&ini(pg, &db, "min_pool_size=3", ""), &userlist());
-    // Pools exist from their first login on; one short-lived client creates this one.
-    let out = pooler.psql(APP_USER, APP_PASSWORD, &db, "SELECT 1");
-    assert!(out.status.success(), "{}", stderr(&out));
+    // PgBouncer's rule: a pool grows to min_pool_size while it has a client connected.
+    let client = pooler.connect(APP_USER, APP_PASSWORD, &db).await.expect("login");
+    client.batch_execute("SELECT 1").await.unwrap();
     assert!(
         wait_until(Duration::from_secs(10), || backends(pg, &db) == 3),
-        "PostgreSQL shows {} connections for min_pool_size=3 with no client connected",
+        "PostgreSQL shows {} connections for min_pool_size=3 with a client connected",
         backends(pg, &db)
     );
+    // Servers that die are replaced while the client stays.
+    pg.sql(&format!(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{db}' AND state = 'idle'"
+    ));
+    assert!(
+        wait_until(Duration::from_secs(10), || backends(pg, &db) == 3),
+        "min_pool_size was not restored: {} connections",
+        backends(pg, &db)
+    );
+    // With no client left, what dies is not replaced: the pool keeps what it has, no more.
+    drop(client);
+    std::thread::sleep(Duration::from_millis(500));
+    pg.sql(&format!("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{db}'"));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(backends(pg, &db), 0, "an unused pool was grown back to min_pool_size");
 }
 
 #[test]
