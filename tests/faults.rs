@@ -130,9 +130,9 @@ async fn an_undeliverable_cancel_ends_its_client_after_cancel_wait_timeout() {
     let token = victim.cancel_token();
     let running =
         tokio::spawn(async move { victim.batch_execute("SELECT pg_sleep(4) /* stuck_cancel */").await });
-    let started =
+    let on_server =
         "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%stuck_cancel%' AND pid <> pg_backend_pid()";
-    assert!(wait_until(Duration::from_secs(10), || count(&pg, started) == 1), "the query never started");
+    assert!(wait_until(Duration::from_secs(10), || count(&pg, on_server) == 1), "the query never started");
 
     signal_postmaster(&pg, libc::SIGSTOP);
     token.cancel_query(tokio_postgres::NoTls).await.expect("the pooler takes the cancel request");
@@ -145,7 +145,8 @@ async fn an_undeliverable_cancel_ends_its_client_after_cancel_wait_timeout() {
     // That server was closed, never lent to the next client; the pool serves on.
     let next = pooler.connect(APP_USER, APP_PASSWORD, APP_DB).await.unwrap();
     assert_eq!(first_value(&next, "SELECT 5").await.unwrap(), "5");
-    let stuck =
-        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%stuck_cancel%' AND pid <> pg_backend_pid()";
-    assert!(wait_until(Duration::from_secs(10), || count(&pg, stuck) == 0), "the cancelled server lingers");
+    assert!(
+        wait_until(Duration::from_secs(10), || count(&pg, on_server) == 0),
+        "the cancelled server lingers"
+    );
 }
