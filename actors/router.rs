@@ -101,6 +101,7 @@ pub struct Router {
     reserve_check_scheduled: bool,
     wait_check_scheduled: bool,
     retry_scheduled: bool,
+    give_up_scheduled: bool,
     /// When a server last left for another worker (see [`MOVE_INTERVAL`]).
     last_move: Option<Instant>,
     donation_scheduled: bool,
@@ -122,6 +123,7 @@ impl Router {
             reserve_check_scheduled: false,
             wait_check_scheduled: false,
             retry_scheduled: false,
+            give_up_scheduled: false,
             last_move: None,
             donation_scheduled: false,
         }
@@ -198,12 +200,26 @@ impl Router {
     }
 
     /// Logins are failing: no new attempt until the backoff step ends. Waiters with no live
-    /// server of this router to wait for get the login error now rather than hang.
+    /// server of this router to wait for keep waiting while the attempts go on, so that a
+    /// PostgreSQL restart passes unseen by clients that held no server; one that has waited
+    /// `server_connect_timeout` (at once if that is 0) gets the login error rather than hang.
     fn backing_off(&mut self, ctx: &mut Context<Self>) -> bool {
         let Some((error, until)) = self.pool.login_blocked() else { return false };
         if self.owned == self.connecting {
-            for waiter in self.waiters.drain(..) {
-                let _ = waiter.reply.send(Err(error.clone()));
+            let patience = self.settings.server_connect_timeout;
+            while self.waiters.front().is_some_and(|w| w.since.elapsed() >= patience) {
+                if let Some(waiter) = self.waiters.pop_front() {
+                    let _ = waiter.reply.send(Err(error.clone()));
+                }
+            }
+            if let Some(oldest) = self.waiters.front() {
+                if !self.give_up_scheduled {
+                    self.give_up_scheduled = true;
+                    ctx.run_later(patience.saturating_sub(oldest.since.elapsed()), |router, ctx| {
+                        router.give_up_scheduled = false;
+                        router.grow(ctx);
+                    });
+                }
             }
         }
         if !self.retry_scheduled {

@@ -194,10 +194,16 @@ async fn query_timeout_ends_a_runaway_query() {
 }
 
 #[tokio::test]
-async fn postgres_down_fails_clients_fast_then_heals() {
+async fn postgres_down_fails_clients_within_server_connect_timeout_then_heals() {
     let pg = Postgres::start(); // private: it is stopped and started again
     let pooler = Pooler::start(
-        &pool_ini(&pg, APP_DB, "pool_size=2", "transaction", "server_login_retry = 2"),
+        &pool_ini(
+            &pg,
+            APP_DB,
+            "pool_size=2",
+            "transaction",
+            "server_login_retry = 5\nserver_connect_timeout = 2\nquery_wait_timeout = 60",
+        ),
         &app_userlist(),
     );
     let idle = pooler.connect(APP_USER, APP_PASSWORD, APP_DB).await.unwrap();
@@ -205,20 +211,30 @@ async fn postgres_down_fails_clients_fast_then_heals() {
     pg.stop();
     // Logging in needs no server (the pool's welcome is known): undisturbed.
     let late = pooler.connect(APP_USER, APP_PASSWORD, APP_DB).await.expect("login while PostgreSQL is down");
-    // A query needs one: a clear error, fast, not a hang until query_wait_timeout.
+    // A query needs one: it waits while logins are retried, then gets a clear error within
+    // server_connect_timeout, not a hang until query_wait_timeout.
     let started = std::time::Instant::now();
     let err = first_value(&late, "SELECT 1").await.expect_err("no server can be had");
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
     assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::CONNECTION_FAILURE), "{err:?}");
-    // More clients meanwhile get the same error without a login attempt each.
-    for _ in 0..5 {
-        if let Ok(c) = pooler.connect(APP_USER, APP_PASSWORD, APP_DB).await {
-            assert!(first_value(&c, "SELECT 1").await.is_err());
-        }
+    // Twenty more clients meanwhile get the same error, with one log line per backoff step
+    // rather than a login attempt each.
+    let others = (0..20).map(|_| async {
+        let client = pooler.connect(APP_USER, APP_PASSWORD, APP_DB).await.expect("login");
+        first_value(&client, "SELECT 1").await
+    });
+    for outcome in futures_util::future::join_all(others).await {
+        assert!(outcome.is_err(), "a query was answered with PostgreSQL down");
     }
-    let attempts = pooler.log().matches("next login attempt").count();
+    // (The log is shown twice, from stderr and from logfile: count distinct lines.)
+    let log = pooler.log();
+    let attempts = log
+        .lines()
+        .filter(|l| l.contains("next login attempt"))
+        .collect::<std::collections::HashSet<_>>()
+        .len();
     assert!(
-        (1..=4).contains(&attempts),
+        (1..=8).contains(&attempts),
         "expected one log line per backoff step, got {attempts}:\n{}",
         pooler.log()
     );
@@ -236,6 +252,57 @@ async fn postgres_down_fails_clients_fast_then_heals() {
     }
     assert!(healed, "pgcorral did not heal after PostgreSQL came back:\n{}", pooler.log());
     assert!(pooler.log().contains("server login works again"));
+}
+
+/// pgbench through pgcorral while PostgreSQL restarts under it: only clients holding a server
+/// at that moment see an error; the others ride through, and the run goes on to the end.
+#[test]
+fn pgbench_rides_through_a_postgres_restart() {
+    let pg = Postgres::start(); // private: it is restarted
+    let pgbench = pg_bin("pgbench");
+    let init = std::process::Command::new(&pgbench)
+        .args(["-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", APP_USER, APP_DB])
+        .env("PGPASSWORD", APP_PASSWORD)
+        .output()
+        .expect("run pgbench -i");
+    assert!(init.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&init.stderr));
+    let pooler = Pooler::start(&pool_ini(&pg, APP_DB, "pool_size=4", "transaction", ""), &app_userlist());
+
+    // 16 clients, 4 servers: at any moment most clients hold none. -P 1 prints one progress
+    // line per second; the restart comes at about 3 s of 9.
+    let run = std::process::Command::new(&pgbench)
+        .args(["-n", "-S", "-c", "16", "-j", "2", "-T", "9", "-P", "1"])
+        .args(["-h", "127.0.0.1", "-p", &pooler.port.to_string(), "-U", APP_USER, APP_DB])
+        .env("PGPASSWORD", APP_PASSWORD)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start pgbench");
+    std::thread::sleep(Duration::from_secs(3));
+    pg.restart();
+    let out = run.wait_with_output().expect("pgbench finishes");
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+
+    // tps of each progress line from the 7th second on: well after the restart.
+    let late_tps: Vec<f64> = report
+        .lines()
+        .filter_map(|l| l.strip_prefix("progress: "))
+        .filter_map(|l| {
+            let (secs, rest) = l.split_once(" s, ")?;
+            let tps = rest.split_once(" tps")?.0.parse::<f64>().ok()?;
+            (secs.parse::<f64>().ok()? >= 7.0).then_some(tps)
+        })
+        .collect();
+    assert!(
+        !late_tps.is_empty() && late_tps.iter().all(|&tps| tps > 0.0),
+        "transactions stopped after the restart:\n{report}\n{}",
+        pooler.log()
+    );
+    let aborted =
+        report.lines().filter(|l| l.contains("aborted in command") || l.contains("aborted while")).count();
+    // At most the four holding a server when PostgreSQL went down, each with PostgreSQL's own
+    // FATAL passed on.
+    assert!(aborted <= 4, "{aborted} of 16 clients aborted, more than held a server:\n{report}");
 }
 
 #[tokio::test]

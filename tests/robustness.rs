@@ -299,12 +299,18 @@ fn md5_challenge(stream: &mut TcpStream) -> [u8; 4] {
 
 /// Waits until PostgreSQL runs a statement containing `marker`, so that a cancel sent next
 /// meets a running query rather than arriving before it.
-fn wait_until_running(pg: &Postgres, marker: &str) {
+fn wait_until_running(pg: &Postgres, pooler: &Pooler, marker: &str) {
     let sql = format!(
         "SELECT count(*) FROM pg_stat_activity \
          WHERE state = 'active' AND query LIKE '%{marker}%' AND pid <> pg_backend_pid()"
     );
-    assert!(wait_until(DEADLINE, || pg.sql(&sql) == "1"), "query {marker} never started on the server");
+    if !wait_until(DEADLINE, || pg.sql(&sql) == "1") {
+        let activity = pg.sql(
+            "SELECT string_agg(pid || ' ' || coalesce(state, '-') || ' ' || left(query, 60), E'\\n') \
+             FROM pg_stat_activity WHERE datname = 'app'",
+        );
+        panic!("query {marker} never started on the server; pg_stat_activity:\n{activity}\n{}", pooler.log());
+    }
 }
 
 fn vm_rss_kib(pid: u32) -> u64 {
@@ -379,7 +385,7 @@ async fn cancel_requests_with_wrong_keys_are_closed_and_cancel_nothing() {
     // Control: the right key does cancel, so the checks below can tell a cancel when they see one.
     let mut victim = raw_login(&fixture.pooler);
     victim.stream.write_all(&message(b'Q', b"SELECT pg_sleep(30) /* right_key_victim */\0")).unwrap();
-    wait_until_running(pg, "right_key_victim");
+    wait_until_running(pg, &fixture.pooler, "right_key_victim");
     let mut canceller = raw_connect(&fixture.pooler);
     canceller.write_all(&cancel_request(victim.process_id, victim.secret_key)).unwrap();
     assert_refused(&mut canceller, "a CancelRequest with the right key");
@@ -390,8 +396,9 @@ async fn cancel_requests_with_wrong_keys_are_closed_and_cancel_nothing() {
         describe(&reply)
     );
 
-    victim.stream.write_all(&message(b'Q', b"SELECT pg_sleep(2) /* wrong_key_victim */\0")).unwrap();
-    wait_until_running(pg, "wrong_key_victim");
+    // Long enough to be seen running, and to outlast the three cancels below.
+    victim.stream.write_all(&message(b'Q', b"SELECT pg_sleep(5) /* wrong_key_victim */\0")).unwrap();
+    wait_until_running(pg, &fixture.pooler, "wrong_key_victim");
     let wrong_keys = [
         ("the victim's process id with a wrong secret", victim.process_id, victim.secret_key.wrapping_add(1)),
         ("an unknown process id", victim.process_id.wrapping_add(1000), victim.secret_key),
