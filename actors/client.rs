@@ -82,8 +82,13 @@ impl Actor for ClientSession {
             None => ctx.stop(),
         }));
     }
+}
 
-    fn stopped(&mut self, _: &mut Context<Self>) {
+/// In Drop rather than `stopped`: a session whose code panicked is dropped without being
+/// stopped, and must still give back its `max_client_conn` slot, its cancel key and its
+/// per-database and per-user counts.
+impl Drop for ClientSession {
+    fn drop(&mut self) {
         if self.admitted.get() {
             self.shared.client_left();
         }

@@ -171,6 +171,9 @@ pub struct PoolShared {
     servers: Limit,
     /// Clients logged in to this pool now, on any worker (see [`PoolMember`]).
     clients: AtomicUsize,
+    /// The pool's [`Pool`] actor, which the Supervisor replaces if it dies: actix restarts no
+    /// actor that panicked.
+    pub(crate) lifecycle: Mutex<Option<Addr<Pool>>>,
     db_limit: Arc<Limit>,
     user_limit: Arc<Limit>,
     /// ParameterStatus of the first server that logged in: what new clients are told.
@@ -196,6 +199,7 @@ impl PoolShared {
             settings_version: AtomicUsize::new(0),
             servers,
             clients: AtomicUsize::new(0),
+            lifecycle: Mutex::new(None),
             db_limit,
             user_limit,
             welcome: RwLock::new(None),
@@ -243,6 +247,15 @@ impl PoolShared {
 
     pub fn client_count(&self) -> usize {
         self.clients.load(Ordering::Relaxed)
+    }
+
+    pub fn set_lifecycle(&self, actor: Addr<Pool>) {
+        *self.lifecycle.lock().unwrap() = Some(actor);
+    }
+
+    /// False once the pool's actor has died (or before it was started).
+    pub fn lifecycle_alive(&self) -> bool {
+        self.lifecycle.lock().unwrap().as_ref().is_some_and(|actor| actor.connected())
     }
 
     /// A permit to open one server. `reserve` allows `reserve_pool_size` beyond `pool_size`.
@@ -387,6 +400,7 @@ impl PoolShared {
             .enumerate()
             .find(|(w, f)| *w != worker && f.load(Ordering::Relaxed))
             .and_then(|(w, _)| routers[w].clone())
+            .filter(|router| router.connected())
     }
 
     pub fn router(&self, worker: usize) -> Option<Addr<Router>> {
@@ -399,7 +413,11 @@ impl PoolShared {
 
     pub fn all_routers(&self) -> Vec<(usize, Addr<Router>)> {
         let routers = self.routers.lock().unwrap();
-        routers.iter().enumerate().filter_map(|(w, r)| r.clone().map(|r| (w, r))).collect()
+        routers
+            .iter()
+            .enumerate()
+            .filter_map(|(w, r)| r.clone().filter(|r| r.connected()).map(|r| (w, r)))
+            .collect()
     }
 
     pub fn welcome(&self) -> Option<Welcome> {

@@ -110,10 +110,27 @@ impl Shared {
         ));
         db_limit.join(&pool);
         user_limit.join(&pool);
-        let for_actor = pool.clone();
-        Pool::start_in_arbiter(&self.home, move |_| Pool::new(for_actor));
+        self.start_lifecycle(&pool);
         pools.insert(key, pool.clone());
         Ok(pool)
+    }
+
+    fn start_lifecycle(&self, pool: &Arc<PoolShared>) {
+        let for_actor = pool.clone();
+        pool.set_lifecycle(Pool::start_in_arbiter(&self.home, move |_| Pool::new(for_actor)));
+    }
+
+    /// Starts a new Pool actor for every pool whose actor died (a panic: actix restarts
+    /// nothing by itself); returns how many. The Supervisor calls this every second.
+    pub fn revive_pools(&self) -> usize {
+        let pools: Vec<Arc<PoolShared>> = self.pools.lock().unwrap().values().cloned().collect();
+        let mut revived = 0;
+        for pool in pools.iter().filter(|pool| !pool.lifecycle_alive()) {
+            log::error!("pool {}: its Pool actor died; starting a new one", pool.key);
+            self.start_lifecycle(pool);
+            revived += 1;
+        }
+        revived
     }
 
     /// Counts a client against `max_client_conn`; false when it is over.
@@ -277,4 +294,55 @@ pub fn resolve(config: &Config, database: &str, user: &str) -> Result<(PoolKey, 
         reset_query_always: general.server_reset_query_always,
     };
     Ok((PoolKey { database: database.to_string(), user: server_user }, settings))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::path::Path;
+    use std::time::Duration;
+
+    /// A Shared with one database `d` (nothing listens at its address: no server is opened).
+    pub(crate) fn shared_with_one_database() -> Shared {
+        let ini = "[databases]\nd = host=127.0.0.1 port=1 dbname=d\n[pgbouncer]\nauth_type = trust\n";
+        let (config, _) = Config::parse_str(ini, Path::new("test.ini")).expect("test config");
+        Shared::new(config, 1, Arbiter::current())
+    }
+
+    /// Test-only: makes the actor panic inside a handler, as a bug would.
+    #[derive(Message)]
+    #[rtype(result = "()")]
+    pub(crate) struct Crash;
+
+    impl Handler<Crash> for Pool {
+        type Result = ();
+        fn handle(&mut self, _: Crash, _: &mut Context<Self>) {
+            panic!("test: Pool actor crashes");
+        }
+    }
+
+    pub(crate) async fn until(mut done: impl FnMut() -> bool) {
+        for _ in 0..100 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("condition never met");
+    }
+
+    #[test]
+    fn a_pool_actor_that_panicked_is_replaced() {
+        System::new().block_on(async {
+            let shared = shared_with_one_database();
+            let pool = shared.pool("d", "u").expect("pool");
+            assert!(pool.lifecycle_alive());
+            assert_eq!(shared.revive_pools(), 0, "nothing to revive while it lives");
+            let actor = pool.lifecycle.lock().unwrap().clone().expect("started");
+            assert!(actor.send(Crash).await.is_err(), "the handler panicked");
+            until(|| !pool.lifecycle_alive()).await;
+            assert_eq!(shared.revive_pools(), 1);
+            assert!(pool.lifecycle_alive(), "a new Pool actor runs");
+        });
+    }
 }

@@ -28,7 +28,7 @@ use tokio::sync::oneshot;
 
 use crate::actors::messages::{Checkin, Checkout, Return};
 use crate::actors::pool::{PoolMember, PoolSettings, PoolShared, Welcome};
-use crate::actors::router::Router;
+use crate::actors::router::{live_router, Router};
 use crate::actors::server::{AfterLease, ServerConnection, ServerLink};
 use crate::auth::BackendLoginError;
 use crate::config::PoolMode;
@@ -484,9 +484,10 @@ impl Relay {
 
     /// A clean server goes straight back to the Router; one that needs work first goes to its
     /// actor.
-    fn give_back(&self, lease: Lease, after: AfterLease) {
+    fn give_back(&mut self, lease: Lease, after: AfterLease) {
         if after == AfterLease::Reuse && !self.settings.1.reset_query_always {
-            self.router.do_send(Checkin { server: lease.server, link: lease.link, fresh: false });
+            let router = live_router(&mut self.router, &self.pool);
+            router.do_send(Checkin { server: lease.server, link: lease.link, fresh: false });
         } else {
             lease.server.do_send(Return { link: lease.link, after });
         }
@@ -497,7 +498,7 @@ impl Relay {
     async fn acquire(&mut self) -> Result<(), Ending> {
         self.pool.refresh_settings(&mut self.settings);
         let (reply, mut answer) = oneshot::channel();
-        self.router.do_send(Checkout { reply });
+        live_router(&mut self.router, &self.pool).do_send(Checkout { reply });
         let notify = self.settings.1.query_wait_notify;
         let answer = match notify.is_zero() {
             true => answer.await,

@@ -60,6 +60,16 @@ pub fn local_router(pool: &Arc<PoolShared>) -> Addr<Router> {
     })
 }
 
+/// `held` if that router is alive, else this worker's live router for `pool` (a new one if the
+/// old one panicked: actix restarts no actor by itself).
+pub fn live_router<'a>(held: &'a mut Addr<Router>, pool: &Arc<PoolShared>) -> &'a Addr<Router> {
+    if !held.connected() {
+        log::error!("pool {}: router on worker {} died; using a new one", pool.key, worker_index());
+        *held = local_router(pool);
+    }
+    held
+}
+
 struct Waiter {
     since: Instant,
     reply: CheckoutReply,
@@ -416,6 +426,17 @@ impl Router {
     }
 }
 
+/// Also runs when a handler panicked and actix dropped the actor: the idle servers' actors are
+/// told to close, so that their permits come back, and other workers stop sending servers here.
+impl Drop for Router {
+    fn drop(&mut self) {
+        self.pool.set_starving(self.worker, false);
+        for idle in self.idle.drain(..) {
+            idle.server.do_send(Close);
+        }
+    }
+}
+
 impl Actor for Router {
     type Context = Context<Self>;
 
@@ -552,5 +573,36 @@ impl Handler<ShedIdle> for Router {
             );
             oldest.server.do_send(Close);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::actors::registry::tests::{shared_with_one_database, until, Crash};
+
+    impl Handler<Crash> for Router {
+        type Result = ();
+        fn handle(&mut self, _: Crash, _: &mut Context<Self>) {
+            panic!("test: Router crashes");
+        }
+    }
+
+    #[test]
+    fn a_router_that_panicked_is_replaced_for_whoever_holds_it() {
+        System::new().block_on(async {
+            let shared = shared_with_one_database();
+            let pool = shared.pool("d", "u").expect("pool");
+            let mut held = local_router(&pool);
+            pool.set_starving(0, true);
+            assert!(held.send(Crash).await.is_err(), "the handler panicked");
+            until(|| !held.connected()).await;
+            assert!(pool.starving_router(1).is_none(), "a dead router is no longer offered servers");
+            let replacement = live_router(&mut held, &pool).clone();
+            assert!(replacement.connected());
+            assert!(held.connected(), "the holder now holds the new router");
+            assert_eq!(pool.router(0), Some(replacement.clone()), "other workers see the new one");
+            assert_eq!(local_router(&pool), replacement);
+        });
     }
 }

@@ -19,7 +19,7 @@ use actix::prelude::*;
 
 use crate::actors::messages::*;
 use crate::actors::pool::{PoolSettings, PoolShared};
-use crate::actors::router::Router;
+use crate::actors::router::{live_router, Router};
 use crate::auth::{self, BackendLoginError, LoginRequest};
 use crate::config::PoolMode;
 use crate::net::{DetachedSocket, ServerAddr, Socket};
@@ -247,7 +247,11 @@ impl Actor for ServerConnection {
             Ok(link) => {
                 server.pool.set_welcome_once(&link.params);
                 log::debug!("pool {}: new server connection {}", server.pool.key, link.process_id);
-                server.router.do_send(Checkin { server: ctx.address(), link, fresh: true });
+                live_router(&mut server.router, &server.pool).do_send(Checkin {
+                    server: ctx.address(),
+                    link,
+                    fresh: true,
+                });
             }
             Err(error) => {
                 server.login_error = Some(error);
@@ -261,7 +265,7 @@ impl Actor for ServerConnection {
             self.pool.release();
         }
         let login_error = self.login_error.take();
-        self.router.do_send(ServerGone { server: ctx.address(), login_error });
+        live_router(&mut self.router, &self.pool).do_send(ServerGone { server: ctx.address(), login_error });
     }
 }
 
@@ -301,7 +305,11 @@ impl Handler<Return> for ServerConnection {
             Ok::<_, BackendLoginError>(link)
         };
         ctx.spawn(wrap_future(work).map(move |result, server: &mut Self, ctx| match result {
-            Ok(link) => server.router.do_send(Checkin { server: ctx.address(), link, fresh: false }),
+            Ok(link) => live_router(&mut server.router, &server.pool).do_send(Checkin {
+                server: ctx.address(),
+                link,
+                fresh: false,
+            }),
             Err(e) => {
                 log::warn!("pool {}: server {what} failed, closing it: {e}", server.pool.key);
                 ctx.stop();

@@ -8,10 +8,14 @@
 //!
 //! Server connections heal themselves through their Router: a ServerConnection that dies
 //! releases its permit and its Router opens a replacement when clients need one; the Pool actor
-//! keeps `min_pool_size` warm.
+//! keeps `min_pool_size` warm. actix restarts no actor that panicked, so the Supervisor checks
+//! every second that each pool's Pool actor lives and starts a new one if not; a Router that
+//! died is replaced on its worker by the next client or server that needs it
+//! ([`crate::actors::router::live_router`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::fut::wrap_future;
 use actix::prelude::*;
@@ -41,6 +45,9 @@ impl Signals {
         })
     }
 }
+
+/// How often shared actors are checked for having died.
+const WATCH_PERIOD: Duration = Duration::from_secs(1);
 
 pub struct Supervisor {
     shared: Arc<Shared>,
@@ -96,6 +103,9 @@ impl Actor for Supervisor {
             self.workers.push(arbiter);
         }
         log::info!("pgcorral started with {} workers", self.workers.len());
+        ctx.run_interval(WATCH_PERIOD, |supervisor, _| {
+            supervisor.shared.revive_pools();
+        });
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {

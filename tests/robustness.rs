@@ -297,20 +297,36 @@ fn md5_challenge(stream: &mut TcpStream) -> [u8; 4] {
     body[4..8].try_into().unwrap()
 }
 
-/// Waits until PostgreSQL runs a statement containing `marker`, so that a cancel sent next
-/// meets a running query rather than arriving before it.
-fn wait_until_running(pg: &Postgres, pooler: &Pooler, marker: &str) {
+/// Waits until PostgreSQL has started the statement containing `marker`, so that a cancel
+/// sent next meets it rather than arriving before it. True if it was seen running; false if it
+/// had already ended when first seen (the caller's later assertions tell why).
+fn wait_until_started(pg: &Postgres, pooler: &Pooler, marker: &str) -> bool {
     let sql = format!(
-        "SELECT count(*) FROM pg_stat_activity \
-         WHERE state = 'active' AND query LIKE '%{marker}%' AND pid <> pg_backend_pid()"
+        "SELECT coalesce(string_agg(state || ' after ' || (now() - query_start)::text, ','), '') \
+         FROM pg_stat_activity WHERE query LIKE '%{marker}%' AND pid <> pg_backend_pid()"
     );
-    if !wait_until(DEADLINE, || pg.sql(&sql) == "1") {
+    let mut seen = String::new();
+    if !wait_until(DEADLINE, || {
+        seen = pg.sql(&sql);
+        !seen.is_empty()
+    }) {
         let activity = pg.sql(
             "SELECT string_agg(pid || ' ' || coalesce(state, '-') || ' ' || left(query, 60), E'\\n') \
              FROM pg_stat_activity WHERE datname = 'app'",
         );
         panic!("query {marker} never started on the server; pg_stat_activity:\n{activity}\n{}", pooler.log());
     }
+    if !seen.starts_with("active") {
+        eprintln!("query {marker} had ended when first seen: {seen}");
+    }
+    seen.starts_with("active")
+}
+
+/// The end of PostgreSQL's log, for failure messages.
+fn pg_log_tail(pg: &Postgres) -> String {
+    let log = pg.log();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
 fn vm_rss_kib(pid: u32) -> u64 {
@@ -385,7 +401,11 @@ async fn cancel_requests_with_wrong_keys_are_closed_and_cancel_nothing() {
     // Control: the right key does cancel, so the checks below can tell a cancel when they see one.
     let mut victim = raw_login(&fixture.pooler);
     victim.stream.write_all(&message(b'Q', b"SELECT pg_sleep(30) /* right_key_victim */\0")).unwrap();
-    wait_until_running(pg, &fixture.pooler, "right_key_victim");
+    assert!(
+        wait_until_started(pg, &fixture.pooler, "right_key_victim"),
+        "a 30 s sleep ended before it was cancelled:\n{}",
+        pg_log_tail(pg)
+    );
     let mut canceller = raw_connect(&fixture.pooler);
     canceller.write_all(&cancel_request(victim.process_id, victim.secret_key)).unwrap();
     assert_refused(&mut canceller, "a CancelRequest with the right key");
@@ -398,7 +418,7 @@ async fn cancel_requests_with_wrong_keys_are_closed_and_cancel_nothing() {
 
     // Long enough to be seen running, and to outlast the three cancels below.
     victim.stream.write_all(&message(b'Q', b"SELECT pg_sleep(5) /* wrong_key_victim */\0")).unwrap();
-    wait_until_running(pg, &fixture.pooler, "wrong_key_victim");
+    wait_until_started(pg, &fixture.pooler, "wrong_key_victim");
     let wrong_keys = [
         ("the victim's process id with a wrong secret", victim.process_id, victim.secret_key.wrapping_add(1)),
         ("an unknown process id", victim.process_id.wrapping_add(1000), victim.secret_key),
@@ -418,8 +438,9 @@ async fn cancel_requests_with_wrong_keys_are_closed_and_cancel_nothing() {
     let reply = read_until_ready(&mut victim.stream);
     assert!(
         reply.iter().all(|(tag, _)| *tag != b'E') && reply.iter().any(|(tag, _)| *tag == b'D'),
-        "a CancelRequest with a wrong key cancelled the query: {}",
-        describe(&reply)
+        "a CancelRequest with a wrong key cancelled the query: {}\nPostgreSQL's log:\n{}",
+        describe(&reply),
+        pg_log_tail(pg)
     );
     fixture.assert_unharmed("CancelRequests with wrong keys").await;
 }
