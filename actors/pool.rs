@@ -70,8 +70,22 @@ pub struct PoolSettings {
     pub server_check_delay: Duration,
     /// `None`: no check; `Some("")`: an empty query (PgBouncer's `<empty>`).
     pub server_check_query: Option<String>,
+    pub server_fast_close: bool,
     pub reset_query: String,
     pub reset_query_always: bool,
+}
+
+impl PoolSettings {
+    /// Whether servers opened under `self` are what `other` would open: same place, database,
+    /// user, password, startup parameters and connect_query.
+    fn same_connection(&self, other: &PoolSettings) -> bool {
+        self.addr == other.addr
+            && self.dbname == other.dbname
+            && self.server_user == other.server_user
+            && self.password == other.password
+            && self.startup_params == other.startup_params
+            && self.connect_query == other.connect_query
+    }
 }
 
 /// A counter with a ceiling (0 = none), shared by every worker. Database and user limits also
@@ -171,6 +185,9 @@ pub struct PoolShared {
     servers: Limit,
     /// Clients logged in to this pool now, on any worker (see [`PoolMember`]).
     clients: AtomicUsize,
+    /// Bumped by a reload that changes how servers are reached: servers opened before are
+    /// closed as they come back instead of lent again (PgBouncer's "close_needed").
+    connection_generation: AtomicUsize,
     /// The pool's [`Pool`] actor, which the Supervisor replaces if it dies: actix restarts no
     /// actor that panicked.
     pub(crate) lifecycle: Mutex<Option<Addr<Pool>>>,
@@ -199,6 +216,7 @@ impl PoolShared {
             settings_version: AtomicUsize::new(0),
             servers,
             clients: AtomicUsize::new(0),
+            connection_generation: AtomicUsize::new(0),
             lifecycle: Mutex::new(None),
             db_limit,
             user_limit,
@@ -227,6 +245,10 @@ impl PoolShared {
     /// Applies reloaded settings; servers already open keep running and follow the new sizes
     /// as they come and go.
     pub fn update_settings(&self, settings: PoolSettings) {
+        if !self.settings().same_connection(&settings) {
+            self.connection_generation.fetch_add(1, Ordering::AcqRel);
+            log::info!("pool {}: connection settings changed; servers reconnect as they come back", self.key);
+        }
         self.servers.set_max(settings.pool_size);
         self.db_limit.set_max(settings.max_db_connections);
         self.user_limit.set_max(settings.max_user_connections);
@@ -237,6 +259,10 @@ impl PoolShared {
 
     pub fn server_count(&self) -> usize {
         self.servers.count()
+    }
+
+    pub fn connection_generation(&self) -> usize {
+        self.connection_generation.load(Ordering::Acquire)
     }
 
     /// Counts a logged-in client of this pool for as long as the returned guard lives.

@@ -285,6 +285,7 @@ pub fn resolve(config: &Config, database: &str, user: &str) -> Result<(PoolKey, 
         transaction_timeout: general.transaction_timeout,
         cancel_wait_timeout: general.cancel_wait_timeout,
         server_check_delay: general.server_check_delay,
+        server_fast_close: general.server_fast_close,
         server_check_query: match general.server_check_query.trim() {
             "" => None,
             "<empty>" => Some(String::new()),

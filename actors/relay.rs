@@ -274,10 +274,35 @@ impl Relay {
         }
     }
 
+    /// Session mode with `server_fast_close`: the server held for the whole session was opened
+    /// before a reload changed the connection settings, and no transaction is open on it.
+    fn fast_close_due(&mut self) -> bool {
+        if self.mode != PoolMode::Session {
+            return false;
+        }
+        let Some(lease) = &self.lease else { return false };
+        if lease.link.generation == self.pool.connection_generation() {
+            return false;
+        }
+        self.pool.refresh_settings(&mut self.settings);
+        self.settings.1.server_fast_close
+            && self.tracker.idle()
+            && lease.from_server.is_empty()
+            && lease.to_server.is_empty()
+    }
+
     async fn serve(&mut self) -> Ending {
+        let configuration_changed =
+            || Ending::Error(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "database configuration changed"));
         loop {
             self.arm_timer();
+            if self.fast_close_due() {
+                return configuration_changed();
+            }
             let event = poll_fn(|cx| self.poll_event(cx)).await;
+            if matches!(event, Event::ClientData) && self.fast_close_due() {
+                return configuration_changed();
+            }
             let step = match event {
                 Event::Timeout => match &self.timer {
                     Some((clock, _)) => {

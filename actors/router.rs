@@ -155,25 +155,34 @@ impl Router {
                 true if !self.idle.is_empty() => self.idle.remove(0),
                 _ => self.idle.pop()?,
             };
-            let healthy = idle.link.is_healthy();
-            if healthy
-                && self.settings.server_check_query.is_some()
+            let unfit = if !idle.link.is_healthy() {
+                Some("it closed or spoke unasked")
+            } else if idle.link.past_lifetime(lifetime) {
+                Some("it outlived server_lifetime")
+            } else if self.outdated(&idle.link) {
+                Some("a reload changed its connection settings")
+            } else {
+                None
+            };
+            if let Some(reason) = unfit {
+                log::info!("pool {}: idle server {} closed, {reason}", self.pool.key, idle.link.process_id);
+                idle.server.do_send(Close);
+                continue;
+            }
+            if self.settings.server_check_query.is_some()
                 && idle.since.elapsed() >= self.settings.server_check_delay
             {
                 self.checking.push(idle.server.clone());
                 idle.server.do_send(Return { link: idle.link, after: AfterLease::Check });
                 continue;
             }
-            if healthy && !idle.link.past_lifetime(lifetime) {
-                return Some((idle.server, idle.link));
-            }
-            log::info!(
-                "pool {}: idle server {} closed, spoke unasked or outlived server_lifetime; replacing it",
-                self.pool.key,
-                idle.link.process_id
-            );
-            idle.server.do_send(Close);
+            return Some((idle.server, idle.link));
         }
+    }
+
+    /// Opened before a reload changed how this pool's servers are reached.
+    fn outdated(&self, link: &ServerLink) -> bool {
+        link.generation != self.pool.connection_generation()
     }
 
     /// Opens servers for waiters that no login in flight will serve, within the limits.
@@ -398,8 +407,9 @@ impl Router {
     }
 
     /// Forgets waiters that left, and closes idle servers that died (so that `min_pool_size`
-    /// replaces them), are past `server_lifetime`, or idle past `server_idle_timeout` while the
-    /// pool stays at or above `min_pool_size`.
+    /// replaces them), are past `server_lifetime`, were opened before a reload changed the
+    /// connection settings, or idle past `server_idle_timeout` while the pool stays at or above
+    /// `min_pool_size`.
     fn janitor(&mut self) {
         self.waiters.retain(|w| !w.reply.is_closed());
         self.update_starving();
@@ -408,12 +418,17 @@ impl Router {
         let mut may_close = self.pool.server_count().saturating_sub(settings.min_pool_size);
         let timeout = settings.server_idle_timeout;
         let mut keep = Vec::with_capacity(self.idle.len());
-        for idle in self.idle.drain(..) {
+        let generation = self.pool.connection_generation();
+        for idle in std::mem::take(&mut self.idle) {
             let idle_too_long = !timeout.is_zero() && idle.since.elapsed() >= timeout && may_close > 0;
-            if idle_too_long || idle.link.past_lifetime(settings.server_lifetime) || !idle.link.is_healthy() {
+            if idle_too_long
+                || idle.link.past_lifetime(settings.server_lifetime)
+                || !idle.link.is_healthy()
+                || idle.link.generation != generation
+            {
                 may_close = may_close.saturating_sub(1);
                 log::debug!(
-                    "pool {}: closing server {} (idle timeout or lifetime)",
+                    "pool {}: closing server {} (idle timeout, lifetime or new connection settings)",
                     self.pool.key,
                     idle.link.process_id
                 );
@@ -482,7 +497,7 @@ impl Handler<Checkin> for Router {
         self.checking.retain(|s| *s != msg.server);
         let mut link = msg.link;
         link.settle();
-        if link.past_lifetime(self.settings.server_lifetime) {
+        if link.past_lifetime(self.settings.server_lifetime) || self.outdated(&link) {
             msg.server.do_send(Close);
         } else {
             self.place(msg.server, link, ctx);

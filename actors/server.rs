@@ -41,6 +41,9 @@ pub struct ServerLink {
     /// The client values these parameters were last found to match; any ParameterStatus
     /// clears it. Saves comparing every tracked parameter on every lease.
     pub matches_client: Option<TrackedParams>,
+    /// The pool's connection generation when this server logged in; older than the pool's
+    /// means a reload changed how servers are reached, and this one is closed, not reused.
+    pub generation: usize,
     guard: LendGuard,
 }
 
@@ -97,6 +100,7 @@ pub struct DetachedLink {
     process_id: i32,
     secret_key: i32,
     params: Vec<(String, String)>,
+    generation: usize,
 }
 
 impl ServerLink {
@@ -123,6 +127,7 @@ impl ServerLink {
             process_id: self.process_id,
             secret_key: self.secret_key,
             params: self.params,
+            generation: self.generation,
         })
     }
 
@@ -145,6 +150,7 @@ impl DetachedLink {
             secret_key: self.secret_key,
             params: self.params,
             matches_client: None,
+            generation: self.generation,
             guard: LendGuard::default(),
         })
     }
@@ -189,7 +195,7 @@ impl ServerConnection {
 }
 
 /// Connects and logs in, then runs `connect_query`.
-async fn open(settings: Arc<PoolSettings>) -> Result<ServerLink, PgError> {
+async fn open(settings: Arc<PoolSettings>, generation: usize) -> Result<ServerLink, PgError> {
     let addr = settings.addr.clone();
     let connect_failed = |detail: String| {
         PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("server connection failed ({addr}): {detail}"))
@@ -217,6 +223,7 @@ async fn open(settings: Arc<PoolSettings>) -> Result<ServerLink, PgError> {
         secret_key: outcome.secret_key,
         params: outcome.params,
         matches_client: None,
+        generation,
         guard: LendGuard::default(),
     };
     if let Some(query) = &settings.connect_query {
@@ -242,22 +249,26 @@ impl Actor for ServerConnection {
         if !self.fresh {
             return;
         }
+        // The generation first: settings newer than it only make the server close early.
+        let generation = self.pool.connection_generation();
         let settings = self.pool.settings();
-        ctx.spawn(wrap_future(open(settings)).map(|result, server: &mut Self, ctx| match result {
-            Ok(link) => {
-                server.pool.set_welcome_once(&link.params);
-                log::debug!("pool {}: new server connection {}", server.pool.key, link.process_id);
-                live_router(&mut server.router, &server.pool).do_send(Checkin {
-                    server: ctx.address(),
-                    link,
-                    fresh: true,
-                });
-            }
-            Err(error) => {
-                server.login_error = Some(error);
-                ctx.stop();
-            }
-        }));
+        ctx.spawn(wrap_future(open(settings, generation)).map(
+            |result, server: &mut Self, ctx| match result {
+                Ok(link) => {
+                    server.pool.set_welcome_once(&link.params);
+                    log::debug!("pool {}: new server connection {}", server.pool.key, link.process_id);
+                    live_router(&mut server.router, &server.pool).do_send(Checkin {
+                        server: ctx.address(),
+                        link,
+                        fresh: true,
+                    });
+                }
+                Err(error) => {
+                    server.login_error = Some(error);
+                    ctx.stop();
+                }
+            },
+        ));
     }
 
     fn stopped(&mut self, ctx: &mut Context<Self>) {

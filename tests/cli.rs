@@ -283,6 +283,9 @@ fn a_bad_config_gives_the_check_message_and_leaves_no_pidfile() {
 fn pidfile_holds_the_pid_until_sigterm_stops_the_daemon() {
     let setup = Setup::new("");
     let mut daemon = Daemon::start(&setup);
+    // The port accepts (into its backlog) as soon as it is bound, a moment before the pidfile
+    // is written.
+    assert!(wait_until(DEADLINE, || read_pid(&setup.pidfile()).is_some()), "no pidfile written");
     assert_eq!(read_pid(&setup.pidfile()), Some(daemon.child.id() as i32), "pidfile while running");
     // Signals that arrive earlier hit a start-up race of their own; see the next test.
     assert!(

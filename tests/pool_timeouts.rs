@@ -459,3 +459,72 @@ async fn server_check_query_runs_on_servers_idle_past_server_check_delay() {
     .await;
     assert_ne!(first, last, "a server that failed its check was lent again");
 }
+
+/// A pooler serving `moved`, pointing at database `from`, that a reload repoints at `to`.
+struct Repointed {
+    pooler: Pooler,
+    ini: String,
+}
+
+impl Repointed {
+    fn start(pg: &Postgres, from: &str, mode: &str, general: &str) -> Repointed {
+        let ini = format!(
+            "[databases]\nmoved = host=127.0.0.1 port={} dbname={from}\n\
+             [pgbouncer]\nauth_type = md5\npool_mode = {mode}\n{general}\n",
+            pg.port
+        );
+        Repointed { pooler: Pooler::start(&ini, &app_userlist()), ini }
+    }
+
+    /// Rewrites the config with `moved` pointing at `to` and sends SIGHUP.
+    async fn repoint(&self, from: &str, to: &str) {
+        let path = self.pooler.dir.join("pgcorral.ini");
+        let current = std::fs::read_to_string(&path).expect("read pgcorral.ini");
+        let changed = current.replace(&format!("dbname={from}\n"), &format!("dbname={to}\n"));
+        assert_ne!(changed, current, "the config names {from}: {}", self.ini);
+        std::fs::write(&path, changed).unwrap();
+        self.pooler.signal(libc::SIGHUP);
+        let log = || self.pooler.log().contains("connection settings changed");
+        assert!(eventually(log).await, "the reload was not applied:\n{}", self.pooler.log());
+    }
+}
+
+#[tokio::test]
+async fn a_reload_that_changes_a_connection_string_reconnects_servers() {
+    let pg = Postgres::shared();
+    let (from, to) = (pg.create_database("repoint_from"), pg.create_database("repoint_to"));
+    let setup = Repointed::start(pg, &from, "transaction", "");
+    let client = setup.pooler.connect(APP_USER, APP_PASSWORD, "moved").await.unwrap();
+    assert_eq!(first_value(&client, "SELECT current_database()").await.unwrap(), from);
+    setup.repoint(&from, &to).await;
+    // The same client's next transaction meets a server of the new database; the old idle
+    // server is closed rather than lent again.
+    assert_eq!(first_value(&client, "SELECT current_database()").await.unwrap(), to);
+    assert!(eventually(|| backend_count(pg, &from) == 0).await, "a server of the old database lingers");
+}
+
+#[tokio::test]
+async fn server_fast_close_ends_sessions_on_outdated_servers() {
+    let pg = Postgres::shared();
+    for fast_close in [false, true] {
+        let (from, to) = (pg.create_database("fast_close_from"), pg.create_database("fast_close_to"));
+        let general = format!("server_fast_close = {}", u8::from(fast_close));
+        let setup = Repointed::start(pg, &from, "session", &general);
+        let session = setup.pooler.connect(APP_USER, APP_PASSWORD, "moved").await.unwrap();
+        assert_eq!(first_value(&session, "SELECT current_database()").await.unwrap(), from);
+        setup.repoint(&from, &to).await;
+        let next = first_value(&session, "SELECT current_database()").await;
+        if fast_close {
+            // The session's server is outdated and no transaction is open: both go.
+            let err = next.expect_err("server_fast_close ends the session");
+            assert!(format!("{err:?}").contains("database configuration changed"), "{err:?}");
+        } else {
+            // PgBouncer's default: the session keeps its server until it ends.
+            assert_eq!(next.unwrap(), from);
+            drop(session);
+        }
+        let fresh = setup.pooler.connect(APP_USER, APP_PASSWORD, "moved").await.unwrap();
+        assert_eq!(first_value(&fresh, "SELECT current_database()").await.unwrap(), to);
+        assert!(eventually(|| backend_count(pg, &from) == 0).await, "the outdated server was reused or kept");
+    }
+}

@@ -84,6 +84,9 @@ pub struct General {
     pub server_check_delay: Duration,
     /// The check; empty turns checking off, `<empty>` sends an empty query.
     pub server_check_query: String,
+    /// Session mode: a server whose connection settings a reload changed is closed at the end
+    /// of its client's current transaction, with the client, instead of at the session's end.
+    pub server_fast_close: bool,
     /// 0 means unlimited.
     pub max_db_connections: usize,
     /// 0 means unlimited.
@@ -139,6 +142,7 @@ impl Default for General {
             cancel_wait_timeout: Duration::from_secs(10),
             server_check_delay: Duration::from_secs(30),
             server_check_query: "select 1".to_string(),
+            server_fast_close: false,
             max_db_connections: 0,
             max_user_connections: 0,
             max_db_client_connections: 0,
@@ -285,7 +289,6 @@ pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
     "resolv_conf",
     "sbuf_loopcnt",
     "scram_iterations",
-    "server_fast_close",
     "server_tls13_ciphers",
     "server_tls_ca_file",
     "server_tls_cert_file",
@@ -348,6 +351,7 @@ const PGBOUNCER_IMPLEMENTED: &[&str] = &[
     "cancel_wait_timeout",
     "server_check_delay",
     "server_check_query",
+    "server_fast_close",
     "client_login_timeout",
     "query_wait_timeout",
     "server_connect_timeout",
@@ -552,6 +556,7 @@ pub(crate) fn apply_general(
         "cancel_wait_timeout" => general.cancel_wait_timeout = s.seconds()?,
         "server_check_delay" => general.server_check_delay = s.seconds()?,
         "server_check_query" => general.server_check_query = s.value.to_string(),
+        "server_fast_close" => general.server_fast_close = s.bool()?,
         "max_db_connections" => general.max_db_connections = s.usize()?,
         "max_user_connections" => general.max_user_connections = s.usize()?,
         "max_db_client_connections" => general.max_db_client_connections = s.usize()?,
