@@ -265,24 +265,36 @@ pub fn resolve(config: &Config, database: &str, user: &str) -> Result<(PoolKey, 
             .and_then(|u| u.pool_size)
             .or(entry.pool_size)
             .unwrap_or(general.default_pool_size),
-        reserve_pool_size: entry.reserve_pool_size.unwrap_or(general.reserve_pool_size),
+        reserve_pool_size: user_entry
+            .and_then(|u| u.reserve_pool_size)
+            .or(entry.reserve_pool_size)
+            .unwrap_or(general.reserve_pool_size),
         min_pool_size: entry.min_pool_size.unwrap_or(general.min_pool_size),
         max_db_connections: entry.max_db_connections.unwrap_or(general.max_db_connections),
         max_user_connections: user_entry
             .and_then(|u| u.max_user_connections)
             .unwrap_or(general.max_user_connections),
         reserve_pool_timeout: general.reserve_pool_timeout,
-        query_wait_timeout: general.query_wait_timeout,
-        server_lifetime: general.server_lifetime,
+        query_wait_timeout: user_entry
+            .and_then(|u| u.query_wait_timeout)
+            .or(entry.query_wait_timeout)
+            .unwrap_or(general.query_wait_timeout),
+        server_lifetime: entry.server_lifetime.unwrap_or(general.server_lifetime),
         server_idle_timeout: general.server_idle_timeout,
         server_connect_timeout: general.server_connect_timeout,
         server_login_retry: general.server_login_retry,
         server_round_robin: general.server_round_robin,
         query_wait_notify: general.query_wait_notify,
-        client_idle_timeout: general.client_idle_timeout,
-        idle_transaction_timeout: general.idle_transaction_timeout,
-        query_timeout: general.query_timeout,
-        transaction_timeout: general.transaction_timeout,
+        client_idle_timeout: user_entry
+            .and_then(|u| u.client_idle_timeout)
+            .unwrap_or(general.client_idle_timeout),
+        idle_transaction_timeout: user_entry
+            .and_then(|u| u.idle_transaction_timeout)
+            .unwrap_or(general.idle_transaction_timeout),
+        query_timeout: user_entry.and_then(|u| u.query_timeout).unwrap_or(general.query_timeout),
+        transaction_timeout: user_entry
+            .and_then(|u| u.transaction_timeout)
+            .unwrap_or(general.transaction_timeout),
         cancel_wait_timeout: general.cancel_wait_timeout,
         server_check_delay: general.server_check_delay,
         server_fast_close: general.server_fast_close,

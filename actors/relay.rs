@@ -370,7 +370,12 @@ impl Relay {
                 }
             }
         }
-        if self.lease.as_ref().is_none_or(|l| l.to_server.len() < HIGH_WATER) {
+        // A cancel on its way can land after the query it was for has ended: PostgreSQL signals
+        // the backend twice (its pid, then its process group), and a busy machine can put a
+        // millisecond between the two, enough for the client's next query to start and be hit.
+        // That next query waits until the cancel has been delivered (the postmaster hung up).
+        let cancel_landing = self.cancel.in_flight.get() > 0 && self.tracker.idle();
+        if !cancel_landing && self.lease.as_ref().is_none_or(|l| l.to_server.len() < HIGH_WATER) {
             match read_some(&mut self.client, &mut self.from_client, cx) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::ClientGone),
                 Poll::Ready(Ok(_)) => return Poll::Ready(Event::ClientData),

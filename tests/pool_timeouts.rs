@@ -300,9 +300,10 @@ fn pgbench_rides_through_a_postgres_restart() {
     );
     let aborted =
         report.lines().filter(|l| l.contains("aborted in command") || l.contains("aborted while")).count();
-    // At most the four holding a server when PostgreSQL went down, each with PostgreSQL's own
-    // FATAL passed on.
-    assert!(aborted <= 4, "{aborted} of 16 clients aborted, more than held a server:\n{report}");
+    // Those holding one of the 4 servers while PostgreSQL shut its backends down fail, with
+    // PostgreSQL's own FATAL passed on; 4 in the runs seen. The shutdown is not one instant
+    // (a server can be lent again just before its backend is told), so the bound is looser.
+    assert!(aborted <= 8, "{aborted} of 16 clients aborted; most should ride through:\n{report}");
 }
 
 #[tokio::test]
@@ -527,4 +528,29 @@ async fn server_fast_close_ends_sessions_on_outdated_servers() {
         assert_eq!(first_value(&fresh, "SELECT current_database()").await.unwrap(), to);
         assert!(eventually(|| backend_count(pg, &from) == 0).await, "the outdated server was reused or kept");
     }
+}
+
+#[tokio::test]
+async fn database_and_user_entries_override_the_global_timeouts() {
+    let pg = Postgres::shared();
+    let db = pg.create_database("entry_timeouts");
+    // Globally: no query_timeout, a long query_wait_timeout. The [users] entry sets a
+    // query_timeout and the [databases] entry a short query_wait_timeout.
+    let ini = format!(
+        "[databases]\n{db} = host=127.0.0.1 port={port} dbname={db} pool_size=1 query_wait_timeout=1\n\
+         [users]\n{APP_USER} = query_timeout=1\n\
+         [pgbouncer]\nauth_type = md5\npool_mode = transaction\nquery_timeout = 0\nquery_wait_timeout = 120\n",
+        port = pg.port
+    );
+    let pooler = Pooler::start(&ini, &app_userlist());
+    let client = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    let err = first_value(&client, "SELECT pg_sleep(20)").await.expect_err("the user's query_timeout");
+    assert!(format!("{err:?}").contains("query_timeout"), "{err:?}");
+
+    let holder = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    holder.batch_execute("BEGIN").await.unwrap(); // keeps the only server
+    let waiter = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    let err = first_value(&waiter, "SELECT 1").await.expect_err("the database's query_wait_timeout");
+    assert!(format!("{err:?}").contains("query_wait_timeout"), "{err:?}");
+    holder.batch_execute("COMMIT").await.unwrap();
 }

@@ -300,7 +300,7 @@ batch = pool_mode=session max_user_connections=5
             "[pgbouncer]\nlisten_port = 1111\ntcp_keepalive = 1\n\
              [databases]\na = host=first\nb = host=b\n\
              [PGBOUNCER]\nLISTEN_PORT = 2222\ntcp_keepalive = 2\n\
-             [databases]\na = host=second server_lifetime=5\n\
+             [databases]\na = host=second target_session_attrs=any\n\
              [users]\nu = pool_size=1\nu = pool_size=2\n",
         )
         .unwrap();
@@ -314,7 +314,7 @@ batch = pool_mode=session max_user_connections=5
             shown(&warnings),
             [
                 "pgbouncer.ini:9: tcp_keepalive: not implemented yet by pgcorral; ignored",
-                "pgbouncer.ini:11: a: server_lifetime: not implemented yet by pgcorral; ignored",
+                "pgbouncer.ini:11: a: target_session_attrs: not implemented yet by pgcorral; ignored",
             ]
         );
     }
@@ -395,7 +395,7 @@ batch = pool_mode=session max_user_connections=5
         let (config, warnings) = parse(
             "[pgbouncer]\ntcp_keepalive = 3600\nstats_period = 600\n\
              client_tls_sslmode = require\ntcp_keepalive = 10\n\
-             [databases]\nd = host=a server_lifetime=3 auth_user=x\n\
+             [databases]\nd = host=a load_balance_hosts=random auth_user=x\n\
              [users]\nu = query_timeout=5 pool_size=3\n[peers]\n1 = host=/tmp/p1\n",
         )
         .unwrap();
@@ -405,13 +405,13 @@ batch = pool_mode=session max_user_connections=5
                 "pgbouncer.ini:5: tcp_keepalive: not implemented yet by pgcorral; ignored",
                 "pgbouncer.ini:3: stats_period: not implemented yet by pgcorral; ignored",
                 "pgbouncer.ini:4: client_tls_sslmode: not implemented yet by pgcorral; ignored",
-                "pgbouncer.ini:7: d: server_lifetime: not implemented yet by pgcorral; ignored",
+                "pgbouncer.ini:7: d: load_balance_hosts: not implemented yet by pgcorral; ignored",
                 "pgbouncer.ini:7: d: auth_user: not implemented yet by pgcorral; ignored",
-                "pgbouncer.ini:9: u: query_timeout: not implemented yet by pgcorral; ignored",
                 "pgbouncer.ini:11: 1: not implemented yet by pgcorral; ignored",
             ]
         );
         assert_eq!(config.user("u").unwrap().pool_size, Some(3));
+        assert_eq!(config.user("u").unwrap().query_timeout, Some(std::time::Duration::from_secs(5)));
 
         // Every key of the list is accepted in a real file.
         let mut text = String::from("[pgbouncer]\n");

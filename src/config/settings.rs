@@ -185,6 +185,8 @@ pub struct DatabaseEntry {
     pub timezone: Option<String>,
     pub application_name: Option<String>,
     pub connect_query: Option<String>,
+    pub query_wait_timeout: Option<Duration>,
+    pub server_lifetime: Option<Duration>,
 }
 
 /// One entry of `[users]`.
@@ -193,8 +195,14 @@ pub struct UserEntry {
     pub name: String,
     pub pool_mode: Option<PoolMode>,
     pub pool_size: Option<usize>,
+    pub reserve_pool_size: Option<usize>,
     pub max_user_connections: Option<usize>,
     pub max_user_client_connections: Option<usize>,
+    pub query_wait_timeout: Option<Duration>,
+    pub client_idle_timeout: Option<Duration>,
+    pub idle_transaction_timeout: Option<Duration>,
+    pub query_timeout: Option<Duration>,
+    pub transaction_timeout: Option<Duration>,
 }
 
 /// Something in the configuration that was accepted but has no effect.
@@ -316,25 +324,11 @@ pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
 ];
 
 /// Connection-string parameters of `[databases]` that pgcorral ignores.
-pub const DATABASE_NOT_IMPLEMENTED: &[&str] = &[
-    "auth_dbname",
-    "auth_query",
-    "auth_user",
-    "load_balance_hosts",
-    "query_wait_timeout",
-    "server_lifetime",
-    "target_session_attrs",
-];
+pub const DATABASE_NOT_IMPLEMENTED: &[&str] =
+    &["auth_dbname", "auth_query", "auth_user", "load_balance_hosts", "target_session_attrs"];
 
 /// Parameters of `[users]` entries that pgcorral ignores.
-pub const USER_NOT_IMPLEMENTED: &[&str] = &[
-    "client_idle_timeout",
-    "idle_transaction_timeout",
-    "query_timeout",
-    "query_wait_timeout",
-    "reserve_pool_size",
-    "transaction_timeout",
-];
+pub const USER_NOT_IMPLEMENTED: &[&str] = &[];
 
 /// `[pgbouncer]` keys pgcorral implements; kept for error messages.
 const PGBOUNCER_IMPLEMENTED: &[&str] = &[
@@ -400,10 +394,22 @@ const DATABASE_IMPLEMENTED: &[&str] = &[
     "timezone",
     "application_name",
     "connect_query",
+    "query_wait_timeout",
+    "server_lifetime",
 ];
 
-const USER_IMPLEMENTED: &[&str] =
-    &["pool_mode", "pool_size", "max_user_connections", "max_user_client_connections"];
+const USER_IMPLEMENTED: &[&str] = &[
+    "pool_mode",
+    "pool_size",
+    "reserve_pool_size",
+    "max_user_connections",
+    "max_user_client_connections",
+    "query_wait_timeout",
+    "client_idle_timeout",
+    "idle_transaction_timeout",
+    "query_timeout",
+    "transaction_timeout",
+];
 
 const PEER_KEYS: &[&str] = &["host", "port", "pool_size"];
 
@@ -666,6 +672,8 @@ pub(crate) fn parse_database(line: &Line<'_>) -> Result<(DatabaseEntry, Vec<Conf
         timezone: None,
         application_name: None,
         connect_query: None,
+        query_wait_timeout: None,
+        server_lifetime: None,
     };
     let warnings =
         line.each_param("database", DATABASE_IMPLEMENTED, DATABASE_NOT_IMPLEMENTED, |param, s| {
@@ -688,6 +696,8 @@ pub(crate) fn parse_database(line: &Line<'_>) -> Result<(DatabaseEntry, Vec<Conf
                 "timezone" => db.timezone = text,
                 "application_name" => db.application_name = text,
                 "connect_query" => db.connect_query = text,
+                "query_wait_timeout" => db.query_wait_timeout = Some(s.seconds()?),
+                "server_lifetime" => db.server_lifetime = Some(s.seconds()?),
                 _ => unreachable!("{param} is listed in DATABASE_IMPLEMENTED"),
             }
             Ok(())
@@ -701,15 +711,27 @@ pub(crate) fn parse_user(line: &Line<'_>) -> Result<(UserEntry, Vec<ConfigWarnin
         name: line.name.to_string(),
         pool_mode: None,
         pool_size: None,
+        reserve_pool_size: None,
         max_user_connections: None,
         max_user_client_connections: None,
+        query_wait_timeout: None,
+        client_idle_timeout: None,
+        idle_transaction_timeout: None,
+        query_timeout: None,
+        transaction_timeout: None,
     };
     let warnings = line.each_param("user", USER_IMPLEMENTED, USER_NOT_IMPLEMENTED, |param, s| {
         match param {
             "pool_mode" => user.pool_mode = Some(s.pool_mode()?),
             "pool_size" => user.pool_size = Some(s.usize()?),
+            "reserve_pool_size" => user.reserve_pool_size = Some(s.usize()?),
             "max_user_connections" => user.max_user_connections = Some(s.usize()?),
             "max_user_client_connections" => user.max_user_client_connections = Some(s.usize()?),
+            "query_wait_timeout" => user.query_wait_timeout = Some(s.seconds()?),
+            "client_idle_timeout" => user.client_idle_timeout = Some(s.seconds()?),
+            "idle_transaction_timeout" => user.idle_transaction_timeout = Some(s.seconds()?),
+            "query_timeout" => user.query_timeout = Some(s.seconds()?),
+            "transaction_timeout" => user.transaction_timeout = Some(s.seconds()?),
             _ => unreachable!("{param} is listed in USER_IMPLEMENTED"),
         }
         Ok(())
@@ -895,17 +917,22 @@ mod tests {
         let err = parse_database(&line("pgbouncer", "host=a")).unwrap_err().to_string();
         assert!(err.contains("reserved"), "{err}");
 
-        let (_, warnings) =
-            parse_database(&line("mydb", "host=a server_lifetime=10 auth_user=x server_lifetime=20"))
-                .unwrap();
+        let (db, warnings) = parse_database(&line(
+            "mydb",
+            "host=a target_session_attrs=any auth_user=x target_session_attrs=read-write \
+             server_lifetime=10 query_wait_timeout=2.5",
+        ))
+        .unwrap();
         let shown: Vec<String> = warnings.iter().map(ToString::to_string).collect();
         assert_eq!(
             shown,
             [
-                "pgbouncer.ini:3: mydb: server_lifetime: not implemented yet by pgcorral; ignored",
+                "pgbouncer.ini:3: mydb: target_session_attrs: not implemented yet by pgcorral; ignored",
                 "pgbouncer.ini:3: mydb: auth_user: not implemented yet by pgcorral; ignored",
             ]
         );
+        assert_eq!(db.server_lifetime, Some(Duration::from_secs(10)));
+        assert_eq!(db.query_wait_timeout, Some(Duration::from_millis(2500)));
     }
 
     #[test]
@@ -917,8 +944,22 @@ mod tests {
         assert_eq!(user.pool_mode, Some(PoolMode::Session));
         assert_eq!(user.max_user_connections, Some(5));
         assert_eq!(user.pool_size, Some(2));
-        let (_, warnings) = parse_user(&line("b", "query_timeout=5")).unwrap();
-        assert_eq!(warnings.len(), 1);
+        let (user, warnings) = parse_user(&line(
+            "b",
+            "query_timeout=5 transaction_timeout=6 idle_transaction_timeout=7 client_idle_timeout=8 \
+             query_wait_timeout=9 reserve_pool_size=2",
+        ))
+        .unwrap();
+        assert!(warnings.is_empty());
+        let secs = |s| Some(Duration::from_secs(s));
+        assert_eq!(
+            (user.query_timeout, user.transaction_timeout, user.idle_transaction_timeout),
+            (secs(5), secs(6), secs(7))
+        );
+        assert_eq!((user.client_idle_timeout, user.query_wait_timeout), (secs(8), secs(9)));
+        assert_eq!(user.reserve_pool_size, Some(2));
+        let err = parse_user(&line("b", "query_timeout=soon")).unwrap_err().to_string();
+        assert!(err.contains("b: query_timeout: expected a non-negative number of seconds"), "{err}");
         let err = parse_user(&line("b", "host=x")).unwrap_err().to_string();
         assert!(err.contains("unknown parameter \"host\" in the settings of user \"b\""), "{err}");
         let err = parse_user(&line("b", "pool_mode=transactional")).unwrap_err().to_string();
