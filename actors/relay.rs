@@ -256,8 +256,11 @@ impl Relay {
             }
         }
         let limit = self.settings.1.transaction_timeout;
-        let in_transaction = self.lease.is_some() && (self.tracker.busy() || self.tracker.status() != b'I');
-        match (in_transaction && !limit.is_zero(), &self.transaction_timer) {
+        // The key is usually off: then nothing else is looked at.
+        let armed = !limit.is_zero()
+            && self.lease.is_some()
+            && (self.tracker.busy() || self.tracker.status() != b'I');
+        match (armed, &self.transaction_timer) {
             (true, None) => self.transaction_timer = Some(Box::pin(tokio::time::sleep(limit))),
             (false, Some(_)) => self.transaction_timer = None,
             _ => {}
