@@ -14,7 +14,10 @@ use actix::fut::wrap_future;
 use actix::prelude::*;
 use bytes::BytesMut;
 
+use crate::actors::census::{ClientEntry, ClientLogin};
 use crate::actors::client_login::{accept, Accepted, LoginError, Wire};
+use crate::actors::console::{Console, Role};
+use crate::actors::control::ADMIN_DATABASES;
 use crate::actors::messages::{CancelQuery, Kill};
 use crate::actors::registry::Shared;
 use crate::actors::relay::{send_cancel, CancelState, Control, Relay};
@@ -36,6 +39,8 @@ pub struct ClientSession {
     process_id: Rc<std::cell::Cell<Option<i32>>>,
     /// (database, user) this client is counted under once logged in.
     counted: Rc<std::cell::RefCell<Option<(String, String)>>>,
+    /// This client in the census (SHOW CLIENTS), from the moment it connected.
+    entry: Option<Arc<ClientEntry>>,
 }
 
 impl ClientSession {
@@ -50,6 +55,7 @@ impl ClientSession {
             admitted: Rc::default(),
             process_id: Rc::default(),
             counted: Rc::default(),
+            entry: None,
         }
     }
 }
@@ -62,7 +68,13 @@ impl Actor for ClientSession {
             ctx.stop();
             return;
         };
+        let unix_port = self.shared.config().general.listen_port;
+        let (remote, local) = socket.endpoints(unix_port);
+        let remote_pid = socket.peer_credentials().map_or(0, |(_, pid)| pid);
+        let entry = self.shared.census.enter_client(ctx.address(), remote, local, remote_pid);
+        self.entry = Some(entry.clone());
         let session = Session {
+            entry,
             shared: self.shared.clone(),
             me: ctx.address(),
             cancel: self.cancel.clone(),
@@ -73,14 +85,41 @@ impl Actor for ClientSession {
         // Two futures, one after the other, so that an idle session keeps only the relay's
         // state, not the login's.
         let login = session.login(socket, control_rx);
-        ctx.spawn(wrap_future(login).map(|relay, _, ctx: &mut Context<Self>| match relay {
-            Some(relay) => {
+        ctx.spawn(wrap_future(login).map(|serve, session: &mut Self, ctx: &mut Context<Self>| match serve {
+            Ok(Serve::Relay(relay)) => {
                 let run = relay.run();
                 log::trace!("relay future: {} bytes", std::mem::size_of_val(&run));
-                ctx.spawn(wrap_future(run).map(|_, _, ctx: &mut Context<Self>| ctx.stop()));
+                ctx.spawn(wrap_future(run).map(|reason, session: &mut Self, ctx: &mut Context<Self>| {
+                    session.closing(&reason);
+                    ctx.stop()
+                }));
             }
-            None => ctx.stop(),
+            Ok(Serve::Console(console)) => {
+                ctx.spawn(wrap_future(console.run()).map(
+                    |_, session: &mut Self, ctx: &mut Context<Self>| {
+                        session.closing("client close request");
+                        ctx.stop()
+                    },
+                ));
+            }
+            Err(reason) => {
+                if let Some(reason) = reason {
+                    session.closing(&reason);
+                }
+                ctx.stop()
+            }
         }));
+    }
+}
+
+impl ClientSession {
+    /// `log_disconnections`: why the client went, and how long it stayed.
+    fn closing(&self, reason: &str) {
+        let Some(entry) = &self.entry else { return };
+        if self.shared.config().general.log_disconnections {
+            let age = self.shared.census.clock.since(entry.connected).as_secs();
+            log::info!("{} closing because: {reason} (age={age}s)", entry.describe());
+        }
     }
 }
 
@@ -97,6 +136,9 @@ impl Drop for ClientSession {
         }
         if let Some((database, user)) = self.counted.borrow_mut().take() {
             self.shared.login_left(&database, &user);
+        }
+        if let Some(entry) = &self.entry {
+            self.shared.census.leave_client(entry.id);
         }
     }
 }
@@ -145,8 +187,17 @@ impl Handler<CancelQuery> for ClientSession {
     }
 }
 
+/// What serves a client once it has logged in. Moved once, right after login, so the size
+/// difference costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
+enum Serve {
+    Relay(Relay),
+    Console(Console),
+}
+
 /// The session's login and welcome, run as a future on the actor's arbiter.
 struct Session {
+    entry: Arc<ClientEntry>,
     shared: Arc<Shared>,
     me: Addr<ClientSession>,
     cancel: Rc<CancelState>,
@@ -156,9 +207,14 @@ struct Session {
 }
 
 impl Session {
-    /// Logs the client in and greets it; returns the relay that serves it from then on, or
-    /// None when the connection is over (refused, a cancel request, gone).
-    async fn login(self, socket: Socket, control_rx: LocalReceiver<Control>) -> Option<Relay> {
+    /// Logs the client in and greets it; returns what serves it from then on (a relay, or the
+    /// console), or None when the connection is over (refused, a cancel request, gone).
+    /// Err carries the reason to log when a refused client is disconnected.
+    async fn login(
+        self,
+        socket: Socket,
+        control_rx: LocalReceiver<Control>,
+    ) -> Result<Serve, Option<String>> {
         let mut wire = Wire::new(socket);
         let mut admitted = false;
         // client_login_timeout: a client that does not finish logging in is disconnected.
@@ -170,30 +226,37 @@ impl Session {
         self.admitted.set(admitted);
         let login = match login {
             Ok(Ok(Accepted::Login(login))) => login,
+            Ok(Ok(Accepted::Console { user, database, startup, role })) => {
+                return self.console(wire, control_rx, user, database, startup, role).await;
+            }
             Ok(Ok(Accepted::Cancel { process_id, secret_key })) => {
                 self.shared.cancel(process_id, secret_key);
-                return None;
+                return Err(None);
             }
-            Ok(Err(LoginError::Refused(error))) => {
-                log::info!("client {}: login refused: {}", wire.socket.peer(), error.message);
-                error.encode(&mut wire.out);
-                let _ = wire.flush().await;
-                return None;
-            }
-            Ok(Err(LoginError::Gone)) | Err(_) => return None,
+            Ok(Err(LoginError::Refused(error))) => return Err(self.refuse(&mut wire, error).await),
+            Ok(Err(LoginError::Gone)) => return Err(None),
+            // Closed without a word: the client may not even speak the protocol yet.
+            Err(_) => return Err(Some("client_login_timeout".into())),
         };
         // The peer's address costs a system call: only asked for when it is logged.
         if log::log_enabled!(log::Level::Debug) {
             log::debug!("client {}: login as {} to {}", wire.socket.peer(), login.user, login.database);
         }
         if let Err(error) = self.shared.admit_login(&login.database, &login.user) {
-            log::info!("client {}: login refused: {}", wire.socket.peer(), error.message);
             wire.out.clear();
-            error.encode(&mut wire.out);
-            let _ = wire.flush().await;
-            return None;
+            return Err(self.refuse(&mut wire, error).await);
         }
         self.counted.replace(Some((login.database.clone(), login.user.clone())));
+        let application_name = login.startup.iter().find(|(n, _)| n == "application_name");
+        self.entry.logged_in(
+            ClientLogin {
+                database: login.database.clone(),
+                user: login.user.clone(),
+                pool: Some(login.pool.clone()),
+            },
+            application_name.map_or("", |(_, v)| v.as_str()),
+        );
+        self.logged_in(&login.database, &login.user);
 
         let (process_id, secret_key) = self.shared.register_cancel_key(self.me.clone());
         self.process_id.set(Some(process_id));
@@ -209,16 +272,18 @@ impl Session {
             self.cancel.clone(),
             control_rx,
             config.general.max_packet_size,
+            self.entry.clone(),
         );
         relay.queue_to_client(&out);
         let welcome = match relay.welcome().await {
             Ok(welcome) => welcome,
             Err(error) => {
+                self.pooler_error(&error);
                 let mut buf = BytesMut::new();
                 error.encode(&mut buf);
                 relay.queue_to_client(&buf);
                 relay.run_closing().await;
-                return None;
+                return Err(Some(error.message));
             }
         };
         let names = TrackedParams::names(&config.general.track_extra_parameters);
@@ -232,6 +297,78 @@ impl Session {
         backend::ready_for_query(&mut hello, b'I');
         relay.queue_to_client(&hello);
         relay.set_params(tracked);
-        Some(relay)
+        Ok(Serve::Relay(relay))
+    }
+
+    /// `log_connections`: a client logged in.
+    fn logged_in(&self, database: &str, user: &str) {
+        if self.shared.config().general.log_connections {
+            log::info!(
+                "{} login attempt: db={database} user={user} tls=no replication=no",
+                self.entry.describe()
+            );
+        }
+    }
+
+    /// `log_pooler_errors`: an error pgcorral itself sends a client.
+    fn pooler_error(&self, error: &PgError) {
+        if self.shared.config().general.log_pooler_errors {
+            log::warn!("{} pooler error: {}", self.entry.describe(), error.message);
+        }
+    }
+
+    /// Tells the client why it is refused; returns the reason for the log.
+    async fn refuse(&self, wire: &mut Wire, error: PgError) -> Option<String> {
+        self.pooler_error(&error);
+        error.encode(&mut wire.out);
+        let _ = wire.flush().await;
+        Some(error.message)
+    }
+
+    async fn console(
+        self,
+        mut wire: Wire,
+        control_rx: LocalReceiver<Control>,
+        user: String,
+        database: String,
+        startup: Vec<(String, String)>,
+        role: Role,
+    ) -> Result<Serve, Option<String>> {
+        if let Err(error) = self.shared.admit_login(&database, &user) {
+            wire.out.clear();
+            return Err(self.refuse(&mut wire, error).await);
+        }
+        log::debug!("client {}: console login as {user} ({role:?})", wire.socket.peer());
+        // Counted under the name PgBouncer lists the console as.
+        let listed = ADMIN_DATABASES[0].to_string();
+        self.counted.replace(Some((database.clone(), user.clone())));
+        let application_name = startup.iter().find(|(n, _)| n == "application_name");
+        self.entry.logged_in(
+            ClientLogin { database: listed, user, pool: None },
+            application_name.map_or("", |(_, v)| v.as_str()),
+        );
+        let (process_id, secret_key) = self.shared.register_cancel_key(self.me.clone());
+        self.process_id.set(Some(process_id));
+        let Wire { socket, inbuf, mut out } = wire;
+        for (name, value) in CONSOLE_PARAMETERS {
+            backend::parameter_status(&mut out, name, value);
+        }
+        backend::backend_key_data(&mut out, process_id, secret_key);
+        backend::ready_for_query(&mut out, b'I');
+        let mut console = Console::new(socket, inbuf, self.shared.clone(), role, control_rx);
+        console.queue(&out);
+        self.logged_in(ADMIN_DATABASES[0], &self.entry.login().map_or(String::new(), |l| l.user.clone()));
+        Ok(Serve::Console(console))
     }
 }
+
+/// What the console reports about itself at login, as PgBouncer's does.
+const CONSOLE_PARAMETERS: [(&str, &str); 7] = [
+    ("server_version", "1.25.1/bouncer"),
+    ("client_encoding", "UTF8"),
+    ("server_encoding", "UTF8"),
+    ("DateStyle", "ISO"),
+    ("TimeZone", "GMT"),
+    ("standard_conforming_strings", "on"),
+    ("is_superuser", "on"),
+];

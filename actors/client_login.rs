@@ -12,6 +12,8 @@ use std::sync::Arc;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::actors::console::Role;
+use crate::actors::control::is_admin_database;
 use crate::actors::pool::PoolShared;
 use crate::actors::registry::Shared;
 use crate::auth::{md5_verify, verify_plaintext, ScramServer, Secret};
@@ -59,8 +61,18 @@ impl From<io::Error> for LoginError {
 }
 
 pub enum Accepted {
-    Cancel { process_id: i32, secret_key: i32 },
+    Cancel {
+        process_id: i32,
+        secret_key: i32,
+    },
     Login(Login),
+    /// A login to the admin console (database `pgbouncer` or `pgcorral`).
+    Console {
+        user: String,
+        database: String,
+        startup: Vec<(String, String)>,
+        role: Role,
+    },
 }
 
 pub struct Login {
@@ -162,10 +174,42 @@ pub async fn accept(wire: &mut Wire, shared: &Shared, admitted: &mut bool) -> Re
     })?;
     let database = param("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
     check_parameters(&params, &config)?;
+    if is_admin_database(&database) {
+        let role = console_login(wire, &config, &user).await?;
+        backend::authentication_ok(&mut wire.out);
+        return Ok(Accepted::Console { user, database, startup: params, role });
+    }
     let pool = shared.pool(&database, &user)?;
     authenticate(wire, &config, &user).await?;
+    if shared.holds.lock().unwrap().disabled(&database) {
+        return Err(PgError::fatal(
+            sqlstate::PROTOCOL_VIOLATION,
+            format!("database \"{database}\" is disabled"),
+        )
+        .into());
+    }
     backend::authentication_ok(&mut wire.out);
     Ok(Accepted::Login(Login { user, database, startup: params, pool }))
+}
+
+/// Who may use the console, as in PgBouncer: `admin_users` and `stats_users` after the usual
+/// authentication, and the user `pgbouncer` without a password over the Unix socket when it
+/// runs as pgcorral's own OS user. Anyone else is told "not allowed".
+async fn console_login(wire: &mut Wire, config: &Config, user: &str) -> Result<Role, LoginError> {
+    let own_uid = unsafe { libc::getuid() };
+    let peer_is_me = wire.socket.peer_credentials().is_some_and(|(uid, _)| uid == own_uid);
+    if user == "pgbouncer" && peer_is_me {
+        return Ok(Role::Admin);
+    }
+    authenticate(wire, config, user).await?;
+    let general = &config.general;
+    if general.admin_users.iter().any(|u| u == user) {
+        Ok(Role::Admin)
+    } else if general.stats_users.iter().any(|u| u == user) {
+        Ok(Role::Stats)
+    } else {
+        Err(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "not allowed").into())
+    }
 }
 
 fn check_parameters(params: &[(String, String)], config: &Config) -> Result<(), PgError> {

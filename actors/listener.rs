@@ -4,7 +4,8 @@
 //! Each worker has its own TCP listener on every `listen_addr` (SO_REUSEPORT lets the kernel
 //! spread connections across workers), so accepting takes no cross-thread hop and a client's
 //! whole life stays on one worker. The Unix socket (`unix_socket_dir/.s.PGSQL.<port>`) has a
-//! single listener on the first worker. Takes no messages.
+//! single listener on the first worker. Takes [`StopAccepting`] (graceful shutdown): the
+//! listening socket closes, connections already accepted go on.
 
 use std::sync::Arc;
 
@@ -79,4 +80,17 @@ impl Actor for Listener {
 async fn accept_failed(e: std::io::Error) {
     log::warn!("accept failed: {e}");
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+}
+
+/// Close the listening socket; a graceful shutdown has begun.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopAccepting;
+
+impl Handler<StopAccepting> for Listener {
+    type Result = ();
+
+    fn handle(&mut self, _: StopAccepting, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
 }

@@ -103,6 +103,14 @@ pub struct PermitFreed;
 #[rtype(result = "()")]
 pub struct ShedIdle;
 
+/// Close idle servers now: all of them (PAUSE, KILL), or only those opened before the pool's
+/// connection settings last changed (RECONNECT).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CloseIdle {
+    pub outdated_only: bool,
+}
+
 /// The pool is below `min_pool_size`: open one server and keep it idle.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -148,6 +156,12 @@ pub struct CancelQuery;
 pub struct Kill(pub PgError);
 
 // ----- to the Supervisor -----------------------------------------------------------------------
+
+/// Stop the daemon: at once, once servers are back in their pools (SIGINT), or once clients
+/// have left (SIGTERM).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Shutdown(pub crate::admin::command::ShutdownMode);
 
 /// Re-read the configuration and auth_file and apply them.
 #[derive(Message)]

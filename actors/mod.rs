@@ -1,10 +1,15 @@
 //! The live system: one actor per client session, server connection, pool and (per worker)
 //! router, under a supervisor. See README's architecture section for who sends what to whom.
 
+pub mod census;
 pub mod client;
 pub mod client_login;
+pub mod console;
+pub mod control;
+pub mod inspect;
 pub mod listener;
 pub mod messages;
+pub mod metrics_server;
 pub mod pool;
 pub mod registry;
 pub mod relay;

@@ -9,12 +9,13 @@
 //! The [`Pool`] actor owns the pool's lifecycle policy; it takes a periodic tick in which it keeps
 //! `min_pool_size` servers open by sending [`Grow`] to a router, while the pool has clients.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
+use crate::actors::census::Census;
 use crate::actors::messages::{Grow, PermitFreed, ShedIdle};
 use crate::actors::router::Router;
 use crate::auth::Secret;
@@ -22,6 +23,7 @@ use crate::config::PoolMode;
 use crate::net::ServerAddr;
 use crate::params::SharedParams;
 use crate::protocol::PgError;
+use crate::stats::PoolStats;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -73,6 +75,7 @@ pub struct PoolSettings {
     pub server_fast_close: bool,
     pub reset_query: String,
     pub reset_query_always: bool,
+    pub log_pooler_errors: bool,
 }
 
 impl PoolSettings {
@@ -133,6 +136,16 @@ impl Limit {
     pub fn release(&self) {
         let _ = self.count.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_sub(1));
     }
+}
+
+/// Whether the console holds a pool's traffic: new transactions wait while it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    None = 0,
+    /// SUSPEND: servers stay open and idle.
+    Suspended = 1,
+    /// PAUSE or KILL: servers close as they come back.
+    Paused = 2,
 }
 
 /// The ParameterStatus list every new client of a pool is greeted with.
@@ -199,6 +212,17 @@ pub struct PoolShared {
     pub shared_params: SharedParams,
     routers: Mutex<Vec<Option<Addr<Router>>>>,
     starving: Vec<AtomicBool>,
+    hold: AtomicU8,
+    /// Traffic counters, one slot per worker.
+    pub stats: PoolStats,
+    /// Where this pool's server connections are entered (the daemon's one census).
+    pub census: Arc<Census>,
+}
+
+impl std::fmt::Debug for PoolShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PoolShared({})", self.key)
+    }
 }
 
 impl PoolShared {
@@ -208,6 +232,7 @@ impl PoolShared {
         db_limit: Arc<Limit>,
         user_limit: Arc<Limit>,
         workers: usize,
+        census: Arc<Census>,
     ) -> PoolShared {
         let servers = Limit::new(settings.pool_size);
         PoolShared {
@@ -227,6 +252,9 @@ impl PoolShared {
             loads: (0..workers).map(|_| WorkerLoad::default()).collect(),
             epoch: Instant::now(),
             login_backoff: Mutex::new(None),
+            stats: PoolStats::new(workers),
+            hold: AtomicU8::new(Hold::None as u8),
+            census,
         }
     }
 
@@ -255,6 +283,23 @@ impl PoolShared {
         *self.settings.write().unwrap() = Arc::new(settings);
         self.settings_version.fetch_add(1, Ordering::Release);
         self.wake_starving();
+    }
+
+    pub fn hold(&self) -> Hold {
+        match self.hold.load(Ordering::Relaxed) {
+            0 => Hold::None,
+            1 => Hold::Suspended,
+            _ => Hold::Paused,
+        }
+    }
+
+    pub fn set_hold(&self, hold: Hold) {
+        self.hold.store(hold as u8, Ordering::Relaxed);
+    }
+
+    /// RECONNECT: servers open now close as they come back; new ones connect afresh.
+    pub fn reconnect(&self) {
+        self.connection_generation.fetch_add(1, Ordering::AcqRel);
     }
 
     pub fn server_count(&self) -> usize {

@@ -7,18 +7,22 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use actix::prelude::*;
 
+use crate::actors::census::Census;
 use crate::actors::client::ClientSession;
+use crate::actors::control::Holds;
 use crate::actors::messages::CancelQuery;
 use crate::actors::pool::{Limit, Pool, PoolKey, PoolSettings, PoolShared};
+use crate::actors::supervisor::Supervisor;
 use crate::auth::Secret;
 use crate::config::Config;
 use crate::net::ServerAddr;
 use crate::protocol::error::sqlstate;
 use crate::protocol::PgError;
+use crate::stats::{PoolStats, StatsWindow};
 
 struct CancelEntry {
     secret_key: i32,
@@ -41,8 +45,17 @@ pub struct Shared {
     cancel_keys: Mutex<HashMap<i32, CancelEntry>>,
     next_process_id: AtomicI32,
     pub workers: usize,
+    /// Every client and server connection alive, for the console and metrics.
+    pub census: Arc<Census>,
     /// The Supervisor's arbiter, where Pool actors live (they are off the data path).
     home: ArbiterHandle,
+    /// What the console paused, suspended or disabled.
+    pub holds: Mutex<Holds>,
+    /// Console commands, counted as PgBouncer counts its admin database's traffic.
+    pub console_stats: PoolStats,
+    /// Totals at the last two `stats_period` ticks, for averages.
+    pub stats_window: Mutex<StatsWindow>,
+    supervisor: OnceLock<Addr<Supervisor>>,
 }
 
 impl Shared {
@@ -59,8 +72,28 @@ impl Shared {
             cancel_keys: Mutex::new(HashMap::new()),
             next_process_id: AtomicI32::new(1),
             workers,
+            census: Arc::default(),
             home,
+            holds: Mutex::default(),
+            console_stats: PoolStats::new(1),
+            stats_window: Mutex::new(StatsWindow::new()),
+            supervisor: OnceLock::new(),
         }
+    }
+
+    pub fn set_supervisor(&self, supervisor: Addr<Supervisor>) {
+        let _ = self.supervisor.set(supervisor);
+    }
+
+    pub fn supervisor(&self) -> Option<Addr<Supervisor>> {
+        self.supervisor.get().cloned()
+    }
+
+    /// Every pool created so far, in a stable order (database, then user).
+    pub fn all_pools(&self) -> Vec<Arc<PoolShared>> {
+        let mut pools: Vec<_> = self.pools.lock().unwrap().values().cloned().collect();
+        pools.sort_by(|a, b| (&a.key.database, &a.key.user).cmp(&(&b.key.database, &b.key.user)));
+        pools
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -77,6 +110,17 @@ impl Shared {
         for pool in pools {
             if let Ok((_, settings)) = resolve(&config, &pool.key.database, &pool.key.user) {
                 pool.update_settings(settings);
+            }
+        }
+    }
+
+    /// A reload removed `database`: new logins are refused (it no longer resolves), clients
+    /// still connected finish, and its servers close as they come back.
+    pub fn database_removed(&self, database: &str) {
+        for pool in self.all_pools().iter().filter(|p| p.key.database == database) {
+            pool.reconnect();
+            for (_, router) in pool.all_routers() {
+                router.do_send(crate::actors::messages::CloseIdle { outdated_only: true });
             }
         }
     }
@@ -107,9 +151,11 @@ impl Shared {
             db_limit.clone(),
             user_limit.clone(),
             self.workers,
+            self.census.clone(),
         ));
         db_limit.join(&pool);
         user_limit.join(&pool);
+        pool.set_hold(self.holds.lock().unwrap().of(&key.database));
         self.start_lifecycle(&pool);
         pools.insert(key, pool.clone());
         Ok(pool)
@@ -179,6 +225,15 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// Logged-in clients of a database and of a user now.
+    pub fn clients_of_database(&self, database: &str) -> usize {
+        self.clients_per_db.lock().unwrap().get(database).copied().unwrap_or(0)
+    }
+
+    pub fn clients_of_user(&self, user: &str) -> usize {
+        self.clients_per_user.lock().unwrap().get(user).copied().unwrap_or(0)
     }
 
     pub fn client_left(&self) {
@@ -305,6 +360,7 @@ pub fn resolve(config: &Config, database: &str, user: &str) -> Result<(PoolKey, 
         },
         reset_query: general.server_reset_query.clone(),
         reset_query_always: general.server_reset_query_always,
+        log_pooler_errors: general.log_pooler_errors,
     };
     Ok((PoolKey { database: database.to_string(), user: server_user }, settings))
 }

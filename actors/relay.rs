@@ -19,16 +19,17 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWrite;
 use tokio::sync::oneshot;
 
+use crate::actors::census::ClientEntry;
 use crate::actors::messages::{Checkin, Checkout, Return};
 use crate::actors::pool::{PoolMember, PoolSettings, PoolShared, Welcome};
-use crate::actors::router::{live_router, Router};
+use crate::actors::router::{live_router, worker_index, Router};
 use crate::actors::server::{AfterLease, ServerConnection, ServerLink};
 use crate::auth::BackendLoginError;
 use crate::config::PoolMode;
@@ -115,6 +116,9 @@ enum Event {
 
 /// Why the loop ended; decides what is sent to the client and what happens to a leased server.
 enum Ending {
+    /// The client sent Terminate.
+    Terminated,
+    /// The client's connection ended without a Terminate.
     ClientLeft,
     /// Tell the client, then close it.
     Error(PgError),
@@ -146,6 +150,13 @@ pub struct Relay {
     /// `transaction_timeout`, which runs alongside the other clocks from a transaction's
     /// start to its end; armed only while one is open and the key is set.
     transaction_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// This client in the census, kept current for SHOW CLIENTS.
+    entry: Arc<ClientEntry>,
+    /// This worker's slot in the pool's statistics.
+    worker: usize,
+    /// When the query (up to its ReadyForQuery) and the transaction being served began.
+    query_started: Option<Instant>,
+    xact_started: Option<Instant>,
 }
 
 impl Relay {
@@ -159,6 +170,7 @@ impl Relay {
         cancel: Rc<CancelState>,
         control: LocalReceiver<Control>,
         max_packet: usize,
+        entry: Arc<ClientEntry>,
     ) -> Relay {
         let settings = (usize::MAX, pool.settings());
         let mode = settings.1.pool_mode;
@@ -181,6 +193,10 @@ impl Relay {
             timer: None,
             transaction_timer: None,
             _member: member,
+            entry,
+            worker: worker_index(),
+            query_started: None,
+            xact_started: None,
         }
     }
 
@@ -191,7 +207,8 @@ impl Relay {
 
     /// Runs until the client leaves or is disconnected; the leased server, if any, goes back
     /// to its actor in a state that is safe for the next client.
-    pub async fn run(mut self) {
+    /// Returns why the session ended, in PgBouncer's words for its log.
+    pub async fn run(mut self) -> String {
         let ending = self.serve().await;
         let after = match &ending {
             Ending::ServerLost => AfterLease::Close,
@@ -202,14 +219,17 @@ impl Relay {
             self.give_back(lease, after);
         }
         let goodbye = match ending {
-            Ending::ClientLeft => None,
-            Ending::Error(e) => Some(e),
-            Ending::ServerLost => Some(PgError::fatal(sqlstate::CONNECTION_FAILURE, "server conn crashed?")),
+            Ending::Terminated => return "client close request".into(),
+            Ending::ClientLeft => return "client unexpected eof".into(),
+            Ending::Error(e) => e,
+            Ending::ServerLost => PgError::fatal(sqlstate::CONNECTION_FAILURE, "server conn crashed?"),
         };
-        if let Some(error) = goodbye {
-            error.encode(&mut self.to_client);
-            let _ = poll_fn(|cx| flush(&mut self.client, &mut self.to_client, cx)).await;
+        if self.settings.1.log_pooler_errors {
+            log::warn!("{} pooler error: {}", self.entry.describe(), goodbye.message);
         }
+        goodbye.encode(&mut self.to_client);
+        let _ = poll_fn(|cx| flush(&mut self.client, &mut self.to_client, cx)).await;
+        goodbye.message
     }
 
     fn after_lease_on_exit(&self) -> AfterLease {
@@ -399,8 +419,9 @@ impl Relay {
             };
             if frame.tag == b'X' {
                 self.forward_to_server(end);
-                return Err(Ending::ClientLeft);
+                return Err(Ending::Terminated);
             }
+
             if self.lease.is_none() {
                 // Only at a message boundary with nothing pending: `end` is 0 here. Boxed: the
                 // checkout's state would otherwise sit in every idle client's future.
@@ -416,6 +437,14 @@ impl Relay {
     fn forward_to_server(&mut self, len: usize) {
         if len == 0 {
             return;
+        }
+        self.pool.stats.received(self.worker, len);
+        // PgBouncer's query and transaction times run while a server works for the client,
+        // not while the client waits for one.
+        if self.query_started.is_none() {
+            let now = Instant::now();
+            self.query_started = Some(now);
+            self.xact_started.get_or_insert(now);
         }
         let chunk = self.from_client.split_to(len);
         if let Some(lease) = &mut self.lease {
@@ -441,6 +470,20 @@ impl Relay {
             match frame.tag {
                 b'Z' => {
                     self.tracker.server_sent(b'Z', body.first().copied());
+                    let now = Instant::now();
+                    let stats = &self.pool.stats;
+                    if let Some(start) = self.query_started.take() {
+                        stats.query(self.worker, now - start);
+                    }
+                    // Pipelined queries: the next one's time runs from this one's end.
+                    if self.tracker.busy() {
+                        self.query_started = Some(now);
+                    }
+                    if self.tracker.quiet() && self.tracker.status() == b'I' {
+                        if let Some(start) = self.xact_started.take() {
+                            stats.transaction(self.worker, now - start);
+                        }
+                    }
                     if self.mode == PoolMode::Statement
                         && self.tracker.quiet()
                         && self.tracker.status() != b'I'
@@ -453,6 +496,9 @@ impl Relay {
                     if let Some((name, value)) = parse_parameter_status(body) {
                         lease.link.set_param(&name, &value);
                         self.params.observe(&name, &value);
+                        if name.eq_ignore_ascii_case("application_name") {
+                            self.entry.set_application_name(&value);
+                        }
                     }
                 }
                 _ => {}
@@ -460,6 +506,7 @@ impl Relay {
             end += frame.len;
         }
         let chunk = lease.from_server.split_to(end);
+        self.pool.stats.sent(self.worker, chunk.len());
         append(&mut self.to_client, chunk);
         if refused_block {
             return self.refuse_transaction_block();
@@ -509,6 +556,7 @@ impl Relay {
             self.cancel.target.replace(None);
             self.give_back(lease, after);
         }
+        self.entry.holds(0);
         // An idle client should hold no buffer memory.
         if self.from_client.is_empty() {
             self.from_client = BytesMut::new();
@@ -531,6 +579,9 @@ impl Relay {
     async fn acquire(&mut self) -> Result<(), Ending> {
         self.pool.refresh_settings(&mut self.settings);
         let (reply, mut answer) = oneshot::channel();
+        let asked = Instant::now();
+        let census = &self.pool.census;
+        self.entry.waits(census.clock.stamp(asked));
         live_router(&mut self.router, &self.pool).do_send(Checkout { reply });
         let notify = self.settings.1.query_wait_notify;
         let answer = match notify.is_zero() {
@@ -563,6 +614,10 @@ impl Relay {
                 )))
             }
         };
+        let now = Instant::now();
+        self.pool.stats.assigned(self.worker, now - asked);
+        self.entry.holds(link.entry.id);
+        link.entry.lent(self.entry.id, self.pool.census.clock.stamp(now));
         self.cancel.target.replace(Some(CancelTarget {
             addr: link.addr.clone(),
             process_id: link.process_id,

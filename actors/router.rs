@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use crate::actors::messages::*;
-use crate::actors::pool::{PoolKey, PoolSettings, PoolShared, Refusal};
+use crate::actors::pool::{Hold, PoolKey, PoolSettings, PoolShared, Refusal};
 use crate::actors::server::{AfterLease, ServerConnection, ServerLink};
 use crate::protocol::error::sqlstate;
 use crate::protocol::PgError;
@@ -192,6 +192,9 @@ impl Router {
         while self.waiters.front().is_some_and(|w| w.reply.is_closed()) {
             self.waiters.pop_front();
         }
+        if self.pool.hold() != Hold::None {
+            return;
+        }
         if self.waiters.len() > self.connecting && self.backing_off(ctx) {
             return;
         }
@@ -329,6 +332,12 @@ impl Router {
     /// A free server: to a worker whose clients queue clearly longer, else to the oldest waiter
     /// still listening, else to a starved worker, else idle here.
     fn place(&mut self, server: Addr<ServerConnection>, link: ServerLink, ctx: &mut Context<Self>) {
+        match self.pool.hold() {
+            Hold::None => {}
+            // SUSPEND keeps servers; PAUSE and KILL close them as they come back.
+            Hold::Suspended => return self.keep_idle(server, link),
+            Hold::Paused => return server.do_send(Close),
+        }
         if !self.waiters.is_empty() && self.may_move() {
             let my_wait = self.waiters.front().map_or(Duration::ZERO, |w| w.since.elapsed());
             if let Some(to) = self.pool.needier_router(self.worker, my_wait) {
@@ -355,11 +364,17 @@ impl Router {
         } else if self.pool.shared_limit_contended(&self.settings) {
             server.do_send(Close);
         } else {
-            self.idle.push(Idle { server, link, since: Instant::now() });
+            self.keep_idle(server, link);
             if starving.is_some() {
                 self.schedule_donation(ctx);
             }
         }
+    }
+
+    fn keep_idle(&mut self, server: Addr<ServerConnection>, link: ServerLink) {
+        let since = Instant::now();
+        link.entry.idle(self.pool.census.clock.stamp(since));
+        self.idle.push(Idle { server, link, since });
     }
 
     /// Another worker starves while a move is throttled: once the interval is over, give it
@@ -391,7 +406,7 @@ impl Router {
     fn migrate(&mut self, server: Addr<ServerConnection>, link: ServerLink, to: Addr<Router>) {
         self.last_move = Some(Instant::now());
         if !to.connected() {
-            self.idle.push(Idle { server, link, since: Instant::now() });
+            self.keep_idle(server, link);
             return;
         }
         match link.detach() {
@@ -468,11 +483,11 @@ impl Handler<Checkout> for Router {
     type Result = ();
 
     fn handle(&mut self, msg: Checkout, ctx: &mut Context<Self>) {
-        if self.waiters.is_empty() {
+        if self.waiters.is_empty() && self.pool.hold() == Hold::None {
             if let Some((server, link)) = self.take_idle() {
                 if let Err(Ok(offer)) = msg.reply.send(Ok(ServerOffer::new(server, link, ctx.address()))) {
                     let (server, link) = offer.reclaim();
-                    self.idle.push(Idle { server, link, since: Instant::now() });
+                    self.keep_idle(server, link);
                 }
                 return;
             }
@@ -544,7 +559,8 @@ impl Handler<Adopt> for Router {
     fn handle(&mut self, msg: Adopt, ctx: &mut Context<Self>) {
         match msg.0.attach() {
             Ok(link) => {
-                let server = ServerConnection::adopted(self.pool.clone(), ctx.address()).start();
+                let entry = link.entry.clone();
+                let server = ServerConnection::adopted(self.pool.clone(), ctx.address(), entry).start();
                 self.owned += 1;
                 self.place(server, link, ctx);
                 self.publish_load();
@@ -572,6 +588,21 @@ impl Handler<Grow> for Router {
     fn handle(&mut self, _: Grow, ctx: &mut Context<Self>) {
         if self.pool.login_blocked().is_none() && self.pool.try_acquire(false).is_ok() {
             self.start_server(ctx);
+        }
+    }
+}
+
+impl Handler<CloseIdle> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: CloseIdle, _: &mut Context<Self>) {
+        let generation = self.pool.connection_generation();
+        let (close, keep) = std::mem::take(&mut self.idle)
+            .into_iter()
+            .partition(|idle| !msg.outdated_only || idle.link.generation != generation);
+        self.idle = keep;
+        for idle in close {
+            idle.server.do_send(Close);
         }
     }
 }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use actix::fut::wrap_future;
 use actix::prelude::*;
 
+use crate::actors::census::ServerEntry;
 use crate::actors::messages::*;
 use crate::actors::pool::{PoolSettings, PoolShared};
 use crate::actors::router::{live_router, Router};
@@ -44,6 +45,8 @@ pub struct ServerLink {
     /// The pool's connection generation when this server logged in; older than the pool's
     /// means a reload changed how servers are reached, and this one is closed, not reused.
     pub generation: usize,
+    /// This connection in the census (SHOW SERVERS); whoever holds the link keeps it current.
+    pub entry: Arc<ServerEntry>,
     guard: LendGuard,
 }
 
@@ -74,6 +77,9 @@ impl ServerLink {
 
     pub fn set_param(&mut self, name: &str, value: &str) {
         self.matches_client = None;
+        if name.eq_ignore_ascii_case("application_name") {
+            self.entry.set_application_name(value);
+        }
         match self.params.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
             Some(entry) => entry.1 = value.to_string(),
             None => self.params.push((name.to_string(), value.to_string())),
@@ -101,6 +107,7 @@ pub struct DetachedLink {
     secret_key: i32,
     params: Vec<(String, String)>,
     generation: usize,
+    entry: Arc<ServerEntry>,
 }
 
 impl ServerLink {
@@ -128,6 +135,7 @@ impl ServerLink {
             secret_key: self.secret_key,
             params: self.params,
             generation: self.generation,
+            entry: self.entry,
         })
     }
 
@@ -151,6 +159,7 @@ impl DetachedLink {
             params: self.params,
             matches_client: None,
             generation: self.generation,
+            entry: self.entry,
             guard: LendGuard::default(),
         })
     }
@@ -177,25 +186,38 @@ pub struct ServerConnection {
     /// Logs in when started; false for a connection adopted from another worker.
     fresh: bool,
     login_error: Option<PgError>,
-    /// Moved to another worker: its permit went along, so stopping must not release it.
+    /// Moved to another worker: its permit and census entry went along, so stopping must
+    /// release neither.
     retired: bool,
+    entry: Arc<ServerEntry>,
 }
 
 impl ServerConnection {
     /// A new connection: it logs in when started and checks itself in to `router`.
     pub fn new(pool: Arc<PoolShared>, router: Addr<Router>) -> ServerConnection {
-        ServerConnection { pool, router, fresh: true, login_error: None, retired: false }
+        // The generation first: settings newer than it only make the server close early.
+        let entry = pool.census.enter_server(pool.clone(), pool.connection_generation());
+        ServerConnection { pool, router, fresh: true, login_error: None, retired: false, entry }
     }
 
     /// The actor for a connection handed over by another worker, with its permit; the Router
     /// that adopts it keeps the link.
-    pub fn adopted(pool: Arc<PoolShared>, router: Addr<Router>) -> ServerConnection {
-        ServerConnection { fresh: false, ..ServerConnection::new(pool, router) }
+    pub fn adopted(pool: Arc<PoolShared>, router: Addr<Router>, entry: Arc<ServerEntry>) -> ServerConnection {
+        ServerConnection { pool, router, fresh: false, login_error: None, retired: false, entry }
+    }
+}
+
+/// In Drop, so that a connection whose actor panicked also leaves the census.
+impl Drop for ServerConnection {
+    fn drop(&mut self) {
+        if !self.retired {
+            self.pool.census.leave_server(self.entry.id);
+        }
     }
 }
 
 /// Connects and logs in, then runs `connect_query`.
-async fn open(settings: Arc<PoolSettings>, generation: usize) -> Result<ServerLink, PgError> {
+async fn open(settings: Arc<PoolSettings>, entry: Arc<ServerEntry>) -> Result<ServerLink, PgError> {
     let addr = settings.addr.clone();
     let connect_failed = |detail: String| {
         PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("server connection failed ({addr}): {detail}"))
@@ -215,6 +237,7 @@ async fn open(settings: Arc<PoolSettings>, generation: usize) -> Result<ServerLi
         .await
         .map_err(|_| connect_failed("login timed out".into()))?
         .map_err(|e| login_error(e, &connect_failed))?;
+    let (remote, local) = socket.endpoints(addr.port());
     let mut link = ServerLink {
         born: Instant::now(),
         socket,
@@ -223,9 +246,12 @@ async fn open(settings: Arc<PoolSettings>, generation: usize) -> Result<ServerLi
         secret_key: outcome.secret_key,
         params: outcome.params,
         matches_client: None,
-        generation,
+        generation: entry.generation,
+        entry,
         guard: LendGuard::default(),
     };
+    let application_name = link.param("application_name").unwrap_or_default().to_string();
+    link.entry.logged_in(remote, local, link.process_id, &application_name);
     if let Some(query) = &settings.connect_query {
         link.run(query).await.map_err(|e| login_error(e, &connect_failed))?;
     }
@@ -249,11 +275,9 @@ impl Actor for ServerConnection {
         if !self.fresh {
             return;
         }
-        // The generation first: settings newer than it only make the server close early.
-        let generation = self.pool.connection_generation();
         let settings = self.pool.settings();
-        ctx.spawn(wrap_future(open(settings, generation)).map(
-            |result, server: &mut Self, ctx| match result {
+        ctx.spawn(wrap_future(open(settings, self.entry.clone())).map(|result, server: &mut Self, ctx| {
+            match result {
                 Ok(link) => {
                     server.pool.set_welcome_once(&link.params);
                     log::debug!("pool {}: new server connection {}", server.pool.key, link.process_id);
@@ -267,8 +291,8 @@ impl Actor for ServerConnection {
                     server.login_error = Some(error);
                     ctx.stop();
                 }
-            },
-        ));
+            }
+        }));
     }
 
     fn stopped(&mut self, ctx: &mut Context<Self>) {
@@ -301,6 +325,7 @@ impl Handler<Return> for ServerConnection {
                 ctx.stop();
                 return;
             }
+
             // An empty check query (PgBouncer's `<empty>`) is sent as it is.
             AfterLease::Check => settings.server_check_query.iter().cloned().collect(),
         };
@@ -309,6 +334,7 @@ impl Handler<Return> for ServerConnection {
             _ => queries.into_iter().filter(|q| !q.trim().is_empty()).collect(),
         };
         let what = if msg.after == AfterLease::Check { "check" } else { "cleanup" };
+        link.entry.tested(self.pool.census.clock.now());
         let work = async move {
             for query in &queries {
                 link.run(query).await?;

@@ -4,7 +4,10 @@
 //! handling. At start it runs one arbiter per worker, tells each its worker slot, and starts
 //! the Listeners there. Takes [`Reload`] (also sent by SIGHUP): the configuration and auth_file
 //! are re-read and applied; a file with an error is rejected whole and the running
-//! configuration stays. SIGINT and SIGTERM stop the system.
+//! configuration stays. Takes [`Shutdown`] (also sent by signals): SIGINT waits until every
+//! server is back in its pool, SIGTERM until every client has left, SIGQUIT or a second
+//! request exits at once. SIGUSR1 pauses and SIGUSR2 resumes, as the console's PAUSE and
+//! RESUME. Every `stats_period` it moves the statistics window on and logs the stats line.
 //!
 //! Server connections heal themselves through their Router: a ServerConnection that dies
 //! releases its permit and its Router opens a replacement when clients need one; the Pool actor
@@ -21,11 +24,17 @@ use actix::fut::wrap_future;
 use actix::prelude::*;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
-use crate::actors::listener::{BoundListener, Listener};
-use crate::actors::messages::Reload;
+use crate::actors::census::ServerState;
+use crate::actors::control;
+use crate::actors::inspect;
+use crate::actors::listener::{BoundListener, Listener, StopAccepting};
+use crate::actors::messages::{Reload, Shutdown};
+use crate::actors::metrics_server::MetricsServer;
 use crate::actors::registry::Shared;
 use crate::actors::router::set_worker_index;
-use crate::config::Config;
+use crate::admin::command::ShutdownMode;
+use crate::config::{self, Config};
+use crate::stats;
 
 /// The signals the daemon handles, installed before anything else happens: until a handler
 /// exists, a SIGHUP or SIGTERM would kill the process and leave its pidfile behind.
@@ -33,6 +42,9 @@ pub struct Signals {
     hup: Signal,
     int: Signal,
     term: Signal,
+    quit: Signal,
+    usr1: Signal,
+    usr2: Signal,
 }
 
 impl Signals {
@@ -42,12 +54,18 @@ impl Signals {
             hup: signal(SignalKind::hangup())?,
             int: signal(SignalKind::interrupt())?,
             term: signal(SignalKind::terminate())?,
+            quit: signal(SignalKind::quit())?,
+            usr1: signal(SignalKind::user_defined1())?,
+            usr2: signal(SignalKind::user_defined2())?,
         })
     }
 }
 
 /// How often shared actors are checked for having died.
 const WATCH_PERIOD: Duration = Duration::from_secs(1);
+
+/// How often a graceful shutdown checks whether it may exit.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
 
 pub struct Supervisor {
     shared: Arc<Shared>,
@@ -56,6 +74,11 @@ pub struct Supervisor {
     /// Per worker, the listeners to run there.
     listeners: Vec<Vec<BoundListener>>,
     workers: Vec<Arbiter>,
+    accepting: Vec<Addr<Listener>>,
+    /// A graceful shutdown under way: a second request exits at once.
+    shutting_down: bool,
+    /// `metrics_addr`'s socket, until the MetricsServer takes it.
+    metrics: Option<std::net::TcpListener>,
 }
 
 impl Supervisor {
@@ -64,13 +87,27 @@ impl Supervisor {
         signals: Signals,
         config_path: PathBuf,
         listeners: Vec<Vec<BoundListener>>,
+        metrics: Option<std::net::TcpListener>,
     ) -> Supervisor {
-        Supervisor { shared, signals: Some(signals), config_path, listeners, workers: Vec::new() }
+        Supervisor {
+            shared,
+            signals: Some(signals),
+            config_path,
+            listeners,
+            workers: Vec::new(),
+            accepting: Vec::new(),
+            shutting_down: false,
+            metrics,
+        }
     }
 
     fn watch_signals(&mut self, ctx: &mut Context<Self>) {
         let me = ctx.address();
-        let Some(Signals { mut hup, mut int, mut term }) = self.signals.take() else { return };
+        let Some(Signals { mut hup, mut int, mut term, mut quit, mut usr1, mut usr2 }) = self.signals.take()
+        else {
+            return;
+        };
+        let shared = self.shared.clone();
         let signals = async move {
             loop {
                 tokio::select! {
@@ -78,13 +115,65 @@ impl Supervisor {
                         log::info!("got SIGHUP, reloading configuration");
                         let _ = me.send(Reload).await;
                     }
-                    _ = int.recv() => { log::info!("got SIGINT, shutting down"); break; }
-                    _ = term.recv() => { log::info!("got SIGTERM, shutting down"); break; }
+                    _ = int.recv() => {
+                        log::info!("got SIGINT, shutting down once servers are back in their pools");
+                        me.do_send(Shutdown(ShutdownMode::WaitForServers));
+                    }
+                    _ = term.recv() => {
+                        log::info!("got SIGTERM, shutting down once clients have left");
+                        me.do_send(Shutdown(ShutdownMode::WaitForClients));
+                    }
+                    _ = quit.recv() => {
+                        log::info!("got SIGQUIT, exiting now");
+                        me.do_send(Shutdown(ShutdownMode::Now));
+                    }
+                    _ = usr1.recv() => {
+                        log::info!("got SIGUSR1, pausing");
+                        let shared = shared.clone();
+                        actix::spawn(async move {
+                            if let Err(e) = control::pause(&shared, None).await {
+                                log::warn!("SIGUSR1: {}", e.message);
+                            }
+                        });
+                    }
+                    _ = usr2.recv() => {
+                        log::info!("got SIGUSR2, resuming");
+                        if let Err(e) = control::resume(&shared, None) {
+                            log::warn!("SIGUSR2: {}", e.message);
+                        }
+                    }
                 }
             }
-            System::current().stop();
         };
         ctx.spawn(wrap_future(signals));
+    }
+
+    /// Every `stats_period`: moves the averages window on, and logs PgBouncer's stats line
+    /// when `log_stats` is on.
+    fn stats_tick(&mut self, ctx: &mut Context<Self>) {
+        let period = self.shared.config().general.stats_period.max(Duration::from_secs(1));
+        ctx.run_later(period, |supervisor, ctx| {
+            let shared = &supervisor.shared;
+            let current = inspect::totals_per_database(shared).into_iter().collect();
+            let averages = shared.stats_window.lock().unwrap().refresh(current);
+            if shared.config().general.log_stats {
+                log::info!("{}", stats::log_line(&averages));
+            }
+            supervisor.stats_tick(ctx);
+        });
+    }
+
+    /// Stops accepting, then exits when `ready` says so.
+    fn shut_down_when(&mut self, ctx: &mut Context<Self>, ready: fn(&Shared) -> bool) {
+        for listener in self.accepting.drain(..) {
+            listener.do_send(StopAccepting);
+        }
+        ctx.run_interval(SHUTDOWN_POLL, move |supervisor, _| {
+            if ready(&supervisor.shared) {
+                log::info!("shutdown complete");
+                System::current().stop();
+            }
+        });
     }
 }
 
@@ -92,13 +181,16 @@ impl Actor for Supervisor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        self.shared.set_supervisor(ctx.address());
         self.watch_signals(ctx);
         for (index, listeners) in std::mem::take(&mut self.listeners).into_iter().enumerate() {
             let arbiter = Arbiter::new();
             arbiter.spawn_fn(move || set_worker_index(index));
             for bound in listeners {
                 let shared = self.shared.clone();
-                Listener::start_in_arbiter(&arbiter.handle(), move |_| Listener::new(shared, bound));
+                let listener =
+                    Listener::start_in_arbiter(&arbiter.handle(), move |_| Listener::new(shared, bound));
+                self.accepting.push(listener);
             }
             self.workers.push(arbiter);
         }
@@ -106,6 +198,10 @@ impl Actor for Supervisor {
         ctx.run_interval(WATCH_PERIOD, |supervisor, _| {
             supervisor.shared.revive_pools();
         });
+        self.stats_tick(ctx);
+        if let Some(listener) = self.metrics.take() {
+            MetricsServer::new(self.shared.clone(), listener).start();
+        }
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
@@ -115,17 +211,69 @@ impl Actor for Supervisor {
     }
 }
 
+impl Handler<Shutdown> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Shutdown, ctx: &mut Context<Self>) {
+        if self.shutting_down || msg.0 == ShutdownMode::Now {
+            log::info!("exiting now");
+            System::current().stop();
+            return;
+        }
+        self.shutting_down = true;
+        match msg.0 {
+            ShutdownMode::WaitForServers => {
+                // PgBouncer's SIGINT: pause (transactions under way finish, servers close as
+                // they come back), exit once no server is left lent.
+                control::hold_all_for_shutdown(&self.shared);
+                self.shut_down_when(ctx, |shared| {
+                    shared
+                        .census
+                        .servers()
+                        .iter()
+                        .all(|s| !matches!(s.state(), ServerState::Active | ServerState::Tested))
+                });
+            }
+            ShutdownMode::WaitForClients | ShutdownMode::Now => {
+                self.shut_down_when(ctx, |shared| {
+                    shared
+                        .census
+                        .clients()
+                        .iter()
+                        .all(|c| c.login().is_some_and(|login| login.pool.is_none()))
+                });
+            }
+        }
+    }
+}
+
 impl Handler<Reload> for Supervisor {
     type Result = Result<(), String>;
 
+    /// Applies the difference and logs it, one line per change; keys that need a restart keep
+    /// their running values. A file with an error changes nothing.
     fn handle(&mut self, _: Reload, _: &mut Context<Self>) -> Result<(), String> {
         match Config::load(&self.config_path) {
-            Ok((config, warnings)) => {
+            Ok((mut config, warnings)) => {
                 for warning in &warnings {
                     log::warn!("{warning}");
                 }
+                let running = self.shared.config();
+                let diff = config::diff::diff(&running, &config);
+                config::diff::keep_restart_only(&running, &mut config, &diff.need_restart);
+                for change in &diff.changes {
+                    log::info!("reload: {change}");
+                }
+                crate::logging::reopen(config.general.logfile.as_deref());
                 self.shared.set_config(config);
-                log::info!("configuration reloaded from {}", self.config_path.display());
+                for database in &diff.removed_databases {
+                    self.shared.database_removed(database);
+                }
+                log::info!(
+                    "configuration reloaded from {} ({} changes)",
+                    self.config_path.display(),
+                    diff.changes.len()
+                );
                 Ok(())
             }
             Err(e) => {

@@ -62,6 +62,29 @@ pub fn bind_listeners(general: &General, workers: usize) -> Result<Vec<Vec<Bound
     Ok(per_worker)
 }
 
+/// The `/metrics` listener, if `metrics_addr` is set; bound before start-up completes so that
+/// an address in use is reported at once.
+pub fn bind_metrics(general: &General) -> Result<Option<std::net::TcpListener>, DaemonError> {
+    let Some(addr) = &general.metrics_addr else { return Ok(None) };
+    let resolved = addr.to_socket_addrs().map_err(|_| DaemonError::Resolve(addr.clone()))?;
+    let mut last = None;
+    for socket in resolved {
+        match std::net::TcpListener::bind(socket) {
+            Ok(listener) => {
+                listener
+                    .set_nonblocking(true)
+                    .map_err(|e| DaemonError::Bind { addr: addr.clone(), source: e })?;
+                return Ok(Some(listener));
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(DaemonError::Bind {
+        addr: addr.clone(),
+        source: last.unwrap_or_else(|| io::Error::new(io::ErrorKind::AddrNotAvailable, "no address")),
+    })
+}
+
 fn tcp_addresses(general: &General) -> Result<Vec<SocketAddr>, DaemonError> {
     let mut addrs = Vec::new();
     for host in &general.listen_addr {

@@ -4,14 +4,17 @@
 //! `src/` holds the plumbing (wire protocol, configuration, authentication, sockets, process
 //! handling); `actors/` holds the live system. README's architecture section has the map.
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod daemon;
 pub mod local_queue;
 pub mod logging;
+pub mod metrics;
 pub mod net;
 pub mod params;
 pub mod protocol;
+pub mod stats;
 pub mod version;
 
 #[path = "../actors/mod.rs"]

@@ -1,5 +1,8 @@
 //! Logging to stderr (unless `-q`) and to `logfile` (when set), through env_logger.
 //!
+//! Every reload reopens `logfile` ([`reopen`]), so that logrotate can move the file away and
+//! send SIGHUP, as with PgBouncer.
+//!
 //! Verbosity follows PgBouncer: the `verbose` key plus one per `-v`; 0 logs info and above,
 //! 1 adds debug, 2 or more adds trace. `RUST_LOG` overrides it for debugging.
 
@@ -10,16 +13,18 @@ use std::sync::Mutex;
 
 struct Tee {
     stderr: bool,
-    file: Option<Mutex<File>>,
 }
+
+/// The open logfile, shared by the logger and [`reopen`].
+static LOGFILE: Mutex<Option<File>> = Mutex::new(None);
 
 impl Write for Tee {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if self.stderr {
             let _ = io::stderr().write_all(buf);
         }
-        if let Some(file) = &self.file {
-            let _ = file.lock().unwrap().write_all(buf);
+        if let Some(file) = LOGFILE.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            let _ = file.write_all(buf);
         }
         Ok(buf.len())
     }
@@ -29,11 +34,23 @@ impl Write for Tee {
     }
 }
 
-pub fn init(verbosity: u8, quiet: bool, logfile: Option<&Path>) -> io::Result<()> {
-    let file = match logfile {
-        Some(path) => Some(Mutex::new(OpenOptions::new().create(true).append(true).open(path)?)),
+fn open(path: &Path) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// Opens `logfile` afresh (or stops writing one); the old file stays in use if the new one
+/// cannot be opened.
+pub fn reopen(logfile: Option<&Path>) {
+    let file = match logfile.map(open) {
+        Some(Ok(file)) => Some(file),
+        Some(Err(e)) => return log::error!("cannot reopen logfile: {e}"),
         None => None,
     };
+    *LOGFILE.lock().unwrap_or_else(|e| e.into_inner()) = file;
+}
+
+pub fn init(verbosity: u8, quiet: bool, logfile: Option<&Path>) -> io::Result<()> {
+    *LOGFILE.lock().unwrap_or_else(|e| e.into_inner()) = logfile.map(open).transpose()?;
     let level = match verbosity {
         0 => log::LevelFilter::Info,
         1 => log::LevelFilter::Debug,
@@ -47,7 +64,7 @@ pub fn init(verbosity: u8, quiet: bool, logfile: Option<&Path>) -> io::Result<()
     if let Ok(spec) = std::env::var("RUST_LOG") {
         builder.parse_filters(&spec);
     }
-    builder.target(env_logger::Target::Pipe(Box::new(Tee { stderr: !quiet, file })));
+    builder.target(env_logger::Target::Pipe(Box::new(Tee { stderr: !quiet })));
     builder.format_timestamp_millis();
     let _ = builder.try_init();
     Ok(())

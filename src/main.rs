@@ -88,6 +88,7 @@ fn run(
     let workers = general.workers.max(1);
     // Bind before detaching so that an address in use is reported on the terminal.
     let listeners = daemon::bind_listeners(&general, workers)?;
+    let metrics = daemon::bind_metrics(&general)?;
     if args.daemon {
         daemon::detach()?;
     }
@@ -103,7 +104,7 @@ fn run(
     let config_path = std::fs::canonicalize(&args.config).unwrap_or(args.config);
     system.block_on(async move {
         let shared = Arc::new(Shared::new(config, workers, Arbiter::current()));
-        Supervisor::new(shared, signals, config_path, listeners).start();
+        Supervisor::new(shared, signals, config_path, listeners, metrics).start();
     });
     system.run()?;
     log::info!("pgcorral stopped");

@@ -38,6 +38,16 @@ impl ServerAddr {
         }
     }
 
+    /// The TCP port, or the one in a Unix socket's `.s.PGSQL.<port>` name.
+    pub fn port(&self) -> u16 {
+        match self {
+            ServerAddr::Tcp { port, .. } => *port,
+            ServerAddr::Unix { path } => {
+                path.extension().and_then(|e| e.to_str()).and_then(|e| e.parse().ok()).unwrap_or(0)
+            }
+        }
+    }
+
     pub async fn connect(&self) -> io::Result<Socket> {
         match self {
             ServerAddr::Tcp { host, port } => {
@@ -57,6 +67,13 @@ impl std::fmt::Display for ServerAddr {
             ServerAddr::Unix { path } => write!(f, "{}", path.display()),
         }
     }
+}
+
+/// One end of a connection, for display.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Endpoint {
+    pub addr: String,
+    pub port: u16,
 }
 
 /// A socket taken out of one thread's reactor to be moved to another worker.
@@ -98,6 +115,30 @@ impl Socket {
         match self {
             Socket::Tcp(s) => s.poll_read_ready(cx),
             Socket::Unix(s) => s.poll_read_ready(cx),
+        }
+    }
+
+    /// The (remote, local) ends of the connection, as the console shows them: a Unix socket
+    /// is `unix` with the port it was reached on.
+    pub fn endpoints(&self, unix_port: u16) -> (Endpoint, Endpoint) {
+        let tcp = |addr: io::Result<std::net::SocketAddr>| match addr {
+            Ok(a) => Endpoint { addr: a.ip().to_string(), port: a.port() },
+            Err(_) => Endpoint { addr: "?".into(), port: 0 },
+        };
+        match self {
+            Socket::Tcp(s) => (tcp(s.peer_addr()), tcp(s.local_addr())),
+            Socket::Unix(_) => {
+                let unix = Endpoint { addr: "unix".into(), port: unix_port };
+                (unix.clone(), unix)
+            }
+        }
+    }
+
+    /// The peer's user id and process id over a Unix socket.
+    pub fn peer_credentials(&self) -> Option<(u32, i32)> {
+        match self {
+            Socket::Unix(s) => s.peer_cred().ok().map(|c| (c.uid(), c.pid().unwrap_or(0))),
+            Socket::Tcp(_) => None,
         }
     }
 

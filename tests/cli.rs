@@ -431,6 +431,8 @@ async fn dash_d_detaches_and_keeps_serving() {
         client.query_one("SELECT current_user::text", &[]).await.expect("query through the detached daemon");
     assert_eq!(row.get::<_, String>(0), APP_USER);
     drop(client);
+    // SIGTERM waits for clients to leave: let the connection task say goodbye first.
+    tokio::time::sleep(Duration::from_millis(200)).await;
 
     unsafe {
         libc::kill(pid, libc::SIGTERM);

@@ -13,7 +13,9 @@
 //! environment beats the file. Every line is validated even when a later one
 //! overrides it, because PgBouncer would also reject such a file.
 
+pub mod catalog;
 mod connstr;
+pub mod diff;
 mod env;
 mod error;
 mod ini;
@@ -45,6 +47,24 @@ impl Config {
     }
 }
 
+impl Config {
+    /// This configuration with one `[pgbouncer]` key changed, as the console's `SET` does;
+    /// the value is checked as a file's would be.
+    pub fn with_setting(&self, key: &str, value: &str) -> Result<Config, ConfigError> {
+        let mut config = self.clone();
+        let base_dir = self.path.parent().unwrap_or_else(|| Path::new("")).to_path_buf();
+        let setting = Setting { key, value, file: "SET", line: 0 };
+        settings::apply_general(&mut config.general, &setting, &base_dir)?;
+        upsert(&mut config.written, key, value.to_string());
+        Ok(config)
+    }
+
+    /// The value of a `[pgbouncer]` key as written, if it was.
+    pub fn written(&self, key: &str) -> Option<&str> {
+        self.written.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+}
+
 /// Puts `item` in place of the element with the same name, or appends it, so
 /// a redefined name keeps its first position and its last value.
 fn upsert<T>(items: &mut Vec<(String, T)>, name: &str, item: T) {
@@ -66,11 +86,13 @@ fn assemble(
     let mut databases: Vec<(String, (DatabaseEntry, Vec<ConfigWarning>))> = Vec::new();
     let mut users: Vec<(String, (UserEntry, Vec<ConfigWarning>))> = Vec::new();
     let mut peers: Vec<(String, ConfigWarning)> = Vec::new();
+    let mut written: Vec<(String, String)> = Vec::new();
 
     let mut apply = |setting: &Setting<'_>| -> Result<(), ConfigError> {
         if let Some(warning) = settings::apply_general(&mut general, setting, base_dir)? {
             upsert(&mut general_warnings, setting.key, warning);
         }
+        upsert(&mut written, setting.key, setting.value.to_string());
         Ok(())
     };
 
@@ -115,7 +137,7 @@ fn assemble(
         .collect();
     warnings.extend(peers.into_iter().map(|(_, w)| w));
 
-    let config = Config { path: path.to_path_buf(), general, databases, users, userlist };
+    let config = Config { path: path.to_path_buf(), general, written, databases, users, userlist };
     Ok((config, warnings))
 }
 
@@ -270,11 +292,7 @@ batch = pool_mode=session max_user_connections=5
         assert_eq!(config.secret("app"), Some("md5d8a5d2a3e8b9b0a45c6d1c9b3c5f7e21"));
         assert_eq!(config.secret("nobody"), None);
 
-        let file = dir.join("pgbouncer.ini").display().to_string();
-        assert_eq!(
-            shown(&warnings),
-            [format!("{file}:17: log_connections: not implemented yet by pgcorral; ignored"),]
-        );
+        assert_eq!(shown(&warnings), Vec::<String>::new(), "every key of this file is implemented");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -393,7 +411,7 @@ batch = pool_mode=session max_user_connections=5
     #[test]
     fn not_implemented_warns_once_per_key() {
         let (config, warnings) = parse(
-            "[pgbouncer]\ntcp_keepalive = 3600\nstats_period = 600\n\
+            "[pgbouncer]\ntcp_keepalive = 3600\ndns_max_ttl = 600\n\
              client_tls_sslmode = require\ntcp_keepalive = 10\n\
              [databases]\nd = host=a load_balance_hosts=random auth_user=x\n\
              [users]\nu = query_timeout=5 pool_size=3\n[peers]\n1 = host=/tmp/p1\n",
@@ -403,7 +421,7 @@ batch = pool_mode=session max_user_connections=5
             shown(&warnings),
             [
                 "pgbouncer.ini:5: tcp_keepalive: not implemented yet by pgcorral; ignored",
-                "pgbouncer.ini:3: stats_period: not implemented yet by pgcorral; ignored",
+                "pgbouncer.ini:3: dns_max_ttl: not implemented yet by pgcorral; ignored",
                 "pgbouncer.ini:4: client_tls_sslmode: not implemented yet by pgcorral; ignored",
                 "pgbouncer.ini:7: d: load_balance_hosts: not implemented yet by pgcorral; ignored",
                 "pgbouncer.ini:7: d: auth_user: not implemented yet by pgcorral; ignored",

@@ -24,6 +24,16 @@ pub enum PoolMode {
     Statement,
 }
 
+impl PoolMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolMode::Session => "session",
+            PoolMode::Transaction => "transaction",
+            PoolMode::Statement => "statement",
+        }
+    }
+}
+
 /// How clients prove who they are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthType {
@@ -110,6 +120,14 @@ pub struct General {
     /// file means "one per CPU core" and is resolved at load time).
     pub workers: usize,
     pub verbose: u8,
+    /// How often averages are computed and the stats line is logged.
+    pub stats_period: Duration,
+    pub log_stats: bool,
+    pub log_connections: bool,
+    pub log_disconnections: bool,
+    pub log_pooler_errors: bool,
+    /// `host:port` where `/metrics` is served; None: off.
+    pub metrics_addr: Option<String>,
 }
 
 impl Default for General {
@@ -158,6 +176,12 @@ impl Default for General {
             stats_users: Vec::new(),
             workers: 0,
             verbose: 0,
+            stats_period: Duration::from_secs(60),
+            log_stats: true,
+            log_connections: true,
+            log_disconnections: true,
+            log_pooler_errors: true,
+            metrics_addr: None,
         }
     }
 }
@@ -227,6 +251,9 @@ pub struct Config {
     /// The main config file.
     pub path: PathBuf,
     pub general: General,
+    /// The `[pgbouncer]` keys as written (file, then environment overrides), last value
+    /// winning: what `SHOW CONFIG` shows and what a reload compares.
+    pub written: Vec<(String, String)>,
     /// In file order; a name defined twice keeps its first position and its
     /// last definition.
     pub databases: Vec<DatabaseEntry>,
@@ -285,10 +312,6 @@ pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
     "dns_zone_check_period",
     "job_name",
     "listen_backlog",
-    "log_connections",
-    "log_disconnections",
-    "log_pooler_errors",
-    "log_stats",
     "login_notify_message",
     "max_prepared_statements",
     "peer_id",
@@ -306,7 +329,6 @@ pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
     "server_tls_sslmode",
     "service_name",
     "so_reuseport",
-    "stats_period",
     "suspend_timeout",
     "syslog",
     "syslog_facility",
@@ -323,6 +345,12 @@ pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
     "user",
 ];
 
+/// Every `[pgbouncer]` key pgcorral accepts, implemented or not.
+#[cfg(test)]
+pub fn known_keys() -> impl Iterator<Item = &'static str> {
+    PGBOUNCER_IMPLEMENTED.iter().chain(PGBOUNCER_NOT_IMPLEMENTED).copied()
+}
+
 /// Connection-string parameters of `[databases]` that pgcorral ignores.
 pub const DATABASE_NOT_IMPLEMENTED: &[&str] =
     &["auth_dbname", "auth_query", "auth_user", "load_balance_hosts", "target_session_attrs"];
@@ -332,6 +360,12 @@ pub const USER_NOT_IMPLEMENTED: &[&str] = &[];
 
 /// `[pgbouncer]` keys pgcorral implements; kept for error messages.
 const PGBOUNCER_IMPLEMENTED: &[&str] = &[
+    "metrics_addr",
+    "stats_period",
+    "log_stats",
+    "log_connections",
+    "log_disconnections",
+    "log_pooler_errors",
     "admin_users",
     "query_wait_notify",
     "max_db_client_connections",
@@ -514,6 +548,21 @@ impl Setting<'_> {
         (!self.value.is_empty()).then(|| PathBuf::from(self.value))
     }
 
+    /// `host:port`, or empty for none.
+    fn host_port(&self) -> Result<Option<String>, ConfigError> {
+        if self.value.is_empty() {
+            return Ok(None);
+        }
+        match self.value.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {
+                Ok(Some(self.value.to_string()))
+            }
+            _ => {
+                Err(self.invalid(format!("expected host:port such as 127.0.0.1:9127, got {:?}", self.value)))
+            }
+        }
+    }
+
     fn u8(&self) -> Result<u8, ConfigError> {
         self.value
             .parse()
@@ -580,6 +629,12 @@ pub(crate) fn apply_general(
         "stats_users" => general.stats_users = list(s.value),
         "workers" => general.workers = s.usize()?,
         "verbose" => general.verbose = s.u8()?,
+        "stats_period" => general.stats_period = s.seconds()?,
+        "log_stats" => general.log_stats = s.bool()?,
+        "log_connections" => general.log_connections = s.bool()?,
+        "log_disconnections" => general.log_disconnections = s.bool()?,
+        "log_pooler_errors" => general.log_pooler_errors = s.bool()?,
+        "metrics_addr" => general.metrics_addr = s.host_port()?,
         key if PGBOUNCER_NOT_IMPLEMENTED.contains(&key) => {
             return Ok(Some(s.warning(NOT_IMPLEMENTED)));
         }
@@ -860,6 +915,8 @@ mod tests {
                 "md5"
             } else if *key == "pool_mode" {
                 "session"
+            } else if *key == "metrics_addr" {
+                "127.0.0.1:9127"
             } else {
                 "1"
             };

@@ -8,11 +8,13 @@
 //! - [`startup`]: the untagged first packet (StartupMessage, SSLRequest, GSSENCRequest, CancelRequest).
 //! - [`backend`]: writers for the messages pgcorral sends to clients as if it were PostgreSQL.
 //! - [`frontend`]: the few client messages pgcorral reads itself (password, SASL) and writes to servers.
+//! - [`extended`]: the extended-protocol messages pgcorral answers itself (the console).
 //! - [`error`]: `PgError`, an ErrorResponse with its SQLSTATE, and the protocol's own errors.
 //! - [`tracker`]: the transaction-boundary state machine that decides when a server can be released.
 
 pub mod backend;
 pub mod error;
+pub mod extended;
 pub mod framing;
 pub mod frontend;
 pub mod startup;

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
 /// Changing this list rebuilds the venv, because the marker records it.
-const PACKAGES: &[&str] = &["asyncpg", "psycopg[binary]"];
+const PACKAGES: &[&str] = &["asyncpg", "psycopg[binary]", "prometheus_client"];
 
 /// Path of the venv's python, creating the venv on first use. A file lock
 /// serialises test binaries that run in parallel; the marker file is written
