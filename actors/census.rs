@@ -8,7 +8,7 @@
 //! moment late: good enough for monitoring, and free for the data path.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -104,6 +104,8 @@ pub struct ClientEntry {
     /// The server it holds (its census id), zero for none.
     server: AtomicU64,
     application_name: Mutex<String>,
+    /// Cancel requests sent for this client's query and not yet delivered.
+    cancels: AtomicU32,
 }
 
 impl ClientEntry {
@@ -168,6 +170,18 @@ impl ClientEntry {
 
     pub fn set_application_name(&self, name: &str) {
         *self.application_name.lock().unwrap() = name.to_string();
+    }
+
+    pub fn cancel_sent(&self) {
+        self.cancels.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn cancel_delivered(&self) {
+        let _ = self.cancels.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    pub fn cancels(&self) -> u32 {
+        self.cancels.load(Ordering::Relaxed)
     }
 }
 
@@ -295,6 +309,7 @@ impl Census {
             waiting_since: AtomicU64::new(0),
             server: AtomicU64::new(0),
             application_name: Mutex::default(),
+            cancels: AtomicU32::new(0),
         });
         self.clients.lock().unwrap().insert(entry.id, entry.clone());
         entry

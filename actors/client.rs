@@ -23,7 +23,7 @@ use crate::actors::registry::Shared;
 use crate::actors::relay::{send_cancel, CancelState, Control, Relay};
 use crate::actors::router::local_router;
 use crate::local_queue::{local_queue, LocalReceiver, LocalSender};
-use crate::net::Socket;
+use crate::net::{Endpoint, Socket};
 use crate::params::TrackedParams;
 use crate::protocol::backend;
 use crate::protocol::error::sqlstate;
@@ -159,6 +159,10 @@ impl Handler<CancelQuery> for ClientSession {
             return; // Nothing running on a server: nothing to cancel.
         };
         self.cancel.in_flight.set(self.cancel.in_flight.get() + 1);
+        let entry = self.entry.clone();
+        if let Some(entry) = &entry {
+            entry.cancel_sent();
+        }
         let cancel = self.cancel.clone();
         let control = self.control.clone();
         let wait = self.shared.config().general.cancel_wait_timeout;
@@ -182,6 +186,9 @@ impl Handler<CancelQuery> for ClientSession {
                 }
             }
             cancel.in_flight.set(cancel.in_flight.get().saturating_sub(1));
+            if let Some(entry) = &entry {
+                entry.cancel_delivered();
+            }
             control.send(Control::CancelDelivered);
         }));
     }
@@ -238,6 +245,10 @@ impl Session {
             // Closed without a word: the client may not even speak the protocol yet.
             Err(_) => return Err(Some("client_login_timeout".into())),
         };
+        let mut login = login;
+        if self.shared.config().general.application_name_add_host {
+            add_host(&mut login.startup, &self.entry.remote);
+        }
         // The peer's address costs a system call: only asked for when it is logged.
         if log::log_enabled!(log::Level::Debug) {
             log::debug!("client {}: login as {} to {}", wire.socket.peer(), login.user, login.database);
@@ -355,10 +366,22 @@ impl Session {
         }
         backend::backend_key_data(&mut out, process_id, secret_key);
         backend::ready_for_query(&mut out, b'I');
-        let mut console = Console::new(socket, inbuf, self.shared.clone(), role, control_rx);
+        let mut console =
+            Console::new(socket, inbuf, self.shared.clone(), role, control_rx, self.entry.clone());
         console.queue(&out);
         self.logged_in(ADMIN_DATABASES[0], &self.entry.login().map_or(String::new(), |l| l.user.clone()));
         Ok(Serve::Console(console))
+    }
+}
+
+/// `application_name_add_host`: the client's address goes at the end of the application_name
+/// it logs in with (as PgBouncer writes it, even when it had none), so that PostgreSQL's
+/// pg_stat_activity and logs show where a query came from.
+fn add_host(startup: &mut Vec<(String, String)>, remote: &Endpoint) {
+    let suffix = format!(" - {}:{}", remote.addr, remote.port);
+    match startup.iter_mut().find(|(name, _)| name == "application_name") {
+        Some((_, value)) => value.push_str(&suffix),
+        None => startup.push(("application_name".into(), suffix)),
     }
 }
 

@@ -16,6 +16,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::actors::census::ClientEntry;
 use crate::actors::control;
 use crate::actors::inspect;
 use crate::actors::registry::Shared;
@@ -69,6 +70,7 @@ pub struct Console {
     skipping: bool,
     /// This session suspended the pooler: as in PgBouncer, leaving resumes it.
     suspended_here: bool,
+    entry: Arc<ClientEntry>,
 }
 
 /// Console messages are small; anything larger is a confused client.
@@ -86,6 +88,7 @@ impl Console {
         shared: Arc<Shared>,
         role: Role,
         control: LocalReceiver<Control>,
+        entry: Arc<ClientEntry>,
     ) -> Console {
         Console {
             socket,
@@ -98,6 +101,7 @@ impl Console {
             portals: HashMap::new(),
             skipping: false,
             suspended_here: false,
+            entry,
         }
     }
 
@@ -148,7 +152,7 @@ impl Console {
                 }
                 if let Err(error) = self.message(frame.tag, body).await {
                     let fatal = error.is_fatal();
-                    error.encode(&mut self.out);
+                    self.error(&error);
                     if fatal {
                         let _ = self.socket.write_all(&self.out).await;
                         return;
@@ -156,6 +160,14 @@ impl Console {
                 }
             }
         }
+    }
+
+    /// Sends an error, and logs it when `log_pooler_errors` is on, as PgBouncer does.
+    fn error(&mut self, error: &PgError) {
+        if self.shared.config().general.log_pooler_errors {
+            log::warn!("{} pooler error: {}", self.entry.describe(), error.message);
+        }
+        error.encode(&mut self.out);
     }
 
     async fn next_input(&mut self) -> std::io::Result<Input> {
@@ -182,7 +194,7 @@ impl Console {
                 let query = String::from_utf8_lossy(body.strip_suffix(&[0]).unwrap_or(body)).into_owned();
                 match self.execute(&query).await {
                     Ok(answer) => self.send_answer(&answer, &[], true),
-                    Err(error) => error.encode(&mut self.out),
+                    Err(error) => self.error(&error),
                 }
                 ready_for_query(&mut self.out, b'I');
                 Ok(())

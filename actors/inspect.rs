@@ -108,6 +108,11 @@ pub fn pools(shared: &Shared) -> Vec<PoolView> {
             None => admin.clone(),
         };
         let Some(tally) = tallies.get_mut(&key) else { continue };
+        // A cancel on its way is a request forwarded over a connection of its own to
+        // PostgreSQL: PgBouncer's active cancel request and its cancelling server.
+        let cancels = client.cancels() as usize;
+        tally.view.cl_active_cancel_req += cancels;
+        tally.view.sv_active_cancel += cancels;
         match client.state() {
             ClientState::Waiting => {
                 tally.view.cl_waiting += 1;

@@ -265,6 +265,7 @@ impl Handler<Reload> for Supervisor {
                     log::info!("reload: {change}");
                 }
                 crate::logging::reopen(config.general.logfile.as_deref());
+                crate::logging::set_verbose(config.general.verbose);
                 self.shared.set_config(config);
                 for database in &diff.removed_databases {
                     self.shared.database_removed(database);

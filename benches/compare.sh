@@ -8,7 +8,9 @@
 #
 # Env: RUNS, DURATION (s per pgbench run), SCALE, PGCORRAL (binary; default:
 # cargo build --release), AUTH (md5|trust, default md5), ONLY (regex on
-# workload names), RAW (file to append per-run results to), PG_BIN.
+# workload names), RAW (file to append per-run results to), PG_BIN, SCRAPE (1:
+# while pgbench runs, scrape each pooler every second as monitoring would:
+# pgcorral's /metrics, PgBouncer's console SHOW POOLS and SHOW STATS).
 set -euo pipefail
 
 # One line per table row: "name|pgbench args|targets". -T, -n and the
@@ -27,6 +29,7 @@ SCALE=${SCALE:-10}
 AUTH=${AUTH:-md5}
 ONLY=${ONLY:-}
 RAW=${RAW:-}
+SCRAPE=${SCRAPE:-0}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BENCH_USER=bench
 BENCH_PASSWORD=bench-pass
@@ -167,6 +170,7 @@ logfile = $WORK/@NAME@.log
 pidfile = $WORK/@NAME@.pid
 log_connections = 0
 log_disconnections = 0
+admin_users = $BENCH_USER
 EOF
 [[ $(id -u) == 0 ]] && chown postgres: "$WORK/userlist.txt"
 # max_client_conn needs file descriptors; the poolers inherit this limit.
@@ -179,6 +183,10 @@ start_pooler() { # name binary
   port=$(free_port)
   mkdir -p "$WORK/$name"
   sed -e "s|@PORT@|$port|" -e "s|@NAME@|$name|g" "$WORK/pgbouncer.ini.in" >"$WORK/$name.ini"
+  if [[ $name == pgcorral ]]; then
+    METRICS_PORT=$(free_port)
+    printf 'metrics_addr = 127.0.0.1:%s\n' "$METRICS_PORT" >>"$WORK/$name.ini"
+  fi
   # A copy, so that user postgres can execute it wherever the build lives.
   cp "$bin" "$WORK/$name.bin"
   chmod 755 "$WORK/$name.bin"
@@ -200,6 +208,19 @@ for t in direct pgbouncer pgcorral; do
 done
 
 # --- runs ----------------------------------------------------------------
+# One scrape a second of what a monitoring system would read from the target.
+scrape_loop() { # target
+  while :; do
+    case $1 in
+      pgcorral)
+        { exec 3<>"/dev/tcp/127.0.0.1/$METRICS_PORT" && printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3 && cat <&3 >/dev/null; } 2>/dev/null ;;
+      pgbouncer)
+        psql -X -q -h 127.0.0.1 -p "${PORT[pgbouncer]}" -U "$BENCH_USER" -d pgbouncer -c 'SHOW POOLS' -c 'SHOW STATS' >/dev/null 2>&1 ;;
+    esac
+    sleep 1
+  done
+}
+
 declare -A TPS LAT P99   # "workload|target" -> space-separated values, one per run
 run_pgbench() { # workload-index target
   local name args out tps lat rc=0
@@ -207,8 +228,11 @@ run_pgbench() { # workload-index target
   out="$WORK/run.out"
   # shellcheck disable=SC2086  # args is a word list by design
   rm -f "$WORK"/txlog.*
+  local scraper=
+  if [[ $SCRAPE == 1 && $2 != direct ]]; then scrape_loop "$2" & scraper=$!; fi
   pgbench -n -T "$DURATION" -h 127.0.0.1 -p "${PORT[$2]}" -U "$BENCH_USER" -l --log-prefix="$WORK/txlog" \
     $args bench >"$out" 2>&1 || rc=$?
+  [[ -n $scraper ]] && { kill "$scraper" 2>/dev/null; wait "$scraper" 2>/dev/null || true; }
   tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$out" | head -1)
   lat=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$out" | head -1)
   # p99 from the per-transaction log (third field: latency in microseconds).
@@ -256,7 +280,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a+0 > 0 && b+0 > 0) printf "%.2f"
 fmt() { awk -v v="$1" -v d="$2" 'BEGIN { if (v ~ /^[0-9.]+$/) printf "%." d "f", v; else print v }'; }
 
 echo
-echo "pgbench, median of $RUNS runs of ${DURATION}s, scale $SCALE, auth $AUTH, pool_mode transaction, default_pool_size 20;"
+echo "pgbench, median of $RUNS runs of ${DURATION}s, scale $SCALE, auth $AUTH, pool_mode transaction, default_pool_size 20$([[ $SCRAPE == 1 ]] && echo ', poolers scraped every second');"
 echo "$(nproc) cores; PgBouncer $("$PGBOUNCER" --version | head -1 | awk '{print $2}'); pgcorral $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?') ($PGCORRAL); $(date -u +%F)"
 echo
 echo "| workload | direct tps | PgBouncer tps | pgcorral tps | pgcorral/PgBouncer | pgcorral/direct | direct ms | PgBouncer ms | pgcorral ms | PgBouncer p99 ms | pgcorral p99 ms | p99 pgcorral/PgBouncer |"

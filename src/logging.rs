@@ -9,6 +9,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 
 struct Tee {
@@ -49,15 +50,33 @@ pub fn reopen(logfile: Option<&Path>) {
     *LOGFILE.lock().unwrap_or_else(|e| e.into_inner()) = file;
 }
 
-pub fn init(verbosity: u8, quiet: bool, logfile: Option<&Path>) -> io::Result<()> {
-    *LOGFILE.lock().unwrap_or_else(|e| e.into_inner()) = logfile.map(open).transpose()?;
-    let level = match verbosity {
+/// `-v` flags given on the command line, added to `verbose` whenever it changes.
+static CLI_VERBOSITY: AtomicU8 = AtomicU8::new(0);
+
+fn level(verbosity: u8) -> log::LevelFilter {
+    match verbosity {
         0 => log::LevelFilter::Info,
         1 => log::LevelFilter::Debug,
         _ => log::LevelFilter::Trace,
-    };
+    }
+}
+
+/// A reload changed `verbose`: log more or less from now on.
+pub fn set_verbose(verbose: u8) {
+    if std::env::var_os("RUST_LOG").is_none() {
+        log::set_max_level(level(verbose.saturating_add(CLI_VERBOSITY.load(Ordering::Relaxed))));
+    }
+}
+
+/// `verbose` is the configuration's, `cli_verbosity` the number of `-v` flags.
+pub fn init(verbose: u8, cli_verbosity: u8, quiet: bool, logfile: Option<&Path>) -> io::Result<()> {
+    CLI_VERBOSITY.store(cli_verbosity, Ordering::Relaxed);
+    let verbosity = verbose.saturating_add(cli_verbosity);
+    *LOGFILE.lock().unwrap_or_else(|e| e.into_inner()) = logfile.map(open).transpose()?;
     let mut builder = env_logger::Builder::new();
-    builder.filter_level(level);
+    // Everything passes the filter; the global maximum level (which a reload can change)
+    // decides what is logged.
+    builder.filter_level(log::LevelFilter::Trace);
     // Dependencies stay at info unless RUST_LOG asks otherwise.
     builder.filter_module("actix", log::LevelFilter::Info);
     builder.filter_module("tokio_postgres", log::LevelFilter::Info);
@@ -67,5 +86,8 @@ pub fn init(verbosity: u8, quiet: bool, logfile: Option<&Path>) -> io::Result<()
     builder.target(env_logger::Target::Pipe(Box::new(Tee { stderr: !quiet })));
     builder.format_timestamp_millis();
     let _ = builder.try_init();
+    if std::env::var_os("RUST_LOG").is_none() {
+        log::set_max_level(level(verbosity));
+    }
     Ok(())
 }

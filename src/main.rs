@@ -74,11 +74,7 @@ fn run(
     warnings: Vec<pgcorral::config::ConfigWarning>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let general = config.general.clone();
-    logging::init(
-        general.verbose.saturating_add(args.verbose),
-        args.quiet || args.daemon,
-        general.logfile.as_deref(),
-    )?;
+    logging::init(general.verbose, args.verbose, args.quiet || args.daemon, general.logfile.as_deref())?;
     for warning in &warnings {
         log::warn!("{warning}");
     }

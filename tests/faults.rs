@@ -123,9 +123,10 @@ fn signal_postmaster(pg: &Postgres, signal: i32) {
 async fn an_undeliverable_cancel_ends_its_client_after_cancel_wait_timeout() {
     let pg = Postgres::start();
     let pooler = Pooler::start(
-        &pool_ini(&pg, APP_DB, "pool_size=2", "transaction", "cancel_wait_timeout = 1"),
-        &app_userlist(),
+        &pool_ini(&pg, APP_DB, "pool_size=2", "transaction", "cancel_wait_timeout = 1\nadmin_users = admin"),
+        &(app_userlist() + &Pooler::userlist_line("admin", "admin-pass")),
     );
+    let console = pooler.connect("admin", "admin-pass", "pgbouncer").await.unwrap();
     let victim = pooler.connect(APP_USER, APP_PASSWORD, APP_DB).await.unwrap();
     let token = victim.cancel_token();
     let running =
@@ -136,6 +137,23 @@ async fn an_undeliverable_cancel_ends_its_client_after_cancel_wait_timeout() {
 
     signal_postmaster(&pg, libc::SIGSTOP);
     token.cancel_query(tokio_postgres::NoTls).await.expect("the pooler takes the cancel request");
+    // While it hangs, the console counts it as PgBouncer would.
+    let mut cancels = None;
+    for _ in 0..40 {
+        let pools = console.simple_query("SHOW POOLS").await.unwrap();
+        cancels = pools.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) if r.get("database") == Some(APP_DB) => Some((
+                r.get("cl_active_cancel_req").unwrap().to_string(),
+                r.get("sv_active_cancel").unwrap().to_string(),
+            )),
+            _ => None,
+        });
+        if cancels == Some(("1".into(), "1".into())) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(cancels, Some(("1".into(), "1".into())), "the cancel in flight shows in SHOW POOLS");
     let outcome = running.await.unwrap();
     signal_postmaster(&pg, libc::SIGCONT);
 

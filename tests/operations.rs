@@ -236,3 +236,36 @@ fn reload_reopens_the_logfile() {
         "after SIGHUP the log goes to a new file"
     );
 }
+
+/// `application_name_add_host`: PostgreSQL sees where a client connected from.
+#[tokio::test]
+async fn application_name_add_host_tags_the_client_address() {
+    let pg = Postgres::shared();
+    let db = pg.create_database("appname");
+    let pooler = start(pg, &db, "", "application_name_add_host = 1");
+    let url = format!("{} application_name=worker", pooler.url(APP_USER, APP_PASSWORD, &db));
+    let client = support::connect_plain(&url).await.unwrap();
+    let name = first_value(&client, "SHOW application_name").await.unwrap();
+    assert!(name.starts_with("worker - 127.0.0.1:"), "{name}");
+    let seen = pg.sql(&format!("SELECT application_name FROM pg_stat_activity WHERE datname = '{db}'"));
+    assert_eq!(seen, name, "the server carries the tagged name");
+}
+
+/// A reload that raises `verbose` logs more from then on (the test daemon runs with one -v).
+#[tokio::test]
+async fn reload_changes_verbosity() {
+    let pg = Postgres::shared();
+    let db = pg.create_database("verbosity");
+    let pooler = start(pg, &db, "", "");
+    let client = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    first_value(&client, "SELECT 1").await.unwrap();
+    assert!(!pooler.log().contains(" TRACE "), "debug level at first");
+    let ini = pooler.dir.join("pgcorral.ini");
+    let text = std::fs::read_to_string(&ini).unwrap();
+    std::fs::write(&ini, format!("{text}verbose = 1\n")).unwrap();
+    pooler.signal(libc::SIGHUP);
+    assert!(wait_until(Duration::from_secs(5), || pooler.log().contains("reload: verbose")));
+    let again = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    first_value(&again, "SELECT 1").await.unwrap();
+    assert!(wait_until(Duration::from_secs(5), || pooler.log().contains(" TRACE ")), "{}", pooler.log());
+}

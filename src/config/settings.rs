@@ -128,6 +128,8 @@ pub struct General {
     pub log_pooler_errors: bool,
     /// `host:port` where `/metrics` is served; None: off.
     pub metrics_addr: Option<String>,
+    /// Append the client's address to the application_name it logs in with.
+    pub application_name_add_host: bool,
 }
 
 impl Default for General {
@@ -182,6 +184,7 @@ impl Default for General {
             log_disconnections: true,
             log_pooler_errors: true,
             metrics_addr: None,
+            application_name_add_host: false,
         }
     }
 }
@@ -288,7 +291,6 @@ pub const NOT_IMPLEMENTED: &str = "not implemented yet by pgcorral; ignored";
 /// `[pgbouncer]` keys PgBouncer (1.18 up to current releases) knows that
 /// pgcorral ignores.
 pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
-    "application_name_add_host",
     "auth_dbname",
     "auth_hba_file",
     "auth_ident_file",
@@ -360,6 +362,7 @@ pub const USER_NOT_IMPLEMENTED: &[&str] = &[];
 
 /// `[pgbouncer]` keys pgcorral implements; kept for error messages.
 const PGBOUNCER_IMPLEMENTED: &[&str] = &[
+    "application_name_add_host",
     "metrics_addr",
     "stats_period",
     "log_stats",
@@ -635,6 +638,7 @@ pub(crate) fn apply_general(
         "log_disconnections" => general.log_disconnections = s.bool()?,
         "log_pooler_errors" => general.log_pooler_errors = s.bool()?,
         "metrics_addr" => general.metrics_addr = s.host_port()?,
+        "application_name_add_host" => general.application_name_add_host = s.bool()?,
         key if PGBOUNCER_NOT_IMPLEMENTED.contains(&key) => {
             return Ok(Some(s.warning(NOT_IMPLEMENTED)));
         }
