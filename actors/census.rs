@@ -106,6 +106,8 @@ pub struct ClientEntry {
     application_name: Mutex<String>,
     /// Cancel requests sent for this client's query and not yet delivered.
     cancels: AtomicU32,
+    /// The TLS protocol and cipher, when the client negotiated TLS.
+    tls: OnceLock<String>,
 }
 
 impl ClientEntry {
@@ -118,6 +120,15 @@ impl ClientEntry {
 
     pub fn login(&self) -> Option<&ClientLogin> {
         self.login.get()
+    }
+
+    pub fn set_tls(&self, description: String) {
+        let _ = self.tls.set(description);
+    }
+
+    /// The TLS protocol and cipher, empty for plaintext.
+    pub fn tls(&self) -> &str {
+        self.tls.get().map_or("", String::as_str)
     }
 
     pub fn logged_in(&self, login: ClientLogin, application_name: &str) {
@@ -199,6 +210,7 @@ pub struct ServerEntry {
     client: AtomicU64,
     remote_pid: AtomicI32,
     application_name: Mutex<String>,
+    tls: OnceLock<String>,
 }
 
 impl std::fmt::Debug for ServerEntry {
@@ -208,7 +220,14 @@ impl std::fmt::Debug for ServerEntry {
 }
 
 impl ServerEntry {
-    pub fn logged_in(&self, remote: Endpoint, local: Endpoint, process_id: i32, application_name: &str) {
+    pub fn logged_in(
+        &self,
+        (remote, local): (Endpoint, Endpoint),
+        process_id: i32,
+        application_name: &str,
+        tls: String,
+    ) {
+        let _ = self.tls.set(tls);
         let _ = self.endpoints.set((remote, local));
         self.remote_pid.store(process_id, Ordering::Relaxed);
         *self.application_name.lock().unwrap() = application_name.to_string();
@@ -261,6 +280,11 @@ impl ServerEntry {
         self.application_name.lock().unwrap().clone()
     }
 
+    /// The TLS protocol and cipher, empty for plaintext.
+    pub fn tls(&self) -> &str {
+        self.tls.get().map_or("", String::as_str)
+    }
+
     pub fn set_application_name(&self, name: &str) {
         *self.application_name.lock().unwrap() = name.to_string();
     }
@@ -310,6 +334,7 @@ impl Census {
             server: AtomicU64::new(0),
             application_name: Mutex::default(),
             cancels: AtomicU32::new(0),
+            tls: OnceLock::new(),
         });
         self.clients.lock().unwrap().insert(entry.id, entry.clone());
         entry
@@ -331,6 +356,7 @@ impl Census {
             client: AtomicU64::new(0),
             remote_pid: AtomicI32::new(0),
             application_name: Mutex::default(),
+            tls: OnceLock::new(),
         });
         self.servers.lock().unwrap().insert(entry.id, entry.clone());
         entry

@@ -258,6 +258,9 @@ impl Session {
             return Err(self.refuse(&mut wire, error).await);
         }
         self.counted.replace(Some((login.database.clone(), login.user.clone())));
+        if let Some(tls) = &wire.tls {
+            self.entry.set_tls(tls.description.clone());
+        }
         let application_name = login.startup.iter().find(|(n, _)| n == "application_name");
         self.entry.logged_in(
             ClientLogin {
@@ -273,7 +276,7 @@ impl Session {
         self.process_id.set(Some(process_id));
         let config = self.shared.config();
         let router = local_router(&login.pool);
-        let Wire { socket, inbuf, out } = wire;
+        let Wire { socket, inbuf, out, .. } = wire;
         let mut relay = Relay::new(
             socket,
             inbuf,
@@ -315,8 +318,12 @@ impl Session {
     fn logged_in(&self, database: &str, user: &str) {
         if self.shared.config().general.log_connections {
             log::info!(
-                "{} login attempt: db={database} user={user} tls=no replication=no",
-                self.entry.describe()
+                "{} login attempt: db={database} user={user} tls={} replication=no",
+                self.entry.describe(),
+                match self.entry.tls() {
+                    "" => "no",
+                    tls => tls,
+                }
             );
         }
     }
@@ -360,7 +367,10 @@ impl Session {
         );
         let (process_id, secret_key) = self.shared.register_cancel_key(self.me.clone());
         self.process_id.set(Some(process_id));
-        let Wire { socket, inbuf, mut out } = wire;
+        let Wire { socket, inbuf, mut out, tls } = wire;
+        if let Some(tls) = tls {
+            self.entry.set_tls(tls.description);
+        }
         for (name, value) in CONSOLE_PARAMETERS {
             backend::parameter_status(&mut out, name, value);
         }

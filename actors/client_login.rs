@@ -1,7 +1,7 @@
 //! The login phase of a client connection, before any server is involved.
 //!
-//! Reads the startup packet (answering SSLRequest and GSSENCRequest with `N` until TLS exists),
-//! recognises CancelRequests, enforces `max_client_conn` and `ignore_startup_parameters`, finds
+//! Negotiates TLS (SSLRequest, or PostgreSQL 17's direct TLS) as `client_tls_sslmode` allows,
+//! reads the startup packet (GSSENCRequest is answered `N`), recognises CancelRequests, enforces `max_client_conn` and `ignore_startup_parameters`, finds
 //! the pool, and authenticates the client against `auth_file` with the configured `auth_type`
 //! (trust, plain, md5, scram-sha-256). Every refusal is a PostgreSQL ErrorResponse with the
 //! SQLSTATE PostgreSQL or PgBouncer would use.
@@ -24,6 +24,7 @@ use crate::protocol::error::sqlstate;
 use crate::protocol::frontend::{parse_password, parse_sasl_initial};
 use crate::protocol::startup::{parse_startup, StartupPacket};
 use crate::protocol::{frame_at, PgError};
+use crate::tls::{ClientTls, ClientTlsInfo};
 
 /// Authentication messages are small; a larger one is an attack or a confused client.
 const MAX_AUTH_MESSAGE: usize = 8 * 1024;
@@ -87,11 +88,41 @@ pub struct Wire {
     pub socket: Socket,
     pub inbuf: BytesMut,
     pub out: BytesMut,
+    /// Set once the client negotiated TLS.
+    pub tls: Option<ClientTlsInfo>,
 }
+
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
 
 impl Wire {
     pub fn new(socket: Socket) -> Wire {
-        Wire { socket, inbuf: BytesMut::new(), out: BytesMut::new() }
+        Wire { socket, inbuf: BytesMut::new(), out: BytesMut::new(), tls: None }
+    }
+
+    /// Runs the TLS handshake and carries on over the encrypted socket.
+    async fn start_tls(&mut self, tls: &ClientTls, direct: bool) -> Result<(), LoginError> {
+        let plain = std::mem::replace(&mut self.socket, Socket::Moving);
+        let peer = plain.peer();
+        match tls.accept(plain).await {
+            Ok((socket, info)) => {
+                self.socket = socket;
+                if direct && !info.alpn_postgresql {
+                    // As PostgreSQL: direct TLS is only for clients that name the protocol.
+                    return Err(PgError::fatal(
+                        sqlstate::PROTOCOL_VIOLATION,
+                        "received direct SSL connection request without ALPN protocol negotiation extension",
+                    )
+                    .into());
+                }
+                self.tls = Some(info);
+                Ok(())
+            }
+            Err(e) => {
+                log::info!("client {peer}: TLS handshake failed: {e}");
+                Err(LoginError::Gone)
+            }
+        }
     }
 
     async fn fill(&mut self) -> Result<(), LoginError> {
@@ -148,9 +179,31 @@ impl Wire {
 
 /// Runs the login up to and including AuthenticationOk (queued in `wire.out`, not yet sent).
 pub async fn accept(wire: &mut Wire, shared: &Shared, admitted: &mut bool) -> Result<Accepted, LoginError> {
+    let client_tls = shared.config().tls.client.clone();
+    if let Some(tls) = &client_tls {
+        if wire.socket.peek_first_byte().await? == Some(TLS_HANDSHAKE) {
+            wire.start_tls(tls, true).await?;
+        }
+    }
     let params = loop {
         match wire.read_startup().await? {
-            StartupPacket::Ssl | StartupPacket::GssEnc => {
+            StartupPacket::Ssl => match &client_tls {
+                Some(tls) if wire.tls.is_none() && !wire.socket.is_unix() => {
+                    // Bytes sent after the SSLRequest but before the handshake would be
+                    // trusted as if they had been encrypted (CVE-2021-23222).
+                    if !wire.inbuf.is_empty() {
+                        return Err(PgError::fatal(
+                            sqlstate::PROTOCOL_VIOLATION,
+                            "received unencrypted data after SSL request",
+                        )
+                        .into());
+                    }
+                    wire.socket.write_all(b"S").await?;
+                    wire.start_tls(tls, false).await?;
+                }
+                _ => wire.socket.write_all(b"N").await?,
+            },
+            StartupPacket::GssEnc => {
                 wire.socket.write_all(b"N").await?;
             }
             StartupPacket::Cancel { process_id, secret_key } => {
@@ -159,6 +212,14 @@ pub async fn accept(wire: &mut Wire, shared: &Shared, admitted: &mut bool) -> Re
             StartupPacket::Startup { params } => break params,
         }
     };
+    // client_tls_sslmode = require and above: plaintext TCP logins are refused (Unix-socket
+    // clients are local and never need TLS).
+    if client_tls.as_ref().is_some_and(|tls| tls.sslmode().requires_tls())
+        && wire.tls.is_none()
+        && !wire.socket.is_unix()
+    {
+        return Err(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "SSL required").into());
+    }
     if !shared.admit_client() {
         return Err(PgError::fatal(
             sqlstate::TOO_MANY_CONNECTIONS,

@@ -185,6 +185,7 @@ pub fn clients(shared: &Shared) -> Vec<ConnView> {
                 id: client.id,
                 link: (server != 0).then_some(server),
                 remote_pid: client.remote_pid,
+                tls: client.tls().to_string(),
                 application_name: client.application_name(),
                 buffered: 0,
             })
@@ -221,6 +222,7 @@ pub fn servers(shared: &Shared) -> Vec<ConnView> {
                 id: server.id,
                 link: (client != 0).then_some(client),
                 remote_pid: server.remote_pid(),
+                tls: server.tls().to_string(),
                 application_name: server.application_name(),
                 buffered: 0,
             }

@@ -24,6 +24,7 @@ use crate::net::ServerAddr;
 use crate::params::SharedParams;
 use crate::protocol::PgError;
 use crate::stats::PoolStats;
+use crate::tls::{ServerTls, TlsSettings};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -49,6 +50,10 @@ pub struct PoolSettings {
     /// Sent in every server's startup packet (the `[databases]` client_encoding, datestyle, ...).
     pub startup_params: Vec<(String, String)>,
     pub connect_query: Option<String>,
+    /// How servers are asked for TLS; the settings it was built from decide, at a reload,
+    /// whether servers must reconnect.
+    pub server_tls: Arc<ServerTls>,
+    pub server_tls_settings: TlsSettings,
     pub pool_mode: PoolMode,
     pub pool_size: usize,
     pub reserve_pool_size: usize,
@@ -80,9 +85,10 @@ pub struct PoolSettings {
 
 impl PoolSettings {
     /// Whether servers opened under `self` are what `other` would open: same place, database,
-    /// user, password, startup parameters and connect_query.
+    /// user, password, startup parameters, connect_query and TLS settings.
     fn same_connection(&self, other: &PoolSettings) -> bool {
-        self.addr == other.addr
+        self.server_tls_settings == other.server_tls_settings
+            && self.addr == other.addr
             && self.dbname == other.dbname
             && self.server_user == other.server_user
             && self.password == other.password

@@ -315,6 +315,8 @@ pub fn resolve(config: &Config, database: &str, user: &str) -> Result<(PoolKey, 
         password,
         startup_params,
         connect_query: entry.connect_query.clone(),
+        server_tls: config.tls.server.clone(),
+        server_tls_settings: general.server_tls.clone(),
         pool_mode: user_entry.and_then(|u| u.pool_mode).or(entry.pool_mode).unwrap_or(general.pool_mode),
         pool_size: user_entry
             .and_then(|u| u.pool_size)

@@ -27,6 +27,7 @@ use crate::net::{DetachedSocket, ServerAddr, Socket};
 use crate::params::TrackedParams;
 use crate::protocol::error::sqlstate;
 use crate::protocol::PgError;
+use crate::tls::negotiate_server_tls;
 
 /// A logged-in server connection, as it travels between its Router and a client.
 #[derive(Debug)]
@@ -223,10 +224,18 @@ async fn open(settings: Arc<PoolSettings>, entry: Arc<ServerEntry>) -> Result<Se
         PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("server connection failed ({addr}): {detail}"))
     };
     let timeout = settings.server_connect_timeout;
-    let mut socket = tokio::time::timeout(timeout, addr.connect())
+    let host = match &addr {
+        crate::net::ServerAddr::Tcp { host, .. } => host.as_str(),
+        crate::net::ServerAddr::Unix { .. } => "",
+    };
+    let connect = async {
+        let socket = addr.connect().await.map_err(|e| e.to_string())?;
+        negotiate_server_tls(socket, &settings.server_tls, host).await
+    };
+    let mut socket = tokio::time::timeout(timeout, connect)
         .await
         .map_err(|_| connect_failed("timed out".into()))?
-        .map_err(|e| connect_failed(e.to_string()))?;
+        .map_err(connect_failed)?;
     let request = LoginRequest {
         user: &settings.server_user,
         database: &settings.dbname,
@@ -237,7 +246,8 @@ async fn open(settings: Arc<PoolSettings>, entry: Arc<ServerEntry>) -> Result<Se
         .await
         .map_err(|_| connect_failed("login timed out".into()))?
         .map_err(|e| login_error(e, &connect_failed))?;
-    let (remote, local) = socket.endpoints(addr.port());
+    let endpoints = socket.endpoints(addr.port());
+    let tls = socket.tls_description();
     let mut link = ServerLink {
         born: Instant::now(),
         socket,
@@ -251,7 +261,7 @@ async fn open(settings: Arc<PoolSettings>, entry: Arc<ServerEntry>) -> Result<Se
         guard: LendGuard::default(),
     };
     let application_name = link.param("application_name").unwrap_or_default().to_string();
-    link.entry.logged_in(remote, local, link.process_id, &application_name);
+    link.entry.logged_in(endpoints, link.process_id, &application_name, tls);
     if let Some(query) = &settings.connect_query {
         link.run(query).await.map_err(|e| login_error(e, &connect_failed))?;
     }

@@ -15,6 +15,7 @@ pub mod net;
 pub mod params;
 pub mod protocol;
 pub mod stats;
+pub mod tls;
 pub mod version;
 
 #[path = "../actors/mod.rs"]

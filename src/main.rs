@@ -78,6 +78,9 @@ fn run(
     for warning in &warnings {
         log::warn!("{warning}");
     }
+    for limitation in pgcorral::tls::TlsContexts::limitations(&general.server_tls) {
+        log::warn!("{limitation}");
+    }
     if let Some(user) = &args.user {
         daemon::switch_user(user)?;
     }

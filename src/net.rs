@@ -1,8 +1,10 @@
-//! Sockets: one type for a TCP or Unix-domain connection, on either side of the pooler.
+//! Sockets: one type for a TCP or Unix-domain connection, plain or TLS, on either side of the
+//! pooler.
 //!
 //! Clients arrive over TCP or the `.s.PGSQL.<port>` socket; servers are reached over TCP or a
-//! Unix socket directory (a `host` starting with `/`). The relay and the login code are written
-//! once against [`Socket`].
+//! Unix socket directory (a `host` starting with `/`). Either side may be wrapped in TLS once
+//! negotiated (see `crate::tls`). The relay and the login code are written once against
+//! [`Socket`].
 
 use std::io;
 use std::path::PathBuf;
@@ -12,10 +14,33 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
-#[derive(Debug)]
 pub enum Socket {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// A client that negotiated TLS with pgcorral (OpenSSL; see `tls::acceptor`).
+    ClientTls(Box<tokio_openssl::SslStream<Socket>>),
+    /// A server connection pgcorral encrypted (native-tls; see `tls::connector`).
+    ServerTls(Box<tokio_native_tls::TlsStream<Socket>>),
+    /// Stands in for the plain socket under a TLS stream while that socket moves to another
+    /// worker's reactor; never read or written.
+    Moving,
+}
+
+impl std::fmt::Debug for Socket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self {
+            Socket::Tcp(_) => "tcp",
+            Socket::Unix(_) => "unix",
+            Socket::ClientTls(_) => "client-tls",
+            Socket::ServerTls(_) => "server-tls",
+            Socket::Moving => "moving",
+        };
+        write!(f, "Socket({kind}, {})", self.peer())
+    }
+}
+
+fn moving() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "socket is moving between workers")
 }
 
 /// Where a server lives; kept so that a CancelRequest can be sent to the same place.
@@ -77,10 +102,20 @@ pub struct Endpoint {
 }
 
 /// A socket taken out of one thread's reactor to be moved to another worker.
-#[derive(Debug)]
 pub enum DetachedSocket {
     Tcp(std::net::TcpStream),
     Unix(std::os::unix::net::UnixStream),
+    /// A TLS server connection: the TLS state travels as it is, its plain socket detached.
+    ServerTls {
+        stream: Box<tokio_native_tls::TlsStream<Socket>>,
+        plain: Box<DetachedSocket>,
+    },
+}
+
+impl std::fmt::Debug for DetachedSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DetachedSocket")
+    }
 }
 
 impl DetachedSocket {
@@ -89,32 +124,92 @@ impl DetachedSocket {
         match self {
             DetachedSocket::Tcp(s) => Ok(Socket::Tcp(TcpStream::from_std(s)?)),
             DetachedSocket::Unix(s) => Ok(Socket::Unix(UnixStream::from_std(s)?)),
+            DetachedSocket::ServerTls { mut stream, plain } => {
+                *stream.get_mut().get_mut().get_mut() = plain.attach()?;
+                Ok(Socket::ServerTls(stream))
+            }
         }
     }
 }
 
 impl Socket {
-    /// Takes the socket out of this thread's reactor (it stays non-blocking).
+    /// Takes the socket out of this thread's reactor (it stays non-blocking). Client TLS
+    /// sessions never move: clients stay on the worker that accepted them.
     pub fn detach(self) -> io::Result<DetachedSocket> {
         match self {
             Socket::Tcp(s) => Ok(DetachedSocket::Tcp(s.into_std()?)),
             Socket::Unix(s) => Ok(DetachedSocket::Unix(s.into_std()?)),
+            Socket::ServerTls(mut stream) => {
+                let plain = std::mem::replace(stream.get_mut().get_mut().get_mut(), Socket::Moving);
+                Ok(DetachedSocket::ServerTls { stream, plain: Box::new(plain.detach()?) })
+            }
+            Socket::ClientTls(_) | Socket::Moving => {
+                Err(io::Error::new(io::ErrorKind::Unsupported, "this socket cannot move between workers"))
+            }
+        }
+    }
+
+    /// The TCP or Unix socket under any TLS layer.
+    fn plain(&self) -> &Socket {
+        match self {
+            Socket::ClientTls(s) => s.get_ref().plain(),
+            Socket::ServerTls(s) => s.get_ref().get_ref().get_ref().plain(),
+            other => other,
+        }
+    }
+
+    /// The first byte a TCP client sent, without taking it: PostgreSQL 17's direct TLS starts
+    /// with a TLS handshake record instead of a startup packet.
+    pub async fn peek_first_byte(&self) -> io::Result<Option<u8>> {
+        let Socket::Tcp(s) = self else { return Ok(None) };
+        let mut byte = [0u8; 1];
+        Ok((s.peek(&mut byte).await? == 1).then_some(byte[0]))
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Socket::ClientTls(_) | Socket::ServerTls(_))
+    }
+
+    /// What `SHOW CLIENTS`/`SHOW SERVERS` put in their `tls` column: protocol and cipher where
+    /// the TLS library says (native-tls, used towards servers, does not), empty for plaintext.
+    pub fn tls_description(&self) -> String {
+        match self {
+            Socket::ClientTls(s) => {
+                let ssl = s.ssl();
+                format!("{}/{}", ssl.version_str(), ssl.current_cipher().map_or("?", |c| c.name()))
+            }
+            Socket::ServerTls(_) => "TLS".into(),
+            _ => String::new(),
         }
     }
 
     /// Reads without waiting; used to notice that an idle server closed or spoke out of turn.
+    /// Under TLS the plain socket is peeked at: any byte there (an alert, a message) or its
+    /// end is news an idle connection should not have.
     pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Socket::Tcp(s) => s.try_read(buf),
             Socket::Unix(s) => s.try_read(buf),
+            Socket::Moving => Err(moving()),
+            tls => {
+                let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+                match tls.plain() {
+                    Socket::Tcp(s) => socket2::SockRef::from(s).peek(&mut probe),
+                    Socket::Unix(s) => socket2::SockRef::from(s).peek(&mut probe),
+                    _ => Err(moving()),
+                }
+            }
         }
     }
 
-    /// Waits for readability without a buffer, so idle connections need none.
+    /// Waits for readability without a buffer, so idle connections need none. Under TLS the
+    /// plain socket's readiness is enough: its readiness is only cleared by a read that found
+    /// nothing, which OpenSSL attempts only once it has handed over all it decrypted.
     pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self {
+        match self.plain() {
             Socket::Tcp(s) => s.poll_read_ready(cx),
             Socket::Unix(s) => s.poll_read_ready(cx),
+            _ => Poll::Ready(Err(moving())),
         }
     }
 
@@ -125,9 +220,9 @@ impl Socket {
             Ok(a) => Endpoint { addr: a.ip().to_string(), port: a.port() },
             Err(_) => Endpoint { addr: "?".into(), port: 0 },
         };
-        match self {
+        match self.plain() {
             Socket::Tcp(s) => (tcp(s.peer_addr()), tcp(s.local_addr())),
-            Socket::Unix(_) => {
+            _ => {
                 let unix = Endpoint { addr: "unix".into(), port: unix_port };
                 (unix.clone(), unix)
             }
@@ -136,21 +231,22 @@ impl Socket {
 
     /// The peer's user id and process id over a Unix socket.
     pub fn peer_credentials(&self) -> Option<(u32, i32)> {
-        match self {
+        match self.plain() {
             Socket::Unix(s) => s.peer_cred().ok().map(|c| (c.uid(), c.pid().unwrap_or(0))),
-            Socket::Tcp(_) => None,
+            _ => None,
         }
     }
 
     pub fn is_unix(&self) -> bool {
-        matches!(self, Socket::Unix(_))
+        matches!(self.plain(), Socket::Unix(_))
     }
 
     /// A short description of the peer for logs.
     pub fn peer(&self) -> String {
-        match self {
+        match self.plain() {
             Socket::Tcp(s) => s.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into()),
             Socket::Unix(_) => "unix".into(),
+            _ => "?".into(),
         }
     }
 }
@@ -160,6 +256,9 @@ impl AsyncRead for Socket {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Socket::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Socket::ClientTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Socket::ServerTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Socket::Moving => Poll::Ready(Err(moving())),
         }
     }
 }
@@ -169,6 +268,9 @@ impl AsyncWrite for Socket {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Socket::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Socket::ClientTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Socket::ServerTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Socket::Moving => Poll::Ready(Err(moving())),
         }
     }
 
@@ -176,6 +278,9 @@ impl AsyncWrite for Socket {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_flush(cx),
             Socket::Unix(s) => Pin::new(s).poll_flush(cx),
+            Socket::ClientTls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Socket::ServerTls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Socket::Moving => Poll::Ready(Err(moving())),
         }
     }
 
@@ -183,6 +288,9 @@ impl AsyncWrite for Socket {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Socket::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Socket::ClientTls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Socket::ServerTls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Socket::Moving => Poll::Ready(Err(moving())),
         }
     }
 }

@@ -60,6 +60,8 @@ pub struct ConnView {
     /// The id of the connection on the other side, if linked.
     pub link: Option<u64>,
     pub remote_pid: i32,
+    /// TLS protocol and cipher; empty for plaintext.
+    pub tls: String,
     pub application_name: String,
     /// Bytes buffered, for `SHOW ACTIVE_SOCKETS` (pgcorral keeps none between reads).
     pub buffered: usize,
@@ -307,7 +309,7 @@ fn connection_row(c: &ConnView) -> Vec<Value> {
         pointer(c.id).into(),
         c.link.map_or(String::new(), pointer).into(),
         c.remote_pid.into(),
-        "".into(),
+        c.tls.as_str().into(),
         c.application_name.as_str().into(),
         0i32.into(),
         c.id.into(),

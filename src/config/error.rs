@@ -24,6 +24,10 @@ pub enum ConfigError {
     /// `=`, include cycle, broken userlist line, ...).
     #[error("{}: {message}", Location(.file, *.line))]
     Syntax { file: String, line: usize, message: String },
+    /// The TLS settings name a missing or unusable key, certificate or CA file, or a
+    /// combination that cannot work.
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Formats `file:line`, or just `file` when `line` is 0 (environment values).

@@ -137,7 +137,8 @@ fn assemble(
         .collect();
     warnings.extend(peers.into_iter().map(|(_, w)| w));
 
-    let config = Config { path: path.to_path_buf(), general, written, databases, users, userlist };
+    let tls = crate::tls::TlsContexts::build(&general.client_tls, &general.server_tls)?;
+    let config = Config { path: path.to_path_buf(), general, written, databases, users, userlist, tls };
     Ok((config, warnings))
 }
 
@@ -412,7 +413,7 @@ batch = pool_mode=session max_user_connections=5
     fn not_implemented_warns_once_per_key() {
         let (config, warnings) = parse(
             "[pgbouncer]\ntcp_keepalive = 3600\ndns_max_ttl = 600\n\
-             client_tls_sslmode = require\ntcp_keepalive = 10\n\
+             client_tls_dheparams = auto\ntcp_keepalive = 10\n\
              [databases]\nd = host=a load_balance_hosts=random auth_user=x\n\
              [users]\nu = query_timeout=5 pool_size=3\n[peers]\n1 = host=/tmp/p1\n",
         )
@@ -422,7 +423,7 @@ batch = pool_mode=session max_user_connections=5
             [
                 "pgbouncer.ini:5: tcp_keepalive: not implemented yet by pgcorral; ignored",
                 "pgbouncer.ini:3: dns_max_ttl: not implemented yet by pgcorral; ignored",
-                "pgbouncer.ini:4: client_tls_sslmode: not implemented yet by pgcorral; ignored",
+                "pgbouncer.ini:4: client_tls_dheparams: not implemented yet by pgcorral; ignored",
                 "pgbouncer.ini:7: d: load_balance_hosts: not implemented yet by pgcorral; ignored",
                 "pgbouncer.ini:7: d: auth_user: not implemented yet by pgcorral; ignored",
                 "pgbouncer.ini:11: 1: not implemented yet by pgcorral; ignored",

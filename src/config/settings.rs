@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use super::connstr;
 use super::error::{ConfigError, Location};
+use crate::tls::{SslMode, TlsSettings};
 
 /// When a server connection goes back to the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +131,10 @@ pub struct General {
     pub metrics_addr: Option<String>,
     /// Append the client's address to the application_name it logs in with.
     pub application_name_add_host: bool,
+    /// `client_tls_*`: TLS offered to clients.
+    pub client_tls: TlsSettings,
+    /// `server_tls_*`: TLS towards PostgreSQL.
+    pub server_tls: TlsSettings,
 }
 
 impl Default for General {
@@ -185,6 +190,8 @@ impl Default for General {
             log_pooler_errors: true,
             metrics_addr: None,
             application_name_add_host: false,
+            client_tls: TlsSettings::new(SslMode::Disable),
+            server_tls: TlsSettings::new(SslMode::Prefer),
         }
     }
 }
@@ -263,6 +270,8 @@ pub struct Config {
     pub users: Vec<UserEntry>,
     /// `(user, secret)` pairs from `auth_file`; empty without one.
     pub userlist: Vec<(String, String)>,
+    /// TLS contexts built from `client_tls_*` and `server_tls_*`.
+    pub tls: crate::tls::TlsContexts,
 }
 
 impl Config {
@@ -298,15 +307,8 @@ pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
     "auth_query",
     "auth_user",
     "autodb_idle_timeout",
-    "client_tls13_ciphers",
-    "client_tls_ca_file",
-    "client_tls_cert_file",
-    "client_tls_ciphers",
     "client_tls_dheparams",
     "client_tls_ecdhcurve",
-    "client_tls_key_file",
-    "client_tls_protocols",
-    "client_tls_sslmode",
     "conffile",
     "disable_pqexec",
     "dns_max_ttl",
@@ -322,13 +324,6 @@ pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
     "resolv_conf",
     "sbuf_loopcnt",
     "scram_iterations",
-    "server_tls13_ciphers",
-    "server_tls_ca_file",
-    "server_tls_cert_file",
-    "server_tls_ciphers",
-    "server_tls_key_file",
-    "server_tls_protocols",
-    "server_tls_sslmode",
     "service_name",
     "so_reuseport",
     "suspend_timeout",
@@ -362,6 +357,20 @@ pub const USER_NOT_IMPLEMENTED: &[&str] = &[];
 
 /// `[pgbouncer]` keys pgcorral implements; kept for error messages.
 const PGBOUNCER_IMPLEMENTED: &[&str] = &[
+    "server_tls_sslmode",
+    "server_tls_protocols",
+    "server_tls_key_file",
+    "server_tls_ciphers",
+    "server_tls_cert_file",
+    "server_tls_ca_file",
+    "server_tls13_ciphers",
+    "client_tls_sslmode",
+    "client_tls_protocols",
+    "client_tls_key_file",
+    "client_tls_ciphers",
+    "client_tls_cert_file",
+    "client_tls_ca_file",
+    "client_tls13_ciphers",
     "application_name_add_host",
     "metrics_addr",
     "stats_period",
@@ -547,6 +556,15 @@ impl Setting<'_> {
         }
     }
 
+    fn sslmode(&self) -> Result<SslMode, ConfigError> {
+        SslMode::parse(self.value).ok_or_else(|| {
+            self.invalid(format!(
+                "expected one of disable, allow, prefer, require, verify-ca, verify-full, got {:?}",
+                self.value
+            ))
+        })
+    }
+
     fn path(&self) -> Option<PathBuf> {
         (!self.value.is_empty()).then(|| PathBuf::from(self.value))
     }
@@ -639,6 +657,20 @@ pub(crate) fn apply_general(
         "log_pooler_errors" => general.log_pooler_errors = s.bool()?,
         "metrics_addr" => general.metrics_addr = s.host_port()?,
         "application_name_add_host" => general.application_name_add_host = s.bool()?,
+        "client_tls_sslmode" => general.client_tls.sslmode = s.sslmode()?,
+        "client_tls_key_file" => general.client_tls.key_file = s.path().map(|p| base_dir.join(p)),
+        "client_tls_cert_file" => general.client_tls.cert_file = s.path().map(|p| base_dir.join(p)),
+        "client_tls_ca_file" => general.client_tls.ca_file = s.path().map(|p| base_dir.join(p)),
+        "client_tls_protocols" => general.client_tls.protocols = s.value.to_string(),
+        "client_tls_ciphers" => general.client_tls.ciphers = s.value.to_string(),
+        "client_tls13_ciphers" => general.client_tls.tls13_ciphers = s.value.to_string(),
+        "server_tls_sslmode" => general.server_tls.sslmode = s.sslmode()?,
+        "server_tls_key_file" => general.server_tls.key_file = s.path().map(|p| base_dir.join(p)),
+        "server_tls_cert_file" => general.server_tls.cert_file = s.path().map(|p| base_dir.join(p)),
+        "server_tls_ca_file" => general.server_tls.ca_file = s.path().map(|p| base_dir.join(p)),
+        "server_tls_protocols" => general.server_tls.protocols = s.value.to_string(),
+        "server_tls_ciphers" => general.server_tls.ciphers = s.value.to_string(),
+        "server_tls13_ciphers" => general.server_tls.tls13_ciphers = s.value.to_string(),
         key if PGBOUNCER_NOT_IMPLEMENTED.contains(&key) => {
             return Ok(Some(s.warning(NOT_IMPLEMENTED)));
         }
@@ -921,6 +953,10 @@ mod tests {
                 "session"
             } else if *key == "metrics_addr" {
                 "127.0.0.1:9127"
+            } else if key.ends_with("_sslmode") {
+                "prefer"
+            } else if key.ends_with("_protocols") {
+                "secure"
             } else {
                 "1"
             };

@@ -6,10 +6,12 @@
 // Every test binary uses a different subset of this module.
 #![allow(dead_code, unused_imports)]
 
+mod certs;
 mod pooler;
 mod postgres;
 mod python;
 
+pub use certs::Certs;
 pub use pooler::{spawn_supervised, Pooler};
 pub use postgres::pg_bin;
 pub(crate) use postgres::postgres_ids;

@@ -45,6 +45,18 @@ impl Postgres {
     /// Like `start`, with extra postgresql.conf lines appended after the
     /// defaults (later lines win, so this can override max_connections etc).
     pub fn start_with_config(extra_config: &str) -> Postgres {
+        Self::start_with(extra_config, HBA, None)
+    }
+
+    /// A cluster with `ssl = on` (the server certificate and key of `certs`, in the data
+    /// directory as PostgreSQL wants them) and the given pg_hba.conf.
+    pub fn start_tls(certs: &super::Certs, hba: &str) -> Postgres {
+        let ssl =
+            "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nssl_ca_file = 'ca.crt'\n";
+        Self::start_with(ssl, hba, Some(certs))
+    }
+
+    fn start_with(extra_config: &str, hba: &str, certs: Option<&super::Certs>) -> Postgres {
         let dir = scratch_dir("pg");
         let data_dir = dir.join("data");
         chown_to_postgres(&dir);
@@ -60,7 +72,20 @@ impl Postgres {
         // The watchdog goes up before the server so that there is no window in
         // which a dying test leaves a running server behind.
         pg.spawn_watchdog();
-        std::fs::write(pg.data_dir.join("pg_hba.conf"), HBA).expect("write pg_hba.conf");
+        std::fs::write(pg.data_dir.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
+        if let Some(certs) = certs {
+            // PostgreSQL refuses a key file others can read, and must own it.
+            for (from, to) in [
+                (&certs.server_cert, "server.crt"),
+                (&certs.server_key, "server.key"),
+                (&certs.ca_cert, "ca.crt"),
+            ] {
+                let path = pg.data_dir.join(to);
+                std::fs::copy(from, &path).expect("copy certificate");
+                std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+                chown_to_postgres(&path);
+            }
+        }
         // Settings live in an included file rather than postgresql.auto.conf,
         // which a test's ALTER SYSTEM would rewrite (port included).
         let mut conf = std::fs::OpenOptions::new()
