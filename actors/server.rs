@@ -240,6 +240,7 @@ async fn open(settings: Arc<PoolSettings>, entry: Arc<ServerEntry>) -> Result<Se
         user: &settings.server_user,
         database: &settings.dbname,
         password: settings.password.as_ref(),
+        scram_keys: None,
         params: &settings.startup_params,
     };
     let outcome = tokio::time::timeout(timeout, auth::login(&mut socket, &request))

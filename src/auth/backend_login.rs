@@ -9,11 +9,12 @@
 
 use bytes::BytesMut;
 use postgres_protocol::authentication::md5_hash;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::md5::md5_challenge_response;
+use super::scram::SCRAM_SHA_256;
+use super::scram_client::{ScramClient, ScramKeys};
 use super::secret::Secret;
 
 /// Largest message accepted during login, and largest ErrorResponse,
@@ -28,9 +29,15 @@ pub struct LoginRequest<'a> {
     pub database: &'a str,
     /// `Plain` answers cleartext, md5 and SCRAM requests. `Md5` answers md5
     /// requests only, hashing the stored digest with the salt as PgBouncer
-    /// does. A SCRAM verifier cannot answer anything yet: proving knowledge
-    /// of it needs the ClientKey, which the verifier does not contain.
+    /// does. A SCRAM verifier cannot answer anything by itself: proving
+    /// knowledge of it needs the ClientKey, which the verifier does not
+    /// contain; see `scram_keys`.
     pub password: Option<&'a Secret>,
+    /// Pass-through keys, typically recovered from the client's own SCRAM
+    /// login to pgcorral. Used for a SCRAM request when `password` is not a
+    /// plaintext password (absent, or a verifier); a plaintext password
+    /// wins, since it works whatever verifier the server holds.
+    pub scram_keys: Option<&'a ScramKeys>,
     /// Further startup parameters, e.g. client_encoding, DateStyle,
     /// TimeZone, application_name. `user` and `database` here are ignored in
     /// favour of the fields above.
@@ -79,7 +86,7 @@ impl BackendLoginError {
 /// Where a SCRAM exchange with the server stands.
 enum Sasl {
     NotStarted,
-    InProgress(Box<ScramSha256>),
+    InProgress(Box<ScramClient>),
     /// The server's signature checked out: it knows the password too.
     Verified,
 }
@@ -172,12 +179,15 @@ where
                                 mechanisms.join(", ")
                             )));
                         }
-                        let password = plain_password(req, "SCRAM-SHA-256")?;
-                        // "n": pgcorral does not do channel binding. Saying
-                        // "y" would be read by a TLS server that offers
-                        // -PLUS as a downgrade attack and refused.
-                        let client = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
-                        frontend::sasl_initial_response(SCRAM_SHA_256, client.message(), &mut buf)
+                        // The client sends the GS2 flag "n": pgcorral does
+                        // not bind to the server's TLS channel.
+                        let client = match req.scram_keys {
+                            Some(keys) if !matches!(req.password, Some(Secret::Plain(_))) => {
+                                ScramClient::with_keys(keys)
+                            }
+                            _ => ScramClient::with_password(plain_password(req, "SCRAM-SHA-256")?),
+                        };
+                        frontend::sasl_initial_response(SCRAM_SHA_256, client.client_first(), &mut buf)
                             .map_err(|e| encode_error("SASLInitialResponse", e))?;
                         send(stream, &mut buf).await?;
                         sasl = Sasl::InProgress(Box::new(client));
@@ -186,10 +196,10 @@ where
                         let Sasl::InProgress(client) = &mut sasl else {
                             return Err(protocol("unexpected AuthenticationSASLContinue".into()));
                         };
-                        client
-                            .update(r.rest())
+                        let client_final = client
+                            .server_first(r.rest())
                             .map_err(|e| protocol(format!("bad SCRAM server-first-message: {e}")))?;
-                        frontend::sasl_response(client.message(), &mut buf)
+                        frontend::sasl_response(&client_final, &mut buf)
                             .map_err(|e| encode_error("SASLResponse", e))?;
                         send(stream, &mut buf).await?;
                     }
@@ -197,7 +207,7 @@ where
                         let Sasl::InProgress(client) = &mut sasl else {
                             return Err(protocol("unexpected AuthenticationSASLFinal".into()));
                         };
-                        client.finish(r.rest()).map_err(|e| {
+                        client.server_final(r.rest()).map_err(|e| {
                             protocol(format!("server failed to prove it knows the password: {e}"))
                         })?;
                         sasl = Sasl::Verified;
@@ -468,6 +478,7 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::super::md5::{md5_secret, md5_verify};
     use super::super::scram::ScramServer;
+    use super::super::secret::ScramSecret;
     use super::*;
     use tokio::io::DuplexStream;
 
@@ -523,7 +534,7 @@ mod tests {
     }
 
     fn request<'a>(password: Option<&'a Secret>) -> LoginRequest<'a> {
-        LoginRequest { user: "alice", database: "app", password, params: &[] }
+        LoginRequest { user: "alice", database: "app", password, scram_keys: None, params: &[] }
     }
 
     #[tokio::test]
@@ -574,6 +585,99 @@ mod tests {
             }
         );
         server_task.await.unwrap();
+    }
+
+    /// Logs in to a scripted server that runs our SCRAM server against
+    /// `verifier`, passing its server-final-message through `tamper`.
+    async fn scram_login(
+        verifier: ScramSecret,
+        password: Option<Secret>,
+        keys: Option<ScramKeys>,
+        tamper: fn(Vec<u8>) -> Vec<u8>,
+    ) -> Result<LoginOutcome, BackendLoginError> {
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        let server_task = tokio::spawn(async move {
+            read_startup(&mut server).await;
+            write_auth(&mut server, 10, b"SCRAM-SHA-256\0\0").await;
+            let mut scram = ScramServer::new(verifier);
+            let (_, body) = read_msg(&mut server).await;
+            let mut r = Reader::new(&body);
+            assert_eq!(r.cstr().unwrap(), SCRAM_SHA_256);
+            r.i32().unwrap();
+            let first = r.rest();
+            assert!(first.starts_with(b"n,,n=,r="), "{:?}", String::from_utf8_lossy(first));
+            let first = scram.client_first(first).unwrap();
+            write_auth(&mut server, 11, &first).await;
+            let (_, body) = read_msg(&mut server).await;
+            match scram.client_final(&body) {
+                Ok(last) => {
+                    write_auth(&mut server, 12, &tamper(last)).await;
+                    finish_startup(&mut server).await;
+                }
+                Err(e) => {
+                    assert_eq!(e, super::super::AuthError::WrongPassword);
+                    write_msg(
+                        &mut server,
+                        b'E',
+                        b"SFATAL\0VFATAL\0C28P01\0Mpassword authentication failed\0\0",
+                    )
+                    .await;
+                }
+            }
+        });
+        let req = LoginRequest { scram_keys: keys.as_ref(), ..request(password.as_ref()) };
+        let result = login(&mut client, &req).await;
+        server_task.await.unwrap();
+        result
+    }
+
+    #[tokio::test]
+    async fn scram_login_with_password_or_keys() {
+        let verifier = ScramSecret::from_password("pw", b"salt", 16);
+        let keys = ScramKeys::from_password("pw", b"salt", 16);
+        let bad_keys = ScramKeys::from_password("pw", b"other salt", 16);
+        let plain = |p: &str| Some(Secret::Plain(p.into()));
+        let same = |m: Vec<u8>| m;
+
+        scram_login(verifier.clone(), plain("pw"), None, same).await.unwrap();
+        scram_login(verifier.clone(), None, Some(keys.clone()), same).await.unwrap();
+        // A verifier as the password: the keys answer for it.
+        scram_login(verifier.clone(), Some(Secret::Scram(verifier.clone())), Some(keys.clone()), same)
+            .await
+            .unwrap();
+        // So they do for an md5 secret, which cannot do SCRAM itself.
+        let md5 = Some(Secret::Md5(md5_secret("alice", "pw")));
+        scram_login(verifier.clone(), md5, Some(keys.clone()), same).await.unwrap();
+        // A plaintext password takes precedence over keys.
+        scram_login(verifier.clone(), plain("pw"), Some(bad_keys.clone()), same).await.unwrap();
+        let e = scram_login(verifier.clone(), plain("nope"), Some(keys.clone()), same).await.unwrap_err();
+        assert_eq!(e.sqlstate(), Some("28P01"), "{e:?}");
+        let e = scram_login(verifier, None, Some(bad_keys), same).await.unwrap_err();
+        assert_eq!(e.sqlstate(), Some("28P01"), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn server_signature_is_checked() {
+        let verifier = ScramSecret::from_password("pw", b"salt", 16);
+        let keys = ScramKeys::from_password("pw", b"salt", 16);
+        let wrong = |_| {
+            format!("v={}", base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [0u8; 32]))
+                .into_bytes()
+        };
+        let missing = |_| b"x=1".to_vec();
+        let error = |_| b"e=other-error".to_vec();
+        for (tamper, what) in [
+            (wrong as fn(Vec<u8>) -> Vec<u8>, "does not match"),
+            (missing, "no server signature"),
+            (error, "other-error"),
+        ] {
+            for (password, keys) in [(Some(Secret::Plain("pw".into())), None), (None, Some(keys.clone()))] {
+                match scram_login(verifier.clone(), password, keys, tamper).await {
+                    Err(BackendLoginError::Protocol(m)) => assert!(m.contains(what), "{m}"),
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
     }
 
     async fn md5_login(secret: Secret) -> Result<LoginOutcome, BackendLoginError> {
@@ -776,6 +880,21 @@ mod tests {
             }
         }
 
+        /// Runs one query as the superuser over the Unix socket and returns
+        /// its single value.
+        fn psql_value(&self, sql: &str) -> String {
+            let out = self
+                .command("psql")
+                .arg("-h")
+                .arg(&self.dir)
+                .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres"])
+                .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "psql failed: {sql}");
+            String::from_utf8(out.stdout).unwrap().trim_end().to_owned()
+        }
+
         /// Runs each statement as the superuser over the Unix socket.
         fn psql(&self, statements: &[&str]) {
             let mut c = self.command("psql");
@@ -841,8 +960,13 @@ mod tests {
                     ("application_name".to_owned(), "pgcorral-test".to_owned()),
                     ("DateStyle".to_owned(), "ISO, DMY".to_owned()),
                 ];
-                let req =
-                    LoginRequest { user, database: "postgres", password: password.as_ref(), params: &params };
+                let req = LoginRequest {
+                    user,
+                    database: "postgres",
+                    password: password.as_ref(),
+                    scram_keys: None,
+                    params: &params,
+                };
                 login(&mut conn, &req).await.map(|o| (o, conn))
             }
         };
@@ -862,6 +986,46 @@ mod tests {
         assert_eq!(sqlstate(try_login("scramuser", wrong()).await), "28P01");
         assert!(matches!(try_login("scramuser", None).await, Err(BackendLoginError::NoPassword(_))));
 
+        // SCRAM pass-through: no password, only the keys. ServerKey comes
+        // from the server's own verifier; ClientKey is what a client logging
+        // in to pgcorral with the password would reveal, computed here from
+        // the password and that verifier's salt and iteration count.
+        let rolpassword = pg.psql_value("SELECT rolpassword FROM pg_authid WHERE rolname = 'scramuser'");
+        let Secret::Scram(verifier) = Secret::parse(&rolpassword) else {
+            panic!("scramuser has no SCRAM verifier: {rolpassword:?}");
+        };
+        let client_key = ScramKeys::from_password("scram-pw", &verifier.salt, verifier.iterations).client_key;
+        let keys = ScramKeys { client_key, server_key: verifier.server_key };
+        assert!(keys.matches_secret(&verifier));
+        let login_with_keys = |password: Option<Secret>, keys: ScramKeys| {
+            let pg = &pg;
+            async move {
+                let mut conn = pg.connect().await;
+                let req = LoginRequest {
+                    user: "scramuser",
+                    database: "postgres",
+                    password: password.as_ref(),
+                    scram_keys: Some(&keys),
+                    params: &[],
+                };
+                login(&mut conn, &req).await.map(|o| (o, conn))
+            }
+        };
+        let (_, mut conn) = login_with_keys(None, keys.clone()).await.unwrap();
+        run_simple_query(&mut conn, "SELECT 1").await.unwrap();
+        login_with_keys(Some(Secret::Scram(verifier.clone())), keys.clone()).await.unwrap();
+        // A plaintext password, when there is one, is used instead.
+        assert_eq!(sqlstate(login_with_keys(wrong(), keys.clone()).await), "28P01");
+        let wrong_client_key = ScramKeys { client_key: [1; 32], ..keys.clone() };
+        assert_eq!(sqlstate(login_with_keys(None, wrong_client_key).await), "28P01");
+        // The server accepts the proof, but its signature is not what this
+        // ServerKey predicts, so pgcorral does not trust it.
+        let wrong_server_key = ScramKeys { server_key: [1; 32], ..keys };
+        match login_with_keys(None, wrong_server_key).await {
+            Err(BackendLoginError::Protocol(m)) => assert!(m.contains("signature"), "{m}"),
+            other => panic!("{:?}", other.map(|(o, _)| o)),
+        }
+
         // md5, with the password and with the stored secret
         try_login("md5user", Some(Secret::Plain("md5-pw".into()))).await.unwrap();
         try_login("md5user", Some(Secret::Md5(md5_secret("md5user", "md5-pw")))).await.unwrap();
@@ -873,7 +1037,13 @@ mod tests {
 
         // no such database
         let mut conn = pg.connect().await;
-        let req = LoginRequest { user: "trustuser", database: "nosuchdb", password: None, params: &[] };
+        let req = LoginRequest {
+            user: "trustuser",
+            database: "nosuchdb",
+            password: None,
+            scram_keys: None,
+            params: &[],
+        };
         assert_eq!(sqlstate(login(&mut conn, &req).await), "3D000");
 
         // queries on a logged-in connection

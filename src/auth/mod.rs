@@ -6,12 +6,14 @@ mod backend_login;
 mod error;
 mod md5;
 mod scram;
+mod scram_client;
 mod secret;
 
 pub use backend_login::{login, run_simple_query, BackendLoginError, LoginOutcome, LoginRequest};
-pub use error::AuthError;
+pub use error::{AuthError, ScramClientError};
 pub use md5::{md5_secret, md5_verify};
-pub use scram::{verify_plaintext, ScramServer, SCRAM_SHA_256};
+pub use scram::{verify_plaintext, ScramServer, SCRAM_SHA_256, SCRAM_SHA_256_PLUS};
+pub use scram_client::{ScramClient, ScramKeys};
 pub use secret::{ScramSecret, Secret};
 
 /// Compares two byte strings without an early exit, so that the time taken

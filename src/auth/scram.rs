@@ -7,6 +7,16 @@
 //! because the user was already named in the StartupMessage; and passwords
 //! are salted as raw bytes when SASLprep does not apply (see
 //! [`ScramSecret::from_password`]).
+//!
+//! Two additions beyond plain verification:
+//!
+//! * channel binding (`SCRAM-SHA-256-PLUS` with `tls-server-end-point`,
+//!   RFC 5929) for clients connected over TLS, with PostgreSQL's rules for
+//!   which GS2 flag goes with which mechanism;
+//! * pass-through keys: a successful exchange reveals the client's
+//!   ClientKey, which together with the verifier's ServerKey lets pgcorral
+//!   log in to a server holding the same verifier without ever learning the
+//!   password (see [`ScramKeys`]).
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -16,11 +26,19 @@ use sha2::{Digest, Sha256};
 use super::constant_time_eq;
 use super::error::AuthError;
 use super::md5::md5_secret;
+use super::scram_client::ScramKeys;
 use super::secret::{hmac_sha256, ScramSecret, Secret};
 
-/// The only SASL mechanism pgcorral offers to clients, as it appears in
+/// The SASL mechanism pgcorral always offers to clients, as it appears in
 /// AuthenticationSASL and SASLInitialResponse.
 pub const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
+
+/// SCRAM-SHA-256 with channel binding, offered (first) only when the client
+/// is connected over TLS and the channel binding data is known.
+pub const SCRAM_SHA_256_PLUS: &str = "SCRAM-SHA-256-PLUS";
+
+/// The only channel binding type PostgreSQL supports, and so pgcorral.
+const TLS_SERVER_END_POINT: &str = "tls-server-end-point";
 
 const SERVER_NONCE_BYTES: usize = 18;
 const PLAIN_SALT_BYTES: usize = 16;
@@ -30,10 +48,21 @@ const PLAIN_ITERATIONS: u32 = 4096;
 /// [`client_first`](Self::client_first) on the SASLInitialResponse data and
 /// [`client_final`](Self::client_final) on the SASLResponse data; each step
 /// may be called once, in that order.
+///
+/// Over TLS, attach the channel binding data with
+/// [`with_channel_binding`](Self::with_channel_binding), offer
+/// [`mechanisms`](Self::mechanisms) and check the client's pick with
+/// [`select_mechanism`](Self::select_mechanism) before `client_first`.
 pub struct ScramServer {
     secret: ScramSecret,
     server_nonce: String,
     state: State,
+    /// tls-server-end-point data: the hash of pgcorral's certificate.
+    channel_binding: Option<Vec<u8>>,
+    /// Whether the client picked SCRAM-SHA-256-PLUS.
+    plus: bool,
+    /// Recovered from the proof once it has been verified.
+    client_key: Option<[u8; 32]>,
 }
 
 enum State {
@@ -69,17 +98,78 @@ impl ScramServer {
     }
 
     fn with_server_nonce(secret: ScramSecret, server_nonce: String) -> ScramServer {
-        ScramServer { secret, server_nonce, state: State::AwaitingClientFirst }
+        ScramServer {
+            secret,
+            server_nonce,
+            state: State::AwaitingClientFirst,
+            channel_binding: None,
+            plus: false,
+            client_key: None,
+        }
     }
 
-    /// Checks the mechanism named in the client's SASLInitialResponse.
-    /// `SCRAM-SHA-256-PLUS` is refused because it is never offered.
+    /// Sets the `tls-server-end-point` channel binding data (the hash of the
+    /// certificate pgcorral presented on this connection, RFC 5929), which
+    /// makes SCRAM-SHA-256-PLUS available. `None`, or empty data, means the
+    /// connection cannot bind: it is not TLS, or the certificate's hash
+    /// algorithm is unknown.
+    pub fn with_channel_binding(mut self, data: Option<Vec<u8>>) -> ScramServer {
+        self.channel_binding = data.filter(|d| !d.is_empty());
+        self
+    }
+
+    /// The mechanisms to offer in AuthenticationSASL, most preferred first,
+    /// as PostgreSQL lists them.
+    pub fn mechanisms(&self) -> &'static [&'static str] {
+        if self.channel_binding.is_some() {
+            &[SCRAM_SHA_256_PLUS, SCRAM_SHA_256]
+        } else {
+            &[SCRAM_SHA_256]
+        }
+    }
+
+    /// Checks the mechanism named in the client's SASLInitialResponse and
+    /// remembers it: the GS2 flag in client-first-message must agree with
+    /// it. SCRAM-SHA-256-PLUS is accepted only with channel binding data.
+    /// Not calling this is the same as selecting SCRAM-SHA-256.
+    pub fn select_mechanism(&mut self, mechanism: &str) -> Result<(), AuthError> {
+        if !matches!(self.state, State::AwaitingClientFirst) {
+            self.state = State::Done;
+            return Err(protocol("SASL mechanism selected after client-first-message"));
+        }
+        self.plus = match mechanism {
+            SCRAM_SHA_256 => false,
+            SCRAM_SHA_256_PLUS if self.channel_binding.is_some() => true,
+            _ => return Err(AuthError::UnsupportedMechanism(mechanism.to_owned())),
+        };
+        Ok(())
+    }
+
+    /// Checks the mechanism named in the client's SASLInitialResponse, for
+    /// an exchange without channel binding: `SCRAM-SHA-256-PLUS` is refused
+    /// because it cannot have been offered.
     pub fn check_mechanism(mechanism: &str) -> Result<(), AuthError> {
         if mechanism == SCRAM_SHA_256 {
             Ok(())
         } else {
             Err(AuthError::UnsupportedMechanism(mechanism.to_owned()))
         }
+    }
+
+    /// The client's ClientKey, once [`client_final`](Self::client_final)
+    /// has verified its proof; `None` before that or if it failed.
+    ///
+    /// ClientKey = ClientProof XOR HMAC(StoredKey, AuthMessage) (RFC 5802
+    /// section 3): the proof hides it only from those who lack StoredKey.
+    pub fn client_key(&self) -> Option<[u8; 32]> {
+        self.client_key
+    }
+
+    /// The keys with which pgcorral can log in to a server that holds the
+    /// same verifier, on behalf of the client that just logged in; `None`
+    /// until the client's proof has been verified.
+    pub fn pass_through_keys(&self) -> Option<ScramKeys> {
+        self.client_key.map(|client_key| ScramKeys { client_key, server_key: self.secret.server_key })
     }
 
     /// Consumes client-first-message and returns server-first-message.
@@ -92,7 +182,7 @@ impl ScramServer {
         }
 
         let msg = as_utf8(msg)?;
-        let (gs2_header, bare) = split_gs2_header(msg)?;
+        let (gs2_header, bare) = split_gs2_header(msg, self.plus, self.channel_binding.is_some())?;
         let client_nonce = parse_client_first_bare(bare)?;
 
         let nonce = format!("{client_nonce}{}", self.server_nonce);
@@ -132,9 +222,22 @@ impl ScramServer {
             .ok_or_else(|| protocol("client-final-message does not start with c="))?;
         let cbind =
             STANDARD.decode(cbind).map_err(|_| protocol("channel binding attribute is not valid base64"))?;
-        // Without channel binding, cbind-input is the GS2 header alone.
-        if cbind != gs2_header.as_bytes() {
-            return Err(protocol("channel binding attribute does not match the GS2 header"));
+        // cbind-input is the GS2 header followed by the binding data; the
+        // client echoing the header also shows that nobody rewrote its flag.
+        match (&self.channel_binding, self.plus) {
+            (Some(data), true) => {
+                let expected = [gs2_header.as_bytes(), data].concat();
+                if !constant_time_eq(&cbind, &expected) {
+                    return Err(AuthError::ChannelBindingMismatch);
+                }
+            }
+            _ => {
+                if cbind != gs2_header.as_bytes() {
+                    return Err(protocol(
+                        "unexpected SCRAM channel-binding attribute in client-final-message",
+                    ));
+                }
+            }
         }
 
         let client_nonce = attrs
@@ -163,6 +266,7 @@ impl ScramServer {
             return Err(AuthError::WrongPassword);
         }
 
+        self.client_key = Some(client_key);
         let server_signature = hmac_sha256(&self.secret.server_key, auth_message.as_bytes());
         Ok(format!("v={}", STANDARD.encode(server_signature)).into_bytes())
     }
@@ -215,17 +319,40 @@ fn as_utf8(msg: &[u8]) -> Result<&str, AuthError> {
     std::str::from_utf8(msg).map_err(|_| protocol("SCRAM message is not valid UTF-8"))
 }
 
+const PLUS_WITHOUT_BINDING: &str =
+    "the client selected SCRAM-SHA-256-PLUS, but the SCRAM message does not include channel binding data";
+
 /// Splits client-first-message into the GS2 header (with its trailing comma)
-/// and client-first-message-bare.
-fn split_gs2_header(msg: &str) -> Result<(&str, &str), AuthError> {
+/// and client-first-message-bare, checking the channel binding flag against
+/// the mechanism the client picked (`plus`) and whether we could bind.
+fn split_gs2_header(msg: &str, plus: bool, can_bind: bool) -> Result<(&str, &str), AuthError> {
     let (flag, rest) =
         msg.split_once(',').ok_or_else(|| protocol("client-first-message has no GS2 header"))?;
     match flag {
-        // "n": the client does not do channel binding. "y": it does but
-        // thinks we do not, which is true: pgcorral never offers -PLUS.
-        "n" | "y" => {}
-        f if f.starts_with("p=") => return Err(AuthError::ChannelBindingUnsupported),
-        _ => return Err(protocol("unknown channel binding flag")),
+        // The client does not bind, or chose not to: fine with plain SCRAM.
+        "n" if !plus => {}
+        // The client can bind but thinks we cannot. If we can, we offered
+        // -PLUS and someone removed it from the list on the way: a downgrade
+        // attack, which the RFC says must fail.
+        "y" if !plus => {
+            if can_bind {
+                return Err(AuthError::ChannelBindingNegotiation);
+            }
+        }
+        "n" | "y" => return Err(protocol(PLUS_WITHOUT_BINDING)),
+        f if f.starts_with("p=") => {
+            if !plus {
+                return Err(protocol(
+                    "the client selected SCRAM-SHA-256 without channel binding, \
+                     but the SCRAM message includes channel binding data",
+                ));
+            }
+            let cb_type = &f[2..];
+            if cb_type != TLS_SERVER_END_POINT {
+                return Err(AuthError::UnsupportedChannelBindingType(sanitize(cb_type)));
+            }
+        }
+        _ => return Err(protocol("unexpected channel-binding flag")),
     }
     let (authzid, bare) =
         rest.split_once(',').ok_or_else(|| protocol("client-first-message has an incomplete GS2 header"))?;
@@ -236,6 +363,18 @@ fn split_gs2_header(msg: &str) -> Result<(&str, &str), AuthError> {
     }
     let header_len = flag.len() + 1 + authzid.len() + 1;
     Ok((&msg[..header_len], bare))
+}
+
+/// Makes a client-chosen string fit to be quoted in an error message and a
+/// log line: printable ASCII only, and not too long.
+fn sanitize(s: &str) -> String {
+    const MAX: usize = 64;
+    let mut out: String =
+        s.chars().take(MAX).map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' }).collect();
+    if s.chars().count() > MAX {
+        out.push_str("...");
+    }
+    out
 }
 
 /// Returns the client nonce from client-first-message-bare.
@@ -330,11 +469,17 @@ mod tests {
     }
 
     #[test]
-    fn channel_binding_is_refused() {
+    fn channel_binding_is_refused_without_binding_data() {
         let mut server = ScramServer::for_plain_password("pw");
+        assert_eq!(server.mechanisms(), [SCRAM_SHA_256]);
         let client = ScramSha256::new(b"pw", ChannelBinding::tls_server_end_point(vec![1, 2, 3]));
         assert!(client.message().starts_with(b"p=tls-server-end-point,,"));
-        assert_eq!(server.client_first(client.message()), Err(AuthError::ChannelBindingUnsupported));
+        // PLUS was not offered, so the client cannot have selected it.
+        assert_eq!(
+            server.select_mechanism(SCRAM_SHA_256_PLUS),
+            Err(AuthError::UnsupportedMechanism(SCRAM_SHA_256_PLUS.into()))
+        );
+        assert!(matches!(server.client_first(client.message()), Err(AuthError::Protocol(_))));
     }
 
     #[test]
@@ -446,6 +591,229 @@ mod tests {
         client.update(&first).unwrap();
         server.client_final(client.message()).unwrap();
         assert!(matches!(server.client_final(client.message()), Err(AuthError::Protocol(_))));
+    }
+
+    // ---- pass-through keys ----
+
+    #[test]
+    fn client_key_is_recovered_from_a_real_exchange() {
+        let secret = pg_secret();
+        let mut server = ScramServer::new(secret.clone());
+        assert_eq!(server.client_key(), None);
+        exchange(&mut server, "pencil", ChannelBinding::unsupported()).unwrap();
+
+        // ClientKey = HMAC(SaltedPassword, "Client Key"), which is what
+        // ScramKeys::from_password computes; ServerKey as in the verifier.
+        let expected = ScramKeys::from_password("pencil", &secret.salt, secret.iterations);
+        assert_eq!(server.client_key(), Some(expected.client_key));
+        assert_eq!(
+            server.pass_through_keys().unwrap().server_key,
+            ScramSecret::from_password("pencil", &secret.salt, secret.iterations).server_key
+        );
+        assert_eq!(server.pass_through_keys(), Some(expected));
+        assert!(server.pass_through_keys().unwrap().matches_secret(&secret));
+    }
+
+    #[test]
+    fn no_client_key_after_a_failed_exchange() {
+        let mut server = ScramServer::new(pg_secret());
+        assert_eq!(
+            exchange(&mut server, "wrong", ChannelBinding::unsupported()),
+            Err(AuthError::WrongPassword)
+        );
+        assert_eq!(server.client_key(), None);
+        assert_eq!(server.pass_through_keys(), None);
+    }
+
+    // ---- channel binding ----
+
+    const CERT_HASH: [u8; 32] = [0x5a; 32];
+
+    fn binding_server() -> ScramServer {
+        ScramServer::with_server_nonce(pg_secret(), "SERVERNONCE".into())
+            .with_channel_binding(Some(CERT_HASH.to_vec()))
+    }
+
+    /// Plays the client side of an exchange by hand, with the password
+    /// "pencil": `gs2_header` is sent in client-first-message and
+    /// `cbind_input` in `c=` of client-final-message. Returns the server's
+    /// answer to client-final-message and the server signature the client
+    /// expects.
+    fn hand_exchange(
+        server: &mut ScramServer,
+        gs2_header: &str,
+        cbind_input: &[u8],
+    ) -> Result<(Vec<u8>, String), AuthError> {
+        let bare = "n=,r=CLIENTNONCE";
+        let server_first = server.client_first(format!("{gs2_header}{bare}").as_bytes())?;
+        let server_first = String::from_utf8(server_first).unwrap();
+        let mut attrs = server_first.split(',');
+        let nonce = attrs.next().unwrap().strip_prefix("r=").unwrap();
+        assert_eq!(nonce, "CLIENTNONCESERVERNONCE");
+        let salt = STANDARD.decode(attrs.next().unwrap().strip_prefix("s=").unwrap()).unwrap();
+        let iterations: u32 = attrs.next().unwrap().strip_prefix("i=").unwrap().parse().unwrap();
+
+        let without_proof = format!("c={},r={nonce}", STANDARD.encode(cbind_input));
+        let auth_message = format!("{bare},{server_first},{without_proof}");
+        let keys = ScramKeys::from_password("pencil", &salt, iterations);
+        let stored_key = Sha256::digest(keys.client_key);
+        let signature = hmac_sha256(&stored_key, auth_message.as_bytes());
+        let proof: Vec<u8> = keys.client_key.iter().zip(signature).map(|(k, s)| k ^ s).collect();
+        let last = server.client_final(format!("{without_proof},p={}", STANDARD.encode(proof)).as_bytes())?;
+        let expected =
+            format!("v={}", STANDARD.encode(hmac_sha256(&keys.server_key, auth_message.as_bytes())));
+        Ok((last, expected))
+    }
+
+    #[test]
+    fn plus_exchange_by_hand() {
+        let mut server = binding_server();
+        assert_eq!(server.mechanisms(), [SCRAM_SHA_256_PLUS, SCRAM_SHA_256]);
+        server.select_mechanism(SCRAM_SHA_256_PLUS).unwrap();
+        let header = "p=tls-server-end-point,,";
+        let cbind_input = [header.as_bytes(), &CERT_HASH].concat();
+        let (last, expected) = hand_exchange(&mut server, header, &cbind_input).unwrap();
+        assert_eq!(String::from_utf8(last).unwrap(), expected);
+        assert!(server.client_key().is_some());
+    }
+
+    #[test]
+    fn plus_exchange_with_postgres_protocol_client() {
+        let mut server = ScramServer::new(pg_secret()).with_channel_binding(Some(CERT_HASH.to_vec()));
+        server.select_mechanism(SCRAM_SHA_256_PLUS).unwrap();
+        exchange(&mut server, "pencil", ChannelBinding::tls_server_end_point(CERT_HASH.to_vec())).unwrap();
+        assert!(server.client_key().is_some());
+    }
+
+    #[test]
+    fn plus_with_other_certificate_fails_the_binding_check() {
+        let header = "p=tls-server-end-point,,";
+        for cbind_input in
+            [[header.as_bytes(), &[0x5b; 32]].concat(), header.as_bytes().to_vec(), b"n,,".to_vec()]
+        {
+            let mut server = binding_server();
+            server.select_mechanism(SCRAM_SHA_256_PLUS).unwrap();
+            assert_eq!(
+                hand_exchange(&mut server, header, &cbind_input),
+                Err(AuthError::ChannelBindingMismatch)
+            );
+            assert_eq!(server.client_key(), None);
+        }
+        // Also with a real client bound to another certificate.
+        let mut server = ScramServer::new(pg_secret()).with_channel_binding(Some(CERT_HASH.to_vec()));
+        server.select_mechanism(SCRAM_SHA_256_PLUS).unwrap();
+        assert_eq!(
+            exchange(&mut server, "pencil", ChannelBinding::tls_server_end_point(vec![0x5b; 32])),
+            Err(AuthError::ChannelBindingMismatch)
+        );
+    }
+
+    #[test]
+    fn plus_with_wrong_password_is_wrong_password() {
+        let mut server = ScramServer::new(pg_secret()).with_channel_binding(Some(CERT_HASH.to_vec()));
+        server.select_mechanism(SCRAM_SHA_256_PLUS).unwrap();
+        assert_eq!(
+            exchange(&mut server, "pencil2", ChannelBinding::tls_server_end_point(CERT_HASH.to_vec())),
+            Err(AuthError::WrongPassword)
+        );
+    }
+
+    #[test]
+    fn plus_requires_the_p_flag() {
+        for first in ["n,,n=,r=abc", "y,,n=,r=abc"] {
+            let mut server = binding_server();
+            server.select_mechanism(SCRAM_SHA_256_PLUS).unwrap();
+            assert!(
+                matches!(server.client_first(first.as_bytes()), Err(AuthError::Protocol(ref m)) if m.contains("PLUS")),
+                "{first}"
+            );
+        }
+    }
+
+    #[test]
+    fn p_flag_requires_plus() {
+        // With binding data (PLUS offered but not picked) and without.
+        for server in [binding_server(), ScramServer::for_plain_password("pw")] {
+            let mut server = server;
+            server.select_mechanism(SCRAM_SHA_256).unwrap();
+            assert!(matches!(
+                server.client_first(b"p=tls-server-end-point,,n=,r=abc"),
+                Err(AuthError::Protocol(ref m)) if m.contains("without channel binding")
+            ));
+        }
+    }
+
+    #[test]
+    fn only_tls_server_end_point_is_supported() {
+        let mut server = binding_server();
+        server.select_mechanism(SCRAM_SHA_256_PLUS).unwrap();
+        assert_eq!(
+            server.client_first(b"p=tls-unique,,n=,r=abc"),
+            Err(AuthError::UnsupportedChannelBindingType("tls-unique".into()))
+        );
+        // What the client named is quoted, but tamed.
+        let mut server = binding_server();
+        server.select_mechanism(SCRAM_SHA_256_PLUS).unwrap();
+        let long = format!("p=\u{1b}[31m{},,n=,r=abc", "x".repeat(100));
+        let Err(AuthError::UnsupportedChannelBindingType(shown)) = server.client_first(long.as_bytes())
+        else {
+            panic!("accepted");
+        };
+        assert!(shown.starts_with("?[31mxxx") && shown.ends_with("...") && shown.len() == 67, "{shown}");
+    }
+
+    #[test]
+    fn y_flag_when_plus_was_offered_is_a_downgrade() {
+        let mut server = binding_server();
+        server.select_mechanism(SCRAM_SHA_256).unwrap();
+        assert_eq!(server.client_first(b"y,,n=,r=abc"), Err(AuthError::ChannelBindingNegotiation));
+        // Not selecting a mechanism at all means plain SCRAM: same answer.
+        let mut server = binding_server();
+        assert_eq!(server.client_first(b"y,,n=,r=abc"), Err(AuthError::ChannelBindingNegotiation));
+        // postgres-protocol's client says "y" when asked not to bind, so it
+        // is refused too.
+        let mut server = ScramServer::new(pg_secret()).with_channel_binding(Some(CERT_HASH.to_vec()));
+        assert_eq!(
+            exchange(&mut server, "pencil", ChannelBinding::unrequested()),
+            Err(AuthError::ChannelBindingNegotiation)
+        );
+    }
+
+    #[test]
+    fn n_flag_is_fine_when_plus_was_offered() {
+        let mut server = binding_server();
+        server.select_mechanism(SCRAM_SHA_256).unwrap();
+        let (last, expected) = hand_exchange(&mut server, "n,,", b"n,,").unwrap();
+        assert_eq!(String::from_utf8(last).unwrap(), expected);
+        // Claiming binding data in c= after saying "n" is not.
+        let mut server = binding_server();
+        let cbind_input = [b"n,,".as_slice(), &CERT_HASH].concat();
+        assert!(matches!(hand_exchange(&mut server, "n,,", &cbind_input), Err(AuthError::Protocol(_))));
+    }
+
+    #[test]
+    fn empty_binding_data_is_no_binding() {
+        let mut server = ScramServer::for_plain_password("pw").with_channel_binding(Some(Vec::new()));
+        assert_eq!(server.mechanisms(), [SCRAM_SHA_256]);
+        assert!(server.select_mechanism(SCRAM_SHA_256_PLUS).is_err());
+        exchange(&mut server, "pw", ChannelBinding::unrequested()).unwrap();
+    }
+
+    #[test]
+    fn mechanism_selection() {
+        let mut server = binding_server();
+        for bad in ["SCRAM-SHA-1", "scram-sha-256", ""] {
+            assert_eq!(server.select_mechanism(bad), Err(AuthError::UnsupportedMechanism(bad.into())));
+        }
+        server.select_mechanism(SCRAM_SHA_256_PLUS).unwrap();
+        server.select_mechanism(SCRAM_SHA_256).unwrap();
+        server.client_first(b"n,,n=,r=abc").unwrap();
+        // Too late now; and the exchange is over.
+        assert!(matches!(server.select_mechanism(SCRAM_SHA_256), Err(AuthError::Protocol(_))));
+        assert!(matches!(
+            server.client_final(b"c=biws,r=abcSERVERNONCE,p=AAAA"),
+            Err(AuthError::Protocol(_))
+        ));
     }
 
     #[test]
