@@ -4,6 +4,7 @@
 
 mod backend_login;
 mod error;
+pub mod hba;
 mod md5;
 mod scram;
 mod scram_client;
