@@ -16,7 +16,8 @@ use crate::actors::console::Role;
 use crate::actors::control::is_admin_database;
 use crate::actors::pool::PoolShared;
 use crate::actors::registry::Shared;
-use crate::auth::{md5_verify, verify_plaintext, ScramServer, Secret};
+use crate::auth::hba::{ConnKind, HbaMethod};
+use crate::auth::{md5_verify, verify_plaintext, ScramKeys, ScramServer, Secret};
 use crate::config::{AuthType, Config};
 use crate::net::Socket;
 use crate::protocol::backend;
@@ -241,7 +242,9 @@ pub async fn accept(wire: &mut Wire, shared: &Shared, admitted: &mut bool) -> Re
         return Ok(Accepted::Console { user, database, startup: params, role });
     }
     let pool = shared.pool(&database, &user)?;
-    authenticate(wire, &config, &user).await?;
+    if let Some(keys) = authenticate(wire, &config, &user, &database).await? {
+        pool.offer_scram_keys(&user, keys);
+    }
     if shared.holds.lock().unwrap().disabled(&database) {
         return Err(PgError::fatal(
             sqlstate::PROTOCOL_VIOLATION,
@@ -262,7 +265,7 @@ async fn console_login(wire: &mut Wire, config: &Config, user: &str) -> Result<R
     if user == "pgbouncer" && peer_is_me {
         return Ok(Role::Admin);
     }
-    authenticate(wire, config, user).await?;
+    authenticate(wire, config, user, "pgbouncer").await?;
     let general = &config.general;
     if general.admin_users.iter().any(|u| u == user) {
         Ok(Role::Admin)
@@ -302,25 +305,117 @@ fn auth_failed(user: &str) -> LoginError {
         .into()
 }
 
-/// Authenticates `user` against its `auth_file` secret. An unknown user goes through the same
-/// exchange against a throwaway secret and fails the same way, so that a login attempt does
-/// not reveal which users exist.
-async fn authenticate(wire: &mut Wire, config: &Config, user: &str) -> Result<(), LoginError> {
+fn refused(message: String) -> LoginError {
+    PgError::fatal(sqlstate::INVALID_AUTHORIZATION, message).into()
+}
+
+/// How one client must prove who it is: `auth_type`, or the matching `auth_hba_file` line.
+enum Check {
+    Trust,
+    /// `auth_type = any`: no check at all.
+    Any,
+    Password,
+    Md5,
+    Scram,
+    /// The TLS client certificate's common name, through an `auth_ident_file` map if named.
+    Cert(Option<String>),
+    /// The Unix-socket peer's OS user name, through a map if named.
+    Peer(Option<String>),
+}
+
+/// The check `auth_hba_file` asks for on this connection; PostgreSQL's wording when no line
+/// matches or the line says `reject`.
+fn hba_check(wire: &Wire, config: &Config, user: &str, database: &str) -> Result<Check, LoginError> {
+    let Some(hba) = &config.hba else { return Err(refused("auth_type = hba without auth_hba_file".into())) };
+    let kind =
+        if wire.socket.is_unix() { ConnKind::Local } else { ConnKind::Host { ssl: wire.tls.is_some() } };
+    let addr = wire.socket.peer_ip();
+    let place = match addr {
+        Some(ip) => format!(
+            "host \"{ip}\", user \"{user}\", database \"{database}\", {}",
+            if wire.tls.is_some() { "SSL encryption" } else { "no encryption" }
+        ),
+        None => format!("user \"{user}\", database \"{database}\""),
+    };
+    let Some(rule) = hba.lookup(kind, addr, database, user) else {
+        return Err(refused(format!("no pg_hba.conf entry for {place}")));
+    };
+    Ok(match rule.method {
+        HbaMethod::Trust => Check::Trust,
+        HbaMethod::Reject => return Err(refused(format!("pg_hba.conf rejects connection for {place}"))),
+        HbaMethod::Md5 => Check::Md5,
+        HbaMethod::ScramSha256 => Check::Scram,
+        HbaMethod::Password => Check::Password,
+        HbaMethod::Cert => Check::Cert(rule.map.clone()),
+        HbaMethod::Peer => Check::Peer(rule.map.clone()),
+    })
+}
+
+/// Whether `name` (a certificate's CN, an OS user) may log in as `user`: the same name, or
+/// allowed by the ident map.
+fn name_maps(config: &Config, map: &Option<String>, name: &str, user: &str) -> bool {
+    match (map, &config.ident) {
+        (None, _) => name == user,
+        (Some(map), Some(ident)) => ident.allows(map, name, user),
+        (Some(_), None) => false,
+    }
+}
+
+/// Authenticates `user`: against its `auth_file` secret, its TLS certificate or its OS user,
+/// as `auth_type` (or the hba line) says. An unknown user goes through the same exchange
+/// against a throwaway secret and fails the same way, so that a login attempt does not reveal
+/// which users exist. Returns the SCRAM keys the client proved, for logging in to PostgreSQL
+/// on its behalf (SCRAM pass-through).
+async fn authenticate(
+    wire: &mut Wire,
+    config: &Config,
+    user: &str,
+    database: &str,
+) -> Result<Option<ScramKeys>, LoginError> {
+    let check = match config.general.auth_type {
+        AuthType::Trust => Check::Trust,
+        AuthType::Any => Check::Any,
+        AuthType::Plain => Check::Password,
+        AuthType::Md5 => Check::Md5,
+        AuthType::ScramSha256 => Check::Scram,
+        AuthType::Cert => Check::Cert(None),
+        AuthType::Hba => hba_check(wire, config, user, database)?,
+    };
     let stored = config.secret(user).map(Secret::parse);
     let has_auth_file = config.general.auth_file.is_some();
     let known = stored.is_some();
     let secret = stored.unwrap_or_else(|| Secret::Plain(decoy_password().to_string()));
-    let accepted = match config.general.auth_type {
-        AuthType::Trust => known || !has_auth_file,
-        AuthType::Plain => {
+    let mut keys = None;
+    let accepted = match check {
+        Check::Any => true,
+        Check::Trust => known || !has_auth_file || config.general.auth_type == AuthType::Hba,
+        Check::Cert(map) => {
+            let name = wire.tls.as_ref().and_then(|tls| tls.peer_common_name.clone());
+            if !name.is_some_and(|cn| name_maps(config, &map, &cn, user)) {
+                return Err(refused(format!("certificate authentication failed for user \"{user}\"")));
+            }
+            true
+        }
+        Check::Peer(map) => {
+            let os_user = wire.socket.peer_credentials().and_then(|(uid, _)| os_user_name(uid));
+            if !os_user.is_some_and(|name| name_maps(config, &map, &name, user)) {
+                return Err(refused(format!("peer authentication failed for user \"{user}\"")));
+            }
+            true
+        }
+        Check::Password => {
             backend::authentication_cleartext(&mut wire.out);
             wire.flush().await?;
             let message = wire.read_password_message().await?;
             let password = parse_password(&message).map_err(|e| LoginError::Refused(e.to_pg()))?;
             known && verify_plaintext(&secret, user, &password)
         }
-        AuthType::Md5 if matches!(secret, Secret::Scram(_)) => known && scram_exchange(wire, &secret).await?,
-        AuthType::Md5 => {
+        Check::Md5 if matches!(secret, Secret::Scram(_)) => {
+            let (ok, proved) = scram_exchange(wire, &secret).await?;
+            keys = proved;
+            known && ok
+        }
+        Check::Md5 => {
             let salt: [u8; 4] = rand::random();
             backend::authentication_md5(&mut wire.out, salt);
             wire.flush().await?;
@@ -328,19 +423,35 @@ async fn authenticate(wire: &mut Wire, config: &Config, user: &str) -> Result<()
             let response = parse_password(&message).map_err(|e| LoginError::Refused(e.to_pg()))?;
             known && md5_verify(&secret, user, salt, &response)
         }
-        AuthType::ScramSha256 => {
+        Check::Scram => {
             if matches!(secret, Secret::Md5(_)) {
                 log::warn!("user \"{user}\": scram-sha-256 login impossible with an md5 secret in auth_file");
                 return Err(auth_failed(user));
             }
-            known && scram_exchange(wire, &secret).await?
+            let (ok, proved) = scram_exchange(wire, &secret).await?;
+            keys = proved;
+            known && ok
         }
     };
     if accepted {
-        Ok(())
+        Ok(keys.filter(|_| known))
     } else {
         Err(auth_failed(user))
     }
+}
+
+/// The OS user name of a uid, for `peer` authentication.
+fn os_user_name(uid: u32) -> Option<String> {
+    let mut buf = vec![0 as libc::c_char; 4096];
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // getpwuid_r: the reentrant form, since workers run on several threads.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc != 0 || result.is_null() {
+        return None;
+    }
+    let name = unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) };
+    name.to_str().ok().map(str::to_string)
 }
 
 /// The secret an unknown user is checked against: one random password per process, so that
@@ -351,22 +462,22 @@ fn decoy_password() -> &'static str {
     DECOY.get_or_init(|| format!("{:032x}", rand::random::<u128>()))
 }
 
-/// SCRAM-SHA-256: AuthenticationSASL, client-first, server-first, client-final, server-final.
-/// Returns whether the client proved it knows the password.
-async fn scram_exchange(wire: &mut Wire, secret: &Secret) -> Result<bool, LoginError> {
-    let mut server = match secret {
+/// SCRAM-SHA-256 (and SCRAM-SHA-256-PLUS over TLS): AuthenticationSASL, client-first,
+/// server-first, client-final, server-final. Returns whether the client proved it knows the
+/// password, and the keys it proved a stored SCRAM secret with.
+async fn scram_exchange(wire: &mut Wire, secret: &Secret) -> Result<(bool, Option<ScramKeys>), LoginError> {
+    let server = match secret {
         Secret::Scram(keys) => ScramServer::new(keys.clone()),
         Secret::Plain(password) => ScramServer::for_plain_password(password),
-        Secret::Md5(_) => return Ok(false),
+        Secret::Md5(_) => return Ok((false, None)),
     };
-    backend::authentication_sasl(&mut wire.out, &["SCRAM-SHA-256"]);
+    let mut server = server.with_channel_binding(wire.tls.as_ref().map(|tls| tls.end_point.clone()));
+    backend::authentication_sasl(&mut wire.out, server.mechanisms());
     wire.flush().await?;
     let message = wire.read_password_message().await?;
     let (mechanism, first) = parse_sasl_initial(&message).map_err(|e| LoginError::Refused(e.to_pg()))?;
-    let refuse = |e: crate::auth::AuthError| {
-        LoginError::Refused(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))
-    };
-    ScramServer::check_mechanism(&mechanism).map_err(refuse)?;
+    let refuse = |e: crate::auth::AuthError| LoginError::Refused(PgError::fatal(e.sqlstate(), e.to_string()));
+    server.select_mechanism(&mechanism).map_err(refuse)?;
     let server_first = server.client_first(&first).map_err(refuse)?;
     backend::authentication_sasl_continue(&mut wire.out, &server_first);
     wire.flush().await?;
@@ -374,9 +485,10 @@ async fn scram_exchange(wire: &mut Wire, secret: &Secret) -> Result<bool, LoginE
     match server.client_final(&client_final) {
         Ok(server_final) => {
             backend::authentication_sasl_final(&mut wire.out, &server_final);
-            Ok(true)
+            let keys = matches!(secret, Secret::Scram(_)).then(|| server.pass_through_keys()).flatten();
+            Ok((true, keys))
         }
-        Err(crate::auth::AuthError::WrongPassword) => Ok(false),
+        Err(crate::auth::AuthError::WrongPassword) => Ok((false, None)),
         Err(e) => Err(refuse(e)),
     }
 }

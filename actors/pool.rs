@@ -18,7 +18,7 @@ use actix::prelude::*;
 use crate::actors::census::Census;
 use crate::actors::messages::{Grow, PermitFreed, ShedIdle};
 use crate::actors::router::Router;
-use crate::auth::Secret;
+use crate::auth::{ScramKeys, Secret};
 use crate::config::PoolMode;
 use crate::net::ServerAddr;
 use crate::params::SharedParams;
@@ -195,6 +195,9 @@ const FIRST_RETRY: Duration = Duration::from_millis(250);
 pub struct PoolShared {
     pub key: PoolKey,
     login_backoff: Mutex<Option<Backoff>>,
+    /// SCRAM pass-through: the keys a client proved its stored SCRAM secret with, used to log
+    /// in to PostgreSQL as that user when no password is configured for it.
+    scram_keys: Mutex<Option<ScramKeys>>,
     loads: Vec<WorkerLoad>,
     epoch: Instant,
     settings: RwLock<Arc<PoolSettings>>,
@@ -258,6 +261,7 @@ impl PoolShared {
             loads: (0..workers).map(|_| WorkerLoad::default()).collect(),
             epoch: Instant::now(),
             login_backoff: Mutex::new(None),
+            scram_keys: Mutex::new(None),
             stats: PoolStats::new(workers),
             hold: AtomicU8::new(Hold::None as u8),
             census,
@@ -433,6 +437,25 @@ impl PoolShared {
             delay.as_secs_f64()
         );
         *backoff = Some(Backoff { until: now + delay, error: error.clone(), failures });
+    }
+
+    /// Keeps the SCRAM keys a client of this pool proved, when servers log in as that same
+    /// user; a failed login with older keys (the password changed) is retried with new ones.
+    pub fn offer_scram_keys(&self, user: &str, keys: ScramKeys) {
+        if self.settings().server_user != user {
+            return;
+        }
+        let mut held = self.scram_keys.lock().unwrap();
+        if held.as_ref() != Some(&keys) {
+            *held = Some(keys);
+            drop(held);
+            // Clients waiting out a login backoff caused by missing keys need not wait longer.
+            self.login_backoff.lock().unwrap().take();
+        }
+    }
+
+    pub fn scram_keys(&self) -> Option<ScramKeys> {
+        self.scram_keys.lock().unwrap().clone()
     }
 
     pub fn login_succeeded(&self) {

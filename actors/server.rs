@@ -236,11 +236,12 @@ async fn open(settings: Arc<PoolSettings>, entry: Arc<ServerEntry>) -> Result<Se
         .await
         .map_err(|_| connect_failed("timed out".into()))?
         .map_err(connect_failed)?;
+    let scram_keys = entry.pool.scram_keys();
     let request = LoginRequest {
         user: &settings.server_user,
         database: &settings.dbname,
         password: settings.password.as_ref(),
-        scram_keys: None,
+        scram_keys: scram_keys.as_ref(),
         params: &settings.startup_params,
     };
     let outcome = tokio::time::timeout(timeout, auth::login(&mut socket, &request))

@@ -241,6 +241,14 @@ impl Socket {
         matches!(self.plain(), Socket::Unix(_))
     }
 
+    /// The peer's IP address over TCP (hba address matching).
+    pub fn peer_ip(&self) -> Option<std::net::IpAddr> {
+        match self.plain() {
+            Socket::Tcp(s) => s.peer_addr().ok().map(|a| a.ip()),
+            _ => None,
+        }
+    }
+
     /// A short description of the peer for logs.
     pub fn peer(&self) -> String {
         match self.plain() {

@@ -28,6 +28,9 @@ pub enum ConfigError {
     /// combination that cannot work.
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    /// `auth_hba_file` or `auth_ident_file` cannot be read or has a bad line.
+    #[error("{0}")]
+    Hba(#[from] crate::auth::hba::HbaError),
 }
 
 /// Formats `file:line`, or just `file` when `line` is 0 (environment values).

@@ -138,7 +138,23 @@ fn assemble(
     warnings.extend(peers.into_iter().map(|(_, w)| w));
 
     let tls = crate::tls::TlsContexts::build(&general.client_tls, &general.server_tls)?;
-    let config = Config { path: path.to_path_buf(), general, written, databases, users, userlist, tls };
+    let hba = match &general.auth_hba_file {
+        Some(file) => Some(std::sync::Arc::new(crate::auth::hba::HbaFile::load(file)?)),
+        None if general.auth_type == AuthType::Hba => {
+            return Err(ConfigError::Syntax {
+                file: path.display().to_string(),
+                line: 0,
+                message: "auth_type = hba needs auth_hba_file".into(),
+            })
+        }
+        None => None,
+    };
+    let ident = match &general.auth_ident_file {
+        Some(file) => Some(std::sync::Arc::new(crate::auth::hba::IdentMap::load(file)?)),
+        None => None,
+    };
+    let config =
+        Config { path: path.to_path_buf(), general, written, databases, users, userlist, tls, hba, ident };
     Ok((config, warnings))
 }
 
@@ -403,10 +419,11 @@ batch = pool_mode=session max_user_connections=5
         // An overridden bad line is still an error: PgBouncer rejects it too.
         assert!(err("[pgbouncer]\nlisten_port = x\nlisten_port = 1\n").contains(":2: listen_port"));
         assert_eq!(
-            err("[pgbouncer]\nauth_type = hba\n"),
-            "pgbouncer.ini:2: auth_type: auth_type = hba is not implemented yet; \
-             supported: trust, plain, md5, scram-sha-256"
+            err("[pgbouncer]\nauth_type = pam\n"),
+            "pgbouncer.ini:2: auth_type: auth_type = pam is not implemented yet; \
+             supported: trust, plain, md5, scram-sha-256, cert, hba, any"
         );
+        assert!(err("[pgbouncer]\nauth_type = hba\n").ends_with("auth_type = hba needs auth_hba_file"));
     }
 
     #[test]

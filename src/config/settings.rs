@@ -42,6 +42,12 @@ pub enum AuthType {
     Plain,
     Md5,
     ScramSha256,
+    /// The TLS client certificate's common name is the user name.
+    Cert,
+    /// Per connection, as `auth_hba_file` says.
+    Hba,
+    /// No authentication, whatever user name the client gives.
+    Any,
 }
 
 /// Settings of the `[pgbouncer]` (alias `[pgcorral]`) section.
@@ -56,6 +62,10 @@ pub struct General {
     pub auth_type: AuthType,
     /// Already resolved against the main config file's directory.
     pub auth_file: Option<PathBuf>,
+    /// pg_hba.conf-style rules for `auth_type = hba`.
+    pub auth_hba_file: Option<PathBuf>,
+    /// pg_ident.conf-style maps for hba `cert`/`peer` lines with `map=`.
+    pub auth_ident_file: Option<PathBuf>,
     pub pool_mode: PoolMode,
     pub max_client_conn: usize,
     pub default_pool_size: usize,
@@ -146,6 +156,8 @@ impl Default for General {
             unix_socket_dir: Some(PathBuf::from("/tmp")),
             auth_type: AuthType::Md5,
             auth_file: None,
+            auth_hba_file: None,
+            auth_ident_file: None,
             pool_mode: PoolMode::Session,
             max_client_conn: 100,
             default_pool_size: 20,
@@ -272,6 +284,10 @@ pub struct Config {
     pub userlist: Vec<(String, String)>,
     /// TLS contexts built from `client_tls_*` and `server_tls_*`.
     pub tls: crate::tls::TlsContexts,
+    /// `auth_hba_file`, parsed; None without one.
+    pub hba: Option<std::sync::Arc<crate::auth::hba::HbaFile>>,
+    /// `auth_ident_file`, parsed; None without one.
+    pub ident: Option<std::sync::Arc<crate::auth::hba::IdentMap>>,
 }
 
 impl Config {
@@ -301,8 +317,6 @@ pub const NOT_IMPLEMENTED: &str = "not implemented yet by pgcorral; ignored";
 /// pgcorral ignores.
 pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
     "auth_dbname",
-    "auth_hba_file",
-    "auth_ident_file",
     "auth_ldap_options",
     "auth_query",
     "auth_user",
@@ -357,6 +371,8 @@ pub const USER_NOT_IMPLEMENTED: &[&str] = &[];
 
 /// `[pgbouncer]` keys pgcorral implements; kept for error messages.
 const PGBOUNCER_IMPLEMENTED: &[&str] = &[
+    "auth_ident_file",
+    "auth_hba_file",
     "server_tls_sslmode",
     "server_tls_protocols",
     "server_tls_key_file",
@@ -459,7 +475,7 @@ const USER_IMPLEMENTED: &[&str] = &[
 
 const PEER_KEYS: &[&str] = &["host", "port", "pool_size"];
 
-const AUTH_TYPES_NOT_IMPLEMENTED: &[&str] = &["any", "cert", "hba", "ldap", "pam"];
+const AUTH_TYPES_NOT_IMPLEMENTED: &[&str] = &["ldap", "pam"];
 
 /// One value to validate, with where it came from.
 pub(crate) struct Setting<'a> {
@@ -547,12 +563,17 @@ impl Setting<'_> {
             "plain" => Ok(AuthType::Plain),
             "md5" => Ok(AuthType::Md5),
             "scram-sha-256" => Ok(AuthType::ScramSha256),
+            "cert" => Ok(AuthType::Cert),
+            "hba" => Ok(AuthType::Hba),
+            "any" => Ok(AuthType::Any),
             other if AUTH_TYPES_NOT_IMPLEMENTED.contains(&other) => Err(self.invalid(format!(
                 "auth_type = {other} is not implemented yet; \
-                 supported: trust, plain, md5, scram-sha-256"
+                 supported: trust, plain, md5, scram-sha-256, cert, hba, any"
             ))),
-            _ => Err(self
-                .invalid(format!("expected one of trust, plain, md5, scram-sha-256, got {:?}", self.value))),
+            _ => Err(self.invalid(format!(
+                "expected one of trust, plain, md5, scram-sha-256, cert, hba, any, got {:?}",
+                self.value
+            ))),
         }
     }
 
@@ -611,6 +632,8 @@ pub(crate) fn apply_general(
         "unix_socket_dir" => general.unix_socket_dir = s.path(),
         "auth_type" => general.auth_type = s.auth_type()?,
         "auth_file" => general.auth_file = s.path().map(|p| base_dir.join(p)),
+        "auth_hba_file" => general.auth_hba_file = s.path().map(|p| base_dir.join(p)),
+        "auth_ident_file" => general.auth_ident_file = s.path().map(|p| base_dir.join(p)),
         "pool_mode" => general.pool_mode = s.pool_mode()?,
         "max_client_conn" => general.max_client_conn = s.usize()?,
         "default_pool_size" => general.default_pool_size = s.usize()?,
@@ -928,9 +951,9 @@ mod tests {
         assert!(err("verbose", "300").contains("between 0 and 255"));
         assert!(err("auth_type", "password").contains("expected one of trust"));
         assert_eq!(
-            err("auth_type", "hba"),
-            "pgbouncer.ini:7: auth_type: auth_type = hba is not implemented yet; \
-             supported: trust, plain, md5, scram-sha-256"
+            err("auth_type", "ldap"),
+            "pgbouncer.ini:7: auth_type: auth_type = ldap is not implemented yet; \
+             supported: trust, plain, md5, scram-sha-256, cert, hba, any"
         );
         assert!(err("frobnicate", "1").starts_with("pgbouncer.ini:7: frobnicate: unknown setting"));
     }

@@ -1,0 +1,192 @@
+//! The authentication matrix beyond auth_file passwords: `auth_type = hba` with
+//! hostssl/hostnossl rules, `cert`, `any`, SCRAM pass-through with no plaintext password in any
+//! file, and SCRAM-SHA-256-PLUS channel binding with psql. SQLSTATEs are read with asyncpg,
+//! which reports them for refused logins.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use support::*;
+
+fn psql(conninfo: &str, sql: &str) -> Output {
+    Command::new(pg_bin("psql"))
+        .args(["-X", "-At", "-d", conninfo, "-c", sql])
+        .env("PGCONNECT_TIMEOUT", "10")
+        .env_remove("PGSSLMODE")
+        .env_remove("PGPASSWORD")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run psql")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(out.status.success(), "{what} failed: {}", stderr(&out));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn tls_lines(certs: &Certs) -> String {
+    format!(
+        "client_tls_sslmode = prefer\nclient_tls_key_file = {}\nclient_tls_cert_file = {}\nclient_tls_ca_file = {}\n",
+        certs.server_key.display(),
+        certs.server_cert.display(),
+        certs.ca_cert.display()
+    )
+}
+
+fn conn(pooler: &Pooler, user: &str, password: &str, extra: &str) -> String {
+    let password = if password.is_empty() { String::new() } else { format!("password={password}") };
+    format!("host=127.0.0.1 port={} user={user} {password} dbname=app {extra}", pooler.port)
+}
+
+/// What asyncpg says about a login: `ok <user>` or the SQLSTATE of the refusal.
+fn asyncpg_login(pooler: &Pooler, user: &str, password: &str, ssl: bool) -> String {
+    let script = r#"
+import asyncio, os, ssl, asyncpg
+async def main():
+    ctx = None
+    if os.environ["SSL"] == "1":
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    try:
+        conn = await asyncpg.connect(host="127.0.0.1", port=int(os.environ["PORT"]), user=os.environ["U"],
+                                     password=os.environ["P"], database="app", ssl=ctx if ctx else False)
+        print("ok", await conn.fetchval("SELECT current_user"))
+        await conn.close()
+    except asyncpg.PostgresError as e:
+        print(e.sqlstate, e)
+asyncio.run(main())
+"#;
+    let port = pooler.port.to_string();
+    let out = run_python(
+        script,
+        &[("PORT", &port), ("U", user), ("P", password), ("SSL", if ssl { "1" } else { "0" })],
+    );
+    ok(out, "asyncpg login")
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+/// `auth_type = hba`: app_user only over TLS (hostnossl reject), md5_user with md5 over
+/// plain TCP, everyone trusted on the Unix socket, no line for anyone else.
+#[test]
+fn hba_rules_decide_per_connection() {
+    let pg = Postgres::shared();
+    let certs = Certs::make();
+    let hba_dir = certs.dir.clone();
+    let hba = write(
+        &hba_dir,
+        "hba.conf",
+        "local all all trust\n\
+         hostnossl all app_user 127.0.0.1/32 reject\n\
+         hostssl all app_user 127.0.0.1/32 scram-sha-256\n\
+         host all md5_user 127.0.0.1/32 md5\n",
+    );
+    let general = format!("{}auth_hba_file = {hba}\n", tls_lines(&certs));
+    let ini = pool_ini(pg, "app", "", "transaction", &general).replace("auth_type = md5", "auth_type = hba");
+    let userlist =
+        [Pooler::userlist_line(APP_USER, APP_PASSWORD), Pooler::userlist_line(MD5_USER, MD5_PASSWORD)]
+            .concat();
+    let pooler = Pooler::start(&ini, &userlist);
+
+    assert_eq!(asyncpg_login(&pooler, APP_USER, APP_PASSWORD, true), "ok app_user");
+    let plain = asyncpg_login(&pooler, APP_USER, APP_PASSWORD, false);
+    assert!(plain.starts_with("28000") && plain.contains("pg_hba.conf rejects connection"), "{plain}");
+    assert!(asyncpg_login(&pooler, APP_USER, "wrong", true).starts_with("28P01"));
+    assert_eq!(asyncpg_login(&pooler, MD5_USER, MD5_PASSWORD, false), "ok md5_user");
+    assert!(asyncpg_login(&pooler, MD5_USER, "wrong", false).starts_with("28P01"));
+    let nobody = asyncpg_login(&pooler, TRUST_USER, "x", false);
+    assert!(nobody.starts_with("28000") && nobody.contains("no pg_hba.conf entry"), "{nobody}");
+
+    let unix = format!("host={} port={} user={APP_USER} dbname=app", pooler.dir.display(), pooler.port);
+    assert_eq!(ok(psql(&unix, "SELECT current_user"), "local trust"), "app_user");
+    assert_eq!(
+        ok(psql(&conn(&pooler, APP_USER, APP_PASSWORD, "sslmode=require"), "SELECT 1"), "psql hostssl"),
+        "1"
+    );
+}
+
+/// `auth_type = cert`: the client certificate's common name is the user name.
+#[test]
+fn cert_auth_takes_the_user_from_the_certificate() {
+    let pg = Postgres::shared();
+    let certs = Certs::make();
+    let (cert, key) = certs.client(APP_USER);
+    let ini = pool_ini(pg, "app", "", "transaction", &tls_lines(&certs))
+        .replace("auth_type = md5", "auth_type = cert");
+    let pooler = Pooler::start(&ini, &app_userlist());
+    let with_cert = format!("sslmode=require sslcert={} sslkey={}", cert.display(), key.display());
+
+    assert_eq!(ok(psql(&conn(&pooler, APP_USER, "", &with_cert), "SELECT current_user"), "cert"), "app_user");
+    let other_user = psql(&conn(&pooler, MD5_USER, "", &with_cert), "SELECT 1");
+    assert!(stderr(&other_user).contains("certificate authentication failed"), "{}", stderr(&other_user));
+    let no_cert = psql(
+        &conn(&pooler, APP_USER, APP_PASSWORD, "sslmode=require sslcert=/none sslkey=/none"),
+        "SELECT 1",
+    );
+    assert!(stderr(&no_cert).contains("certificate authentication failed"), "{}", stderr(&no_cert));
+}
+
+/// SCRAM pass-through: auth_file holds PostgreSQL's own SCRAM verifier for app_user and the
+/// database entry no password, so no file has the plaintext; pgcorral logs in to PostgreSQL
+/// with the keys the client proved.
+#[test]
+fn scram_pass_through_needs_no_plaintext_password() {
+    let pg = Postgres::shared();
+    let verifier = pg.sql("SELECT rolpassword FROM pg_authid WHERE rolname = 'app_user'");
+    assert!(verifier.starts_with("SCRAM-SHA-256$"));
+    let ini =
+        pool_ini(pg, "app", "", "transaction", "").replace("auth_type = md5", "auth_type = scram-sha-256");
+    let pooler = Pooler::start(&ini, &Pooler::userlist_line(APP_USER, &verifier));
+    for file in ["pgcorral.ini", "userlist.txt"] {
+        let text = std::fs::read_to_string(pooler.dir.join(file)).unwrap();
+        assert!(!text.contains(APP_PASSWORD), "{file} holds no plaintext password");
+    }
+    for _ in 0..3 {
+        assert_eq!(
+            ok(psql(&conn(&pooler, APP_USER, APP_PASSWORD, ""), "SELECT current_user"), "pass-through"),
+            "app_user"
+        );
+    }
+    assert!(asyncpg_login(&pooler, APP_USER, "wrong", false).starts_with("28P01"));
+}
+
+/// SCRAM-SHA-256-PLUS with tls-server-end-point: psql's channel_binding=require succeeds over
+/// TLS; over plaintext it cannot, and psql refuses.
+#[test]
+fn channel_binding_with_psql() {
+    let pg = Postgres::shared();
+    let certs = Certs::make();
+    let ini = pool_ini(pg, "app", "", "transaction", &tls_lines(&certs))
+        .replace("auth_type = md5", "auth_type = scram-sha-256");
+    let pooler = Pooler::start(&ini, &app_userlist());
+    let bound = conn(&pooler, APP_USER, APP_PASSWORD, "sslmode=require channel_binding=require");
+    assert_eq!(ok(psql(&bound, "SELECT current_user"), "channel binding"), "app_user");
+    let wrong =
+        psql(&conn(&pooler, APP_USER, "wrong", "sslmode=require channel_binding=require"), "SELECT 1");
+    assert!(stderr(&wrong).contains("password authentication failed"), "{}", stderr(&wrong));
+    let plain =
+        psql(&conn(&pooler, APP_USER, APP_PASSWORD, "sslmode=disable channel_binding=require"), "SELECT 1");
+    assert!(!plain.status.success(), "no channel binding without TLS");
+}
+
+/// `auth_type = any`: whatever user name the client gives, the database's configured user
+/// logs in to PostgreSQL.
+#[test]
+fn any_logs_in_as_the_databases_user() {
+    let pg = Postgres::shared();
+    let ini =
+        pool_ini(pg, "app", "user=app_user", "transaction", "").replace("auth_type = md5", "auth_type = any");
+    let pooler = Pooler::start(&ini, &app_userlist());
+    assert_eq!(ok(psql(&conn(&pooler, "whoever", "", ""), "SELECT current_user"), "any"), "app_user");
+}
