@@ -242,8 +242,15 @@ pub async fn accept(wire: &mut Wire, shared: &Shared, admitted: &mut bool) -> Re
         return Ok(Accepted::Console { user, database, startup: params, role });
     }
     let pool = shared.pool(&database, &user)?;
-    if let Some(keys) = authenticate(wire, &config, &user, &database).await? {
+    let queried = match config.secret(&user) {
+        Some(_) => None,
+        None => shared.queried_secret(&config, &database, &user).await?,
+    };
+    if let Some(keys) = authenticate(wire, &config, &user, &database, queried.as_deref()).await? {
         pool.offer_scram_keys(&user, keys);
+    }
+    if let Some(secret) = queried {
+        pool.set_queried_secret(Secret::parse(&secret));
     }
     if shared.holds.lock().unwrap().disabled(&database) {
         return Err(PgError::fatal(
@@ -265,7 +272,7 @@ async fn console_login(wire: &mut Wire, config: &Config, user: &str) -> Result<R
     if user == "pgbouncer" && peer_is_me {
         return Ok(Role::Admin);
     }
-    authenticate(wire, config, user, "pgbouncer").await?;
+    authenticate(wire, config, user, "pgbouncer", None).await?;
     let general = &config.general;
     if general.admin_users.iter().any(|u| u == user) {
         Ok(Role::Admin)
@@ -364,13 +371,15 @@ fn name_maps(config: &Config, map: &Option<String>, name: &str, user: &str) -> b
 /// Authenticates `user`: against its `auth_file` secret, its TLS certificate or its OS user,
 /// as `auth_type` (or the hba line) says. An unknown user goes through the same exchange
 /// against a throwaway secret and fails the same way, so that a login attempt does not reveal
-/// which users exist. Returns the SCRAM keys the client proved, for logging in to PostgreSQL
+/// which users exist. `queried` is the user's secret from `auth_query`, for users missing from
+/// `auth_file`. Returns the SCRAM keys the client proved, for logging in to PostgreSQL
 /// on its behalf (SCRAM pass-through).
 async fn authenticate(
     wire: &mut Wire,
     config: &Config,
     user: &str,
     database: &str,
+    queried: Option<&str>,
 ) -> Result<Option<ScramKeys>, LoginError> {
     let check = match config.general.auth_type {
         AuthType::Trust => Check::Trust,
@@ -381,7 +390,7 @@ async fn authenticate(
         AuthType::Cert => Check::Cert(None),
         AuthType::Hba => hba_check(wire, config, user, database)?,
     };
-    let stored = config.secret(user).map(Secret::parse);
+    let stored = config.secret(user).or(queried).map(Secret::parse);
     let has_auth_file = config.general.auth_file.is_some();
     let known = stored.is_some();
     let secret = stored.unwrap_or_else(|| Secret::Plain(decoy_password().to_string()));

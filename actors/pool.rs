@@ -198,6 +198,8 @@ pub struct PoolShared {
     /// SCRAM pass-through: the keys a client proved its stored SCRAM secret with, used to log
     /// in to PostgreSQL as that user when no password is configured for it.
     scram_keys: Mutex<Option<ScramKeys>>,
+    /// The user's secret from `auth_query`, for server logins when auth_file has none.
+    queried_secret: Mutex<Option<Secret>>,
     loads: Vec<WorkerLoad>,
     epoch: Instant,
     settings: RwLock<Arc<PoolSettings>>,
@@ -262,6 +264,7 @@ impl PoolShared {
             epoch: Instant::now(),
             login_backoff: Mutex::new(None),
             scram_keys: Mutex::new(None),
+            queried_secret: Mutex::new(None),
             stats: PoolStats::new(workers),
             hold: AtomicU8::new(Hold::None as u8),
             census,
@@ -452,6 +455,14 @@ impl PoolShared {
             // Clients waiting out a login backoff caused by missing keys need not wait longer.
             self.login_backoff.lock().unwrap().take();
         }
+    }
+
+    pub fn set_queried_secret(&self, secret: Secret) {
+        *self.queried_secret.lock().unwrap() = Some(secret);
+    }
+
+    pub fn queried_secret(&self) -> Option<Secret> {
+        self.queried_secret.lock().unwrap().clone()
     }
 
     pub fn scram_keys(&self) -> Option<ScramKeys> {

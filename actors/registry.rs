@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
@@ -17,6 +18,7 @@ use crate::actors::control::Holds;
 use crate::actors::messages::CancelQuery;
 use crate::actors::pool::{Limit, Pool, PoolKey, PoolSettings, PoolShared};
 use crate::actors::supervisor::Supervisor;
+use crate::auth::auth_query::AuthQuery;
 use crate::auth::Secret;
 use crate::config::Config;
 use crate::net::ServerAddr;
@@ -56,7 +58,16 @@ pub struct Shared {
     /// Totals at the last two `stats_period` ticks, for averages.
     pub stats_window: Mutex<StatsWindow>,
     supervisor: OnceLock<Addr<Supervisor>>,
+    /// auth_query answers by (database, user), with when they were fetched.
+    auth_cache: Mutex<HashMap<(String, String), CachedSecret>>,
 }
+
+/// An auth_query answer (None: no secret) and when it was fetched.
+type CachedSecret = (Option<String>, Instant);
+
+/// How long an auth_query answer is reused. A password change, or a `rolvaliduntil` the
+/// default query turns into NULL, takes effect within this time (and at once on RELOAD).
+const AUTH_QUERY_CACHE: Duration = Duration::from_secs(30);
 
 impl Shared {
     pub fn new(config: Config, workers: usize, home: ArbiterHandle) -> Shared {
@@ -78,6 +89,7 @@ impl Shared {
             console_stats: PoolStats::new(1),
             stats_window: Mutex::new(StatsWindow::new()),
             supervisor: OnceLock::new(),
+            auth_cache: Mutex::default(),
         }
     }
 
@@ -96,6 +108,56 @@ impl Shared {
         pools
     }
 
+    /// The secret of a user missing from `auth_file`, from `auth_query` when the database (or
+    /// the global section) names an `auth_user`; None when there is no lookup or no secret.
+    pub async fn queried_secret(
+        &self,
+        config: &Config,
+        database: &str,
+        user: &str,
+    ) -> Result<Option<String>, PgError> {
+        let Some(entry) = config.database(database) else { return Ok(None) };
+        let general = &config.general;
+        let Some(auth_user) = entry.auth_user.as_ref().or(general.auth_user.as_ref()) else {
+            return Ok(None);
+        };
+        let key = (database.to_string(), user.to_string());
+        if let Some((secret, at)) = self.auth_cache.lock().unwrap().get(&key) {
+            if at.elapsed() < AUTH_QUERY_CACHE {
+                return Ok(secret.clone());
+            }
+        }
+        let dbname = entry
+            .auth_dbname
+            .as_ref()
+            .or(general.auth_dbname.as_ref())
+            .or(entry.dbname.as_ref())
+            .map_or(database, String::as_str);
+        let auth_secret = config.secret(auth_user).map(Secret::parse);
+        let lookup = AuthQuery {
+            addr: &ServerAddr::from_host(entry.host.as_deref(), entry.port),
+            tls: &config.tls.server,
+            auth_user,
+            auth_secret: auth_secret.as_ref(),
+            dbname,
+            query: entry.auth_query.as_deref().unwrap_or(&general.auth_query),
+            timeout: general.server_connect_timeout,
+        };
+        match lookup.fetch(user).await {
+            Ok(secret) => {
+                self.auth_cache.lock().unwrap().insert(key, (secret.clone(), Instant::now()));
+                Ok(secret)
+            }
+            Err(e) => {
+                log::warn!("database {database}: {e}");
+                Err(PgError::fatal(
+                    sqlstate::CONNECTION_FAILURE,
+                    "could not look up the user with auth_query; see pgcorral's log",
+                ))
+            }
+        }
+    }
+
     pub fn config(&self) -> Arc<Config> {
         self.config.read().unwrap().clone()
     }
@@ -106,6 +168,7 @@ impl Shared {
         let config = Arc::new(config);
         *self.config.write().unwrap() = config.clone();
         self.logins.lock().unwrap().clear();
+        self.auth_cache.lock().unwrap().clear();
         let pools: Vec<Arc<PoolShared>> = self.pools.lock().unwrap().values().cloned().collect();
         for pool in pools {
             if let Ok((_, settings)) = resolve(&config, &pool.key.database, &pool.key.user) {

@@ -237,10 +237,11 @@ async fn open(settings: Arc<PoolSettings>, entry: Arc<ServerEntry>) -> Result<Se
         .map_err(|_| connect_failed("timed out".into()))?
         .map_err(connect_failed)?;
     let scram_keys = entry.pool.scram_keys();
+    let queried = entry.pool.queried_secret();
     let request = LoginRequest {
         user: &settings.server_user,
         database: &settings.dbname,
-        password: settings.password.as_ref(),
+        password: settings.password.as_ref().or(queried.as_ref()),
         scram_keys: scram_keys.as_ref(),
         params: &settings.startup_params,
     };

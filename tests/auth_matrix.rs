@@ -190,3 +190,31 @@ fn any_logs_in_as_the_databases_user() {
     let pooler = Pooler::start(&ini, &app_userlist());
     assert_eq!(ok(psql(&conn(&pooler, "whoever", "", ""), "SELECT current_user"), "any"), "app_user");
 }
+
+/// `auth_user` + `auth_query` (per database here): a role created after pgcorral started logs
+/// in with its PostgreSQL password, which no file holds; a wrong password, an unknown role and
+/// an expired one (`VALID UNTIL` in the past) are refused alike.
+#[test]
+fn auth_query_finds_users_created_after_start() {
+    let pg = Postgres::shared();
+    let ini = pool_ini(pg, "app", "auth_user=postgres", "transaction", "")
+        .replace("auth_type = md5", "auth_type = scram-sha-256");
+    let pooler = Pooler::start(&ini, &app_userlist());
+    pg.sql(
+        "CREATE ROLE late_user LOGIN PASSWORD 'late-pass';
+         CREATE ROLE expired_user LOGIN PASSWORD 'old-pass' VALID UNTIL '2001-01-01';
+         GRANT CONNECT ON DATABASE app TO late_user;",
+    );
+    assert_eq!(asyncpg_login(&pooler, "late_user", "late-pass", false), "ok late_user");
+    assert_eq!(
+        ok(psql(&conn(&pooler, "late_user", "late-pass", ""), "SELECT current_user"), "psql"),
+        "late_user"
+    );
+    for (user, password) in [("late_user", "wrong"), ("nobody_here", "x"), ("expired_user", "old-pass")] {
+        let answer = asyncpg_login(&pooler, user, password, false);
+        assert!(answer.starts_with("28P01"), "{user}: {answer}");
+    }
+    for file in ["pgcorral.ini", "userlist.txt"] {
+        assert!(!std::fs::read_to_string(pooler.dir.join(file)).unwrap().contains("late-pass"));
+    }
+}

@@ -279,6 +279,50 @@ pub async fn run_simple_query<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    simple_query(stream, sql, None).await
+}
+
+/// Runs `sql` like [`run_simple_query`] and returns its rows as text (NULL as None); at most
+/// `max_rows` are kept, so a query returning a table does not fill memory.
+pub async fn query_rows<S>(
+    stream: &mut S,
+    sql: &str,
+    max_rows: usize,
+) -> Result<Vec<Vec<Option<String>>>, BackendLoginError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut rows = Vec::new();
+    simple_query(stream, sql, Some((&mut rows, max_rows))).await?;
+    Ok(rows)
+}
+
+fn data_row(body: &[u8]) -> Result<Vec<Option<String>>, BackendLoginError> {
+    let mut r = Reader::new(body);
+    let count = r.i16()?;
+    let mut row = Vec::with_capacity(count.max(0) as usize);
+    for _ in 0..count {
+        let len = r.i32()?;
+        if len < 0 {
+            row.push(None);
+        } else {
+            let bytes = r.take(len as usize)?;
+            row.push(Some(String::from_utf8_lossy(bytes).into_owned()));
+        }
+    }
+    Ok(row)
+}
+
+type RowSink<'a> = Option<(&'a mut Vec<Vec<Option<String>>>, usize)>;
+
+async fn simple_query<S>(
+    stream: &mut S,
+    sql: &str,
+    mut rows: RowSink<'_>,
+) -> Result<Vec<(String, String)>, BackendLoginError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut buf = BytesMut::new();
     frontend::query(sql, &mut buf).map_err(|e| encode_error("query", e))?;
     send(stream, &mut buf).await?;
@@ -310,6 +354,13 @@ where
                     Some(e) => Err(e),
                     None => Ok(params),
                 };
+            }
+            b'D' if rows.as_ref().is_some_and(|(kept, max)| kept.len() < *max) => {
+                let body = read_body(stream, tag, len).await?;
+                let row = data_row(&body)?;
+                if let Some((kept, _)) = rows.as_mut() {
+                    kept.push(row);
+                }
             }
             // Rows, command tags, notices, notifications, COPY OUT data:
             // none of it matters to an internal query, and rows may be large,
@@ -455,6 +506,20 @@ impl<'a> Reader<'a> {
         let (n, rest) = self.buf.split_at(4);
         self.buf = rest;
         Ok(i32::from_be_bytes([n[0], n[1], n[2], n[3]]))
+    }
+
+    fn i16(&mut self) -> Result<i16, BackendLoginError> {
+        let bytes = self.take(2)?;
+        Ok(i16::from_be_bytes([bytes[0], bytes[1]]))
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], BackendLoginError> {
+        if self.buf.len() < n {
+            return Err(protocol("message truncated".into()));
+        }
+        let (taken, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(taken)
     }
 
     fn cstr(&mut self) -> Result<&'a str, BackendLoginError> {

@@ -2,6 +2,7 @@
 //! pgcorral (cleartext, md5, SCRAM-SHA-256 server side) and logging pgcorral
 //! in to the PostgreSQL servers it pools connections for.
 
+pub mod auth_query;
 mod backend_login;
 mod error;
 pub mod hba;
@@ -10,7 +11,7 @@ mod scram;
 mod scram_client;
 mod secret;
 
-pub use backend_login::{login, run_simple_query, BackendLoginError, LoginOutcome, LoginRequest};
+pub use backend_login::{login, query_rows, run_simple_query, BackendLoginError, LoginOutcome, LoginRequest};
 pub use error::{AuthError, ScramClientError};
 pub use md5::{md5_secret, md5_verify};
 pub use scram::{verify_plaintext, ScramServer, SCRAM_SHA_256, SCRAM_SHA_256_PLUS};

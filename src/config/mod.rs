@@ -431,7 +431,7 @@ batch = pool_mode=session max_user_connections=5
         let (config, warnings) = parse(
             "[pgbouncer]\ntcp_keepalive = 3600\ndns_max_ttl = 600\n\
              client_tls_dheparams = auto\ntcp_keepalive = 10\n\
-             [databases]\nd = host=a load_balance_hosts=random auth_user=x\n\
+             [databases]\nd = host=a load_balance_hosts=random target_session_attrs=any\n\
              [users]\nu = query_timeout=5 pool_size=3\n[peers]\n1 = host=/tmp/p1\n",
         )
         .unwrap();
@@ -442,7 +442,7 @@ batch = pool_mode=session max_user_connections=5
                 "pgbouncer.ini:3: dns_max_ttl: not implemented yet by pgcorral; ignored",
                 "pgbouncer.ini:4: client_tls_dheparams: not implemented yet by pgcorral; ignored",
                 "pgbouncer.ini:7: d: load_balance_hosts: not implemented yet by pgcorral; ignored",
-                "pgbouncer.ini:7: d: auth_user: not implemented yet by pgcorral; ignored",
+                "pgbouncer.ini:7: d: target_session_attrs: not implemented yet by pgcorral; ignored",
                 "pgbouncer.ini:11: 1: not implemented yet by pgcorral; ignored",
             ]
         );

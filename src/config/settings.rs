@@ -66,6 +66,12 @@ pub struct General {
     pub auth_hba_file: Option<PathBuf>,
     /// pg_ident.conf-style maps for hba `cert`/`peer` lines with `map=`.
     pub auth_ident_file: Option<PathBuf>,
+    /// Users missing from `auth_file` are looked up in PostgreSQL as this user.
+    pub auth_user: Option<String>,
+    /// The lookup; `$1` is the user name. Returns (name, secret); a NULL secret refuses.
+    pub auth_query: String,
+    /// The database the lookup runs in; the client's database when unset.
+    pub auth_dbname: Option<String>,
     pub pool_mode: PoolMode,
     pub max_client_conn: usize,
     pub default_pool_size: usize,
@@ -158,6 +164,9 @@ impl Default for General {
             auth_file: None,
             auth_hba_file: None,
             auth_ident_file: None,
+            auth_user: None,
+            auth_query: DEFAULT_AUTH_QUERY.to_string(),
+            auth_dbname: None,
             pool_mode: PoolMode::Session,
             max_client_conn: 100,
             default_pool_size: 20,
@@ -233,6 +242,10 @@ pub struct DatabaseEntry {
     pub connect_query: Option<String>,
     pub query_wait_timeout: Option<Duration>,
     pub server_lifetime: Option<Duration>,
+    /// Per-database `auth_user`, `auth_query` and `auth_dbname`, overriding the global ones.
+    pub auth_user: Option<String>,
+    pub auth_query: Option<String>,
+    pub auth_dbname: Option<String>,
 }
 
 /// One entry of `[users]`.
@@ -310,16 +323,18 @@ impl Config {
     }
 }
 
+/// PgBouncer's default `auth_query`: an expired or non-login role has no secret.
+pub const DEFAULT_AUTH_QUERY: &str =
+    "SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END \
+     FROM pg_authid WHERE rolname=$1 AND rolcanlogin";
+
 /// The message of every "accepted but ignored" warning.
 pub const NOT_IMPLEMENTED: &str = "not implemented yet by pgcorral; ignored";
 
 /// `[pgbouncer]` keys PgBouncer (1.18 up to current releases) knows that
 /// pgcorral ignores.
 pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
-    "auth_dbname",
     "auth_ldap_options",
-    "auth_query",
-    "auth_user",
     "autodb_idle_timeout",
     "client_tls_dheparams",
     "client_tls_ecdhcurve",
@@ -363,14 +378,16 @@ pub fn known_keys() -> impl Iterator<Item = &'static str> {
 }
 
 /// Connection-string parameters of `[databases]` that pgcorral ignores.
-pub const DATABASE_NOT_IMPLEMENTED: &[&str] =
-    &["auth_dbname", "auth_query", "auth_user", "load_balance_hosts", "target_session_attrs"];
+pub const DATABASE_NOT_IMPLEMENTED: &[&str] = &["load_balance_hosts", "target_session_attrs"];
 
 /// Parameters of `[users]` entries that pgcorral ignores.
 pub const USER_NOT_IMPLEMENTED: &[&str] = &[];
 
 /// `[pgbouncer]` keys pgcorral implements; kept for error messages.
 const PGBOUNCER_IMPLEMENTED: &[&str] = &[
+    "auth_dbname",
+    "auth_query",
+    "auth_user",
     "auth_ident_file",
     "auth_hba_file",
     "server_tls_sslmode",
@@ -439,6 +456,9 @@ const PGBOUNCER_IMPLEMENTED: &[&str] = &[
 ];
 
 const DATABASE_IMPLEMENTED: &[&str] = &[
+    "auth_user",
+    "auth_query",
+    "auth_dbname",
     "dbname",
     "host",
     "port",
@@ -632,6 +652,9 @@ pub(crate) fn apply_general(
         "unix_socket_dir" => general.unix_socket_dir = s.path(),
         "auth_type" => general.auth_type = s.auth_type()?,
         "auth_file" => general.auth_file = s.path().map(|p| base_dir.join(p)),
+        "auth_user" => general.auth_user = (!s.value.is_empty()).then(|| s.value.to_string()),
+        "auth_query" => general.auth_query = s.value.to_string(),
+        "auth_dbname" => general.auth_dbname = (!s.value.is_empty()).then(|| s.value.to_string()),
         "auth_hba_file" => general.auth_hba_file = s.path().map(|p| base_dir.join(p)),
         "auth_ident_file" => general.auth_ident_file = s.path().map(|p| base_dir.join(p)),
         "pool_mode" => general.pool_mode = s.pool_mode()?,
@@ -788,6 +811,9 @@ pub(crate) fn parse_database(line: &Line<'_>) -> Result<(DatabaseEntry, Vec<Conf
         connect_query: None,
         query_wait_timeout: None,
         server_lifetime: None,
+        auth_user: None,
+        auth_query: None,
+        auth_dbname: None,
     };
     let warnings =
         line.each_param("database", DATABASE_IMPLEMENTED, DATABASE_NOT_IMPLEMENTED, |param, s| {
@@ -810,6 +836,9 @@ pub(crate) fn parse_database(line: &Line<'_>) -> Result<(DatabaseEntry, Vec<Conf
                 "timezone" => db.timezone = text,
                 "application_name" => db.application_name = text,
                 "connect_query" => db.connect_query = text,
+                "auth_user" => db.auth_user = text,
+                "auth_query" => db.auth_query = text,
+                "auth_dbname" => db.auth_dbname = text,
                 "query_wait_timeout" => db.query_wait_timeout = Some(s.seconds()?),
                 "server_lifetime" => db.server_lifetime = Some(s.seconds()?),
                 _ => unreachable!("{param} is listed in DATABASE_IMPLEMENTED"),
@@ -1039,8 +1068,8 @@ mod tests {
 
         let (db, warnings) = parse_database(&line(
             "mydb",
-            "host=a target_session_attrs=any auth_user=x target_session_attrs=read-write \
-             server_lifetime=10 query_wait_timeout=2.5",
+            "host=a target_session_attrs=any load_balance_hosts=random target_session_attrs=read-write \
+             server_lifetime=10 query_wait_timeout=2.5 auth_user=x",
         ))
         .unwrap();
         let shown: Vec<String> = warnings.iter().map(ToString::to_string).collect();
@@ -1048,9 +1077,10 @@ mod tests {
             shown,
             [
                 "pgbouncer.ini:3: mydb: target_session_attrs: not implemented yet by pgcorral; ignored",
-                "pgbouncer.ini:3: mydb: auth_user: not implemented yet by pgcorral; ignored",
+                "pgbouncer.ini:3: mydb: load_balance_hosts: not implemented yet by pgcorral; ignored",
             ]
         );
+        assert_eq!(db.auth_user.as_deref(), Some("x"));
         assert_eq!(db.server_lifetime, Some(Duration::from_secs(10)));
         assert_eq!(db.query_wait_timeout, Some(Duration::from_millis(2500)));
     }
