@@ -420,7 +420,7 @@ async fn authenticate(
             known && verify_plaintext(&secret, user, &password)
         }
         Check::Md5 if matches!(secret, Secret::Scram(_)) => {
-            let (ok, proved) = scram_exchange(wire, &secret).await?;
+            let (ok, proved) = scram_exchange(wire, &secret, config.general.scram_iterations).await?;
             keys = proved;
             known && ok
         }
@@ -437,7 +437,7 @@ async fn authenticate(
                 log::warn!("user \"{user}\": scram-sha-256 login impossible with an md5 secret in auth_file");
                 return Err(auth_failed(user));
             }
-            let (ok, proved) = scram_exchange(wire, &secret).await?;
+            let (ok, proved) = scram_exchange(wire, &secret, config.general.scram_iterations).await?;
             keys = proved;
             known && ok
         }
@@ -474,10 +474,14 @@ fn decoy_password() -> &'static str {
 /// SCRAM-SHA-256 (and SCRAM-SHA-256-PLUS over TLS): AuthenticationSASL, client-first,
 /// server-first, client-final, server-final. Returns whether the client proved it knows the
 /// password, and the keys it proved a stored SCRAM secret with.
-async fn scram_exchange(wire: &mut Wire, secret: &Secret) -> Result<(bool, Option<ScramKeys>), LoginError> {
+async fn scram_exchange(
+    wire: &mut Wire,
+    secret: &Secret,
+    iterations: u32,
+) -> Result<(bool, Option<ScramKeys>), LoginError> {
     let server = match secret {
         Secret::Scram(keys) => ScramServer::new(keys.clone()),
-        Secret::Plain(password) => ScramServer::for_plain_password(password),
+        Secret::Plain(password) => ScramServer::for_plain_password_with(password, iterations),
         Secret::Md5(_) => return Ok((false, None)),
     };
     let mut server = server.with_channel_binding(wire.tls.as_ref().map(|tls| tls.end_point.clone()));

@@ -13,14 +13,17 @@
 # pgcorral's /metrics, PgBouncer's console SHOW POOLS and SHOW STATS).
 set -euo pipefail
 
-# One line per table row: "name|pgbench args|targets". -T, -n and the
-# connection options are added by run_pgbench.
+# One line per table row: "name|pgbench args|targets[|conninfo]". -T, -n and the
+# connection options are added by run_pgbench; the optional conninfo is added to the
+# database name (every other run is plaintext: PGSSLMODE=disable).
 WORKLOADS=(
   "select-only|-S -c 50 -j 2|direct pgbouncer pgcorral"
   "tpcb-like|-c 50 -j 2|direct pgbouncer pgcorral"
   "select-only, new connection per tx|-S -C -c 20 -j 2|direct pgbouncer pgcorral"
   # 1,000 clients queueing for 20 servers; PostgreSQL alone cannot take 1,000 connections.
   "select-only, 1000 clients|-S -c 1000 -j 2|pgbouncer pgcorral"
+  # Client TLS: both poolers serve the same certificate; the server side stays plaintext.
+  "select-only, client TLS|-S -c 50 -j 2|pgbouncer pgcorral|sslmode=require"
 )
 
 RUNS=${RUNS:-3}
@@ -152,6 +155,11 @@ pgbench -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" -U "$BENCH_USER" bench >"$W
 # A plain-text password serves both md5 to the client and either method to
 # the server, so neither pooler needs anything the other lacks.
 printf '"%s" "%s"\n' "$BENCH_USER" "$BENCH_PASSWORD" >"$WORK/userlist.txt"
+# One self-signed certificate for both poolers' client TLS.
+openssl req -x509 -newkey rsa:2048 -nodes -keyout "$WORK/tls.key" -out "$WORK/tls.crt" -days 2 \
+  -subj /CN=localhost >/dev/null 2>&1 || die "openssl could not make a certificate"
+[[ $(id -u) == 0 ]] && chown postgres: "$WORK/tls.key" "$WORK/tls.crt"
+export PGSSLMODE=disable
 cat >"$WORK/pgbouncer.ini.in" <<EOF
 [databases]
 bench = host=127.0.0.1 port=$PG_PORT dbname=bench
@@ -171,6 +179,9 @@ pidfile = $WORK/@NAME@.pid
 log_connections = 0
 log_disconnections = 0
 admin_users = $BENCH_USER
+client_tls_sslmode = prefer
+client_tls_key_file = $WORK/tls.key
+client_tls_cert_file = $WORK/tls.crt
 EOF
 [[ $(id -u) == 0 ]] && chown postgres: "$WORK/userlist.txt"
 # max_client_conn needs file descriptors; the poolers inherit this limit.
@@ -223,15 +234,15 @@ scrape_loop() { # target
 
 declare -A TPS LAT P99   # "workload|target" -> space-separated values, one per run
 run_pgbench() { # workload-index target
-  local name args out tps lat rc=0
-  IFS='|' read -r name args _ <<<"${WORKLOADS[$1]}"
+  local name args conninfo out tps lat rc=0
+  IFS='|' read -r name args _ conninfo <<<"${WORKLOADS[$1]}"
   out="$WORK/run.out"
   # shellcheck disable=SC2086  # args is a word list by design
   rm -f "$WORK"/txlog.*
   local scraper=
   if [[ $SCRAPE == 1 && $2 != direct ]]; then scrape_loop "$2" & scraper=$!; fi
   pgbench -n -T "$DURATION" -h 127.0.0.1 -p "${PORT[$2]}" -U "$BENCH_USER" -l --log-prefix="$WORK/txlog" \
-    $args bench >"$out" 2>&1 || rc=$?
+    $args "dbname=bench $conninfo" >"$out" 2>&1 || rc=$?
   [[ -n $scraper ]] && { kill "$scraper" 2>/dev/null; wait "$scraper" 2>/dev/null || true; }
   tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$out" | head -1)
   lat=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$out" | head -1)
@@ -263,7 +274,7 @@ for ((round = 0; round < RUNS; round++)); do
   # History grows with every tpcb-like run; keep rounds comparable.
   psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d bench -c 'TRUNCATE pgbench_history' -c 'VACUUM ANALYZE' >/dev/null
   for i in "${selected[@]}"; do
-    IFS='|' read -r _ _ targets <<<"${WORKLOADS[$i]}"
+    IFS='|' read -r _ _ targets _ <<<"${WORKLOADS[$i]}"
     read -ra order <<<"$targets"
     # Rotate who goes first each round so warm-up and drift hit every target.
     n=${#order[@]}

@@ -94,7 +94,12 @@ impl ScramServer {
     /// password and process: deriving it at every login made a SCRAM login
     /// ten times dearer than an md5 one.
     pub fn for_plain_password(password: &str) -> ScramServer {
-        ScramServer::new(plain_verifier(password))
+        ScramServer::for_plain_password_with(password, PLAIN_ITERATIONS)
+    }
+
+    /// As [`for_plain_password`](Self::for_plain_password) with `scram_iterations` rounds.
+    pub fn for_plain_password_with(password: &str, iterations: u32) -> ScramServer {
+        ScramServer::new(plain_verifier(password, iterations.max(1)))
     }
 
     fn with_server_nonce(secret: ScramSecret, server_nonce: String) -> ScramServer {
@@ -274,18 +279,19 @@ impl ScramServer {
 
 /// The cached verifier for a plaintext password. The cache is bounded: a flood of
 /// distinct passwords only empties it.
-fn plain_verifier(password: &str) -> ScramSecret {
+fn plain_verifier(password: &str, iterations: u32) -> ScramSecret {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
     const MAX_CACHED: usize = 10_000;
     static CACHE: OnceLock<Mutex<HashMap<String, ScramSecret>>> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-    if let Some(secret) = cache.lock().unwrap().get(password) {
+    // A reload that changes scram_iterations makes the cached verifier stale.
+    if let Some(secret) = cache.lock().unwrap().get(password).filter(|s| s.iterations == iterations) {
         return secret.clone();
     }
     let mut salt = [0u8; PLAIN_SALT_BYTES];
     rand::thread_rng().fill_bytes(&mut salt);
-    let secret = ScramSecret::from_password(password, &salt, PLAIN_ITERATIONS);
+    let secret = ScramSecret::from_password(password, &salt, iterations);
     let mut cache = cache.lock().unwrap();
     if cache.len() >= MAX_CACHED {
         cache.clear();
@@ -435,6 +441,16 @@ mod tests {
         let server_final = server.client_final(client.message())?;
         client.finish(&server_final).expect("client accepts our server signature");
         Ok(())
+    }
+
+    #[test]
+    fn scram_iterations_shape_the_verifier_of_a_plain_password() {
+        let mut server = ScramServer::for_plain_password_with("pw-iter", 5000);
+        let first = String::from_utf8(server.client_first(b"n,,n=,r=abc").unwrap()).unwrap();
+        assert!(first.ends_with(",i=5000"), "{first}");
+        let mut server = ScramServer::for_plain_password_with("pw-iter", 4096);
+        let first = String::from_utf8(server.client_first(b"n,,n=,r=abc").unwrap()).unwrap();
+        assert!(first.ends_with(",i=4096"), "a changed count is not served from the cache: {first}");
     }
 
     #[test]

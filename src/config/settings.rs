@@ -72,6 +72,8 @@ pub struct General {
     pub auth_query: String,
     /// The database the lookup runs in; the client's database when unset.
     pub auth_dbname: Option<String>,
+    /// Rounds of the SCRAM verifiers pgcorral derives from plaintext passwords.
+    pub scram_iterations: u32,
     pub pool_mode: PoolMode,
     pub max_client_conn: usize,
     pub default_pool_size: usize,
@@ -167,6 +169,7 @@ impl Default for General {
             auth_user: None,
             auth_query: DEFAULT_AUTH_QUERY.to_string(),
             auth_dbname: None,
+            scram_iterations: 4096,
             pool_mode: PoolMode::Session,
             max_client_conn: 100,
             default_pool_size: 20,
@@ -352,7 +355,6 @@ pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
     "pool_idle_timeout",
     "resolv_conf",
     "sbuf_loopcnt",
-    "scram_iterations",
     "service_name",
     "so_reuseport",
     "suspend_timeout",
@@ -385,6 +387,7 @@ pub const USER_NOT_IMPLEMENTED: &[&str] = &[];
 
 /// `[pgbouncer]` keys pgcorral implements; kept for error messages.
 const PGBOUNCER_IMPLEMENTED: &[&str] = &[
+    "scram_iterations",
     "auth_dbname",
     "auth_query",
     "auth_user",
@@ -655,6 +658,11 @@ pub(crate) fn apply_general(
         "auth_user" => general.auth_user = (!s.value.is_empty()).then(|| s.value.to_string()),
         "auth_query" => general.auth_query = s.value.to_string(),
         "auth_dbname" => general.auth_dbname = (!s.value.is_empty()).then(|| s.value.to_string()),
+        "scram_iterations" => {
+            general.scram_iterations = s.usize()?.try_into().ok().filter(|n| *n > 0).ok_or_else(|| {
+                s.invalid(format!("expected a positive number of rounds, got {:?}", s.value))
+            })?
+        }
         "auth_hba_file" => general.auth_hba_file = s.path().map(|p| base_dir.join(p)),
         "auth_ident_file" => general.auth_ident_file = s.path().map(|p| base_dir.join(p)),
         "pool_mode" => general.pool_mode = s.pool_mode()?,
