@@ -218,3 +218,52 @@ fn auth_query_finds_users_created_after_start() {
         assert!(!std::fs::read_to_string(pooler.dir.join(file)).unwrap().contains("late-pass"));
     }
 }
+
+/// The global `auth_user` serves every database without its own.
+#[test]
+fn global_auth_user_serves_databases_without_their_own() {
+    let pg = Postgres::shared();
+    let ini = pool_ini(pg, "app", "", "transaction", "auth_user = postgres\nauth_dbname = postgres");
+    let pooler = Pooler::start(&ini, &app_userlist());
+    pg.sql("CREATE ROLE global_late LOGIN PASSWORD 'global-pass'");
+    assert_eq!(asyncpg_login(&pooler, "global_late", "global-pass", false), "ok global_late");
+    assert!(asyncpg_login(&pooler, "global_late", "nope", false).starts_with("28P01"));
+}
+
+/// Secrets stay out of the log (at debug verbosity), every SHOW and the reload diff, whether
+/// logins succeed or fail.
+#[test]
+fn secrets_never_reach_logs_or_show_output() {
+    let pg = Postgres::shared();
+    let db_password = "db-secret-7731";
+    let ini = pool_ini(
+        pg,
+        "app",
+        &format!("user=app_user password={db_password}"),
+        "transaction",
+        "admin_users = admin",
+    )
+    .replace("dbname=app user", "dbname=app  user");
+    let userlist =
+        [Pooler::userlist_line(APP_USER, APP_PASSWORD), Pooler::userlist_line("admin", "admin-secret-99")]
+            .concat();
+    let pooler = Pooler::start(&ini, &userlist);
+    let _ = psql(&conn(&pooler, APP_USER, APP_PASSWORD, ""), "SELECT 1");
+    let _ = psql(&conn(&pooler, APP_USER, "typo-secret-123", ""), "SELECT 1");
+    let ini_path = pooler.dir.join("pgcorral.ini");
+    let text = std::fs::read_to_string(&ini_path).unwrap();
+    std::fs::write(&ini_path, text.replace(db_password, "db-secret-8842")).unwrap();
+    pooler.signal(libc::SIGHUP);
+    assert!(wait_until(std::time::Duration::from_secs(5), || pooler.log().contains("database app changed")));
+    let mut shown = String::new();
+    for show in ["CONFIG", "DATABASES", "USERS", "POOLS", "CLIENTS", "SERVERS", "STATS", "STATE"] {
+        let out = pooler.psql("admin", "admin-secret-99", "pgbouncer", &format!("SHOW {show}"));
+        assert!(out.status.success(), "SHOW {show}: {}", stderr(&out));
+        shown.push_str(&String::from_utf8_lossy(&out.stdout));
+    }
+    let log = pooler.log();
+    for secret in [db_password, "db-secret-8842", APP_PASSWORD, "typo-secret-123", "admin-secret-99"] {
+        assert!(!log.contains(secret), "{secret} in the log:\n{log}");
+        assert!(!shown.contains(secret), "{secret} in SHOW output:\n{shown}");
+    }
+}

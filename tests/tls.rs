@@ -10,7 +10,10 @@ use std::pin::Pin;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use support::{pg_bin, pool_ini, run_python, wait_until, Certs, Pooler, Postgres, APP_PASSWORD, APP_USER};
+use support::{
+    pg_bin, pool_ini, run_python, wait_until, Certs, Pooler, Postgres, APP_PASSWORD, APP_USER, MD5_PASSWORD,
+    MD5_USER,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// psql with a full conninfo; `PGSSL*` from the environment is kept out.
@@ -66,6 +69,9 @@ fn client_tls_require_with_psql_sslmodes() {
     let info = ok(psql(&format!("{tcp} sslmode=require"), "\\conninfo"), "sslmode=require");
     assert!(info.contains("SSL connection (protocol: TLSv1."), "{info}");
     assert_eq!(ok(psql(&format!("{tcp} sslmode=prefer"), "SELECT 40 + 2"), "prefer"), "42");
+    // allow tries plaintext first, is refused, and retries with TLS.
+    let allow = ok(psql(&format!("{tcp} sslmode=allow"), "\\conninfo"), "sslmode=allow");
+    assert!(allow.contains("SSL connection"), "{allow}");
 
     let refused = psql(&format!("{tcp} sslmode=disable"), "SELECT 1");
     assert!(!refused.status.success());
@@ -213,6 +219,7 @@ fn server_tls_modes_against_a_tls_only_postgres() {
     let hba = "local all all trust\n\
                hostnossl all all 127.0.0.1/32 reject\n\
                hostssl all postgres 127.0.0.1/32 trust\n\
+               hostssl all md5_user 127.0.0.1/32 md5\n\
                hostssl all all 127.0.0.1/32 scram-sha-256\n";
     let pg = Postgres::start_tls(&certs, hba);
     let ca = certs.ca_cert.display();
@@ -222,13 +229,16 @@ fn server_tls_modes_against_a_tls_only_postgres() {
             "[databases]\napp = host={host} port={} dbname=app\n[pgbouncer]\nauth_type = md5\npool_mode = transaction\n{general}\n",
             pg.port
         );
-        let pooler = Pooler::start(&ini, &support::app_userlist());
+        let userlist = [support::app_userlist(), Pooler::userlist_line(MD5_USER, MD5_PASSWORD)].concat();
+        let pooler = Pooler::start(&ini, &userlist);
         let out = pooler.psql(APP_USER, APP_PASSWORD, "app", sql);
         (out, pooler)
     };
 
-    let (out, _pooler) = try_mode("127.0.0.1", "");
+    let (out, pooler) = try_mode("127.0.0.1", "");
     assert_eq!(ok(out, "default prefer"), "t", "the server connection is encrypted");
+    // PostgreSQL asks md5_user for md5 over TLS, app_user for SCRAM.
+    assert_eq!(ok(pooler.psql(MD5_USER, MD5_PASSWORD, "app", sql), "md5 user over TLS"), "t");
 
     let (out, pooler) = try_mode("127.0.0.1", "server_tls_sslmode = disable\nserver_connect_timeout = 1");
     assert!(!out.status.success(), "PostgreSQL refuses plaintext");
@@ -266,4 +276,81 @@ fn server_tls_modes_against_a_tls_only_postgres() {
     let text = ok(out, "pgbench over TLS servers");
     assert!(text.contains("number of failed transactions: 0") || !text.contains("failed"), "{text}");
     assert!(text.contains("number of transactions actually processed: 800/800"), "{text}");
+}
+
+/// A reload that changes `server_tls_*` applies to the next server connections: a pool whose
+/// verify-full cannot succeed (wrong host name) works once the reload relaxes it to require.
+#[test]
+fn reload_changes_server_tls() {
+    let certs = Certs::make();
+    let hba = "local all all trust\nhostnossl all all 127.0.0.1/32 reject\nhostssl all postgres 127.0.0.1/32 trust\n\
+               hostssl all all 127.0.0.1/32 scram-sha-256\n";
+    let pg = Postgres::start_tls(&certs, hba);
+    let ini = format!(
+        "[databases]\napp = host=127.0.0.1 port={} dbname=app\n[pgbouncer]\nauth_type = md5\npool_mode = transaction\n\
+         server_connect_timeout = 1\nserver_tls_sslmode = verify-full\nserver_tls_ca_file = {}\n",
+        pg.port,
+        certs.ca_cert.display()
+    );
+    let pooler = Pooler::start(&ini, &support::app_userlist());
+    assert!(!pooler.psql(APP_USER, APP_PASSWORD, "app", "SELECT 1").status.success());
+    let path = pooler.dir.join("pgcorral.ini");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("server_tls_sslmode = verify-full", "server_tls_sslmode = require"))
+        .unwrap();
+    pooler.signal(libc::SIGHUP);
+    let sql = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+    assert!(
+        wait_until(Duration::from_secs(20), || stdout(&pooler.psql(APP_USER, APP_PASSWORD, "app", sql))
+            == "t"),
+        "{}",
+        pooler.log()
+    );
+}
+
+/// client_login_timeout also bounds a client that asks for TLS and then stalls mid-handshake.
+#[tokio::test]
+async fn a_stalled_tls_handshake_is_cut_by_client_login_timeout() {
+    let pg = Postgres::shared();
+    let certs = Certs::make();
+    let general = format!("{}client_login_timeout = 1\n", tls_lines(&certs, "prefer", &certs.server_key));
+    let pooler = Pooler::start(&pool_ini(pg, "app", "", "transaction", &general), &support::app_userlist());
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", pooler.port)).await.unwrap();
+    tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await.unwrap();
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.unwrap();
+    assert_eq!(answer[0], b'S');
+    // No ClientHello follows: pgcorral must hang up by itself.
+    let mut rest = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "the connection is closed after client_login_timeout");
+}
+
+/// `server_tls_key_file`/`server_tls_cert_file`: pgcorral presents a client certificate (its
+/// key a traditional RSA file) to a PostgreSQL that authenticates app_user by certificate.
+#[test]
+fn pgcorral_logs_in_to_postgres_with_a_client_certificate() {
+    let certs = Certs::make();
+    let (cert, key) = certs.client(APP_USER);
+    let rsa_key = certs.traditional(&key);
+    assert!(std::fs::read_to_string(&rsa_key).unwrap().contains("BEGIN RSA PRIVATE KEY"));
+    let hba =
+        "local all all trust\nhostssl all postgres 127.0.0.1/32 trust\nhostssl all all 127.0.0.1/32 cert\n";
+    let pg = Postgres::start_tls(&certs, hba);
+    let ini = format!(
+        "[databases]\napp = host=127.0.0.1 port={} dbname=app\n[pgbouncer]\nauth_type = md5\npool_mode = transaction\n\
+         server_tls_sslmode = verify-ca\nserver_tls_ca_file = {}\nserver_tls_key_file = {}\nserver_tls_cert_file = {}\n",
+        pg.port,
+        certs.ca_cert.display(),
+        rsa_key.display(),
+        cert.display()
+    );
+    let pooler = Pooler::start(&ini, &support::app_userlist());
+    let out = pooler.psql(
+        APP_USER,
+        APP_PASSWORD,
+        "app",
+        "SELECT current_user || ' ' || client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+    );
+    assert_eq!(ok(out, "certificate login to PostgreSQL"), "app_user /CN=app_user");
 }

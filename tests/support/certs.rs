@@ -93,6 +93,16 @@ impl Certs {
         (self.dir.join(crt), self.dir.join(key))
     }
 
+    /// The same key as `key`, written as a traditional `BEGIN RSA PRIVATE KEY` file.
+    pub fn traditional(&self, key: &Path) -> PathBuf {
+        let out = key.with_extension("rsa.key");
+        openssl(
+            &self.dir,
+            &["rsa", "-in", &key.display().to_string(), "-out", &out.display().to_string(), "-traditional"],
+        );
+        out
+    }
+
     /// A client certificate (cert, key) whose common name is `user`.
     pub fn client(&self, user: &str) -> (PathBuf, PathBuf) {
         self.sign(&format!("client-{user}"), user, None)
