@@ -108,6 +108,8 @@ pub struct ClientEntry {
     cancels: AtomicU32,
     /// The TLS protocol and cipher, when the client negotiated TLS.
     tls: OnceLock<String>,
+    /// Named prepared statements it holds (SHOW CLIENTS).
+    prepared: AtomicU32,
 }
 
 impl ClientEntry {
@@ -120,6 +122,14 @@ impl ClientEntry {
 
     pub fn login(&self) -> Option<&ClientLogin> {
         self.login.get()
+    }
+
+    pub fn set_prepared(&self, count: usize) {
+        self.prepared.store(count as u32, Ordering::Relaxed);
+    }
+
+    pub fn prepared(&self) -> u32 {
+        self.prepared.load(Ordering::Relaxed)
     }
 
     pub fn set_tls(&self, description: String) {
@@ -211,6 +221,7 @@ pub struct ServerEntry {
     remote_pid: AtomicI32,
     application_name: Mutex<String>,
     tls: OnceLock<String>,
+    prepared: AtomicU32,
 }
 
 impl std::fmt::Debug for ServerEntry {
@@ -285,6 +296,14 @@ impl ServerEntry {
         self.tls.get().map_or("", String::as_str)
     }
 
+    pub fn set_prepared(&self, count: usize) {
+        self.prepared.store(count as u32, Ordering::Relaxed);
+    }
+
+    pub fn prepared(&self) -> u32 {
+        self.prepared.load(Ordering::Relaxed)
+    }
+
     pub fn set_application_name(&self, name: &str) {
         *self.application_name.lock().unwrap() = name.to_string();
     }
@@ -335,6 +354,7 @@ impl Census {
             application_name: Mutex::default(),
             cancels: AtomicU32::new(0),
             tls: OnceLock::new(),
+            prepared: AtomicU32::new(0),
         });
         self.clients.lock().unwrap().insert(entry.id, entry.clone());
         entry
@@ -357,6 +377,7 @@ impl Census {
             remote_pid: AtomicI32::new(0),
             application_name: Mutex::default(),
             tls: OnceLock::new(),
+            prepared: AtomicU32::new(0),
         });
         self.servers.lock().unwrap().insert(entry.id, entry.clone());
         entry

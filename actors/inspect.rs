@@ -186,6 +186,7 @@ pub fn clients(shared: &Shared) -> Vec<ConnView> {
                 link: (server != 0).then_some(server),
                 remote_pid: client.remote_pid,
                 tls: client.tls().to_string(),
+                prepared: client.prepared(),
                 application_name: client.application_name(),
                 buffered: 0,
             })
@@ -223,6 +224,7 @@ pub fn servers(shared: &Shared) -> Vec<ConnView> {
                 link: (client != 0).then_some(client),
                 remote_pid: server.remote_pid(),
                 tls: server.tls().to_string(),
+                prepared: server.prepared(),
                 application_name: server.application_name(),
                 buffered: 0,
             }

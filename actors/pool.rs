@@ -80,6 +80,7 @@ pub struct PoolSettings {
     pub server_fast_close: bool,
     pub reset_query: String,
     pub reset_query_always: bool,
+    pub max_prepared_statements: usize,
     pub log_pooler_errors: bool,
 }
 

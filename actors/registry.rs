@@ -380,6 +380,7 @@ pub fn resolve(config: &Config, database: &str, user: &str) -> Result<(PoolKey, 
         connect_query: entry.connect_query.clone(),
         server_tls: config.tls.server.clone(),
         server_tls_settings: general.server_tls.clone(),
+        max_prepared_statements: general.max_prepared_statements,
         pool_mode: user_entry.and_then(|u| u.pool_mode).or(entry.pool_mode).unwrap_or(general.pool_mode),
         pool_size: user_entry
             .and_then(|u| u.pool_size)

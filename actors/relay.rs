@@ -31,6 +31,7 @@ use crate::actors::messages::{Checkin, Checkout, Return};
 use crate::actors::pool::{PoolMember, PoolSettings, PoolShared, Welcome};
 use crate::actors::router::{live_router, worker_index, Router};
 use crate::actors::server::{AfterLease, ServerConnection, ServerLink};
+use crate::admin::resultset::command_complete;
 use crate::auth::BackendLoginError;
 use crate::config::PoolMode;
 use crate::local_queue::LocalReceiver;
@@ -38,6 +39,7 @@ use crate::net::{ServerAddr, Socket};
 use crate::params::TrackedParams;
 use crate::protocol::backend::{parse_parameter_status, ready_for_query};
 use crate::protocol::error::sqlstate;
+use crate::protocol::prepared::{deallocate_target, ClientStatements, Rewriter, Rewritten, ServerVerdict};
 use crate::protocol::{frame_at, PgError, TxnTracker};
 
 /// Stop reading a side while this much is queued for the other: backpressure, and a bound on
@@ -157,6 +159,10 @@ pub struct Relay {
     /// When the query (up to its ReadyForQuery) and the transaction being served began.
     query_started: Option<Instant>,
     xact_started: Option<Instant>,
+    /// This client's named prepared statements, kept across servers in transaction mode.
+    statements: ClientStatements,
+    /// Which of the current lease's responses answer messages pgcorral added.
+    rewriter: Rewriter,
 }
 
 impl Relay {
@@ -197,7 +203,15 @@ impl Relay {
             worker: worker_index(),
             query_started: None,
             xact_started: None,
+            statements: ClientStatements::default(),
+            rewriter: Rewriter::default(),
         }
+    }
+
+    /// Whether statement names are rewritten: transaction and statement mode, unless
+    /// `max_prepared_statements = 0`. Session mode keeps one server, and its names.
+    fn rewrites_statements(&self) -> bool {
+        self.mode != PoolMode::Session && self.settings.1.max_prepared_statements > 0
     }
 
     /// Queues bytes for the client (the login phase's welcome messages).
@@ -423,15 +437,72 @@ impl Relay {
             }
 
             if self.lease.is_none() {
+                if frame.tag == b'Q' && self.rewrites_statements() && self.deallocate_locally(frame.len) {
+                    continue;
+                }
                 // Only at a message boundary with nothing pending: `end` is 0 here. Boxed: the
                 // checkout's state would otherwise sit in every idle client's future.
                 Box::pin(self.acquire()).await?;
             }
             self.tracker.client_sent(frame.tag);
+            if self.rewrites_statements()
+                && matches!(frame.tag, b'P' | b'B' | b'D' | b'C' | b'Q' | b'S' | b'F')
+                && self.rewrite_client_message(end, frame.len)?
+            {
+                end = 0;
+                continue;
+            }
             end += frame.len;
         }
         self.forward_to_server(end);
         Ok(())
+    }
+
+    /// Runs the message at `end` through the prepared-statement books. When it must change
+    /// (renamed, preceded by a Parse the server lacks, ...), sends what precedes it, then its
+    /// replacement, and returns true; otherwise it stays in the run being forwarded.
+    fn rewrite_client_message(&mut self, end: usize, len: usize) -> Result<bool, Ending> {
+        let Some(lease) = &mut self.lease else { return Ok(false) };
+        let capacity = self.settings.1.max_prepared_statements;
+        let frame = &self.from_client[end..end + len];
+        let rewritten = self
+            .rewriter
+            .client_message(frame, &mut self.statements, &mut lease.link.statements, capacity)
+            .map_err(|e| Ending::Error(e.to_pg()))?;
+        if frame[0] == b'P' || frame[0] == b'C' || frame[0] == b'Q' {
+            self.entry.set_prepared(self.statements.len());
+        }
+        let Rewritten::Replaced(bytes) = rewritten else { return Ok(false) };
+        self.forward_to_server(end);
+        self.from_client.advance(len);
+        self.pool.stats.received(self.worker, len);
+        if let Some(lease) = &mut self.lease {
+            append(&mut lease.to_server, bytes);
+            lease.link.entry.set_prepared(lease.link.statements.len());
+        }
+        Ok(true)
+    }
+
+    /// `DEALLOCATE name` or `DEALLOCATE ALL` outside a transaction, for statements pgcorral
+    /// keeps the books of: answered here (the statements stay on servers for other clients),
+    /// with no server leased. Returns whether the message at the front was consumed.
+    fn deallocate_locally(&mut self, len: usize) -> bool {
+        let body = &self.from_client[5..len];
+        let query = std::str::from_utf8(&body[..body.len().saturating_sub(1)]).unwrap_or("");
+        let Some(target) = deallocate_target(query) else { return false };
+        let tag = match target {
+            None => {
+                self.statements.clear();
+                "DEALLOCATE ALL"
+            }
+            Some(name) if self.statements.remove(&name) => "DEALLOCATE",
+            Some(_) => return false,
+        };
+        self.from_client.advance(len);
+        command_complete(&mut self.to_client, tag);
+        ready_for_query(&mut self.to_client, b'I');
+        self.entry.set_prepared(self.statements.len());
+        true
     }
 
     fn forward_to_server(&mut self, len: usize) {
@@ -454,6 +525,7 @@ impl Relay {
 
     /// Forwards every complete server message, watching transaction boundaries and parameters.
     fn server_input(&mut self) -> Result<(), Ending> {
+        let rewriting = self.rewrites_statements();
         let Some(lease) = &mut self.lease else { return Ok(()) };
         let mut end = 0;
         let mut refused_block = false;
@@ -466,6 +538,23 @@ impl Relay {
                     return Err(Ending::ServerLost);
                 }
             };
+            if rewriting && matches!(frame.tag, b'1' | b'3' | b'E' | b'Z') {
+                let message = &lease.from_server[end..end + frame.len];
+                let verdict =
+                    self.rewriter.server_message(message, &mut self.statements, &mut lease.link.statements);
+                if verdict != ServerVerdict::Forward {
+                    let before = lease.from_server.split_to(end);
+                    self.pool.stats.sent(self.worker, before.len());
+                    append(&mut self.to_client, before);
+                    let message = lease.from_server.split_to(frame.len);
+                    if let ServerVerdict::Replace(renamed) = verdict {
+                        self.to_client.extend_from_slice(&renamed);
+                    }
+                    drop(message);
+                    end = 0;
+                    continue;
+                }
+            }
             let body = frame.body(&lease.from_server[end..]);
             match frame.tag {
                 b'Z' => {
@@ -566,6 +655,9 @@ impl Relay {
     /// A clean server goes straight back to the Router; one that needs work first goes to its
     /// actor.
     fn give_back(&mut self, lease: Lease, after: AfterLease) {
+        // Statements pgcorral added whose fate is unknown: the server's books cannot be
+        // trusted, so neither can the server.
+        let after = if self.rewriter.settled() { after } else { AfterLease::Close };
         if after == AfterLease::Reuse && !self.settings.1.reset_query_always {
             let router = live_router(&mut self.router, &self.pool);
             router.do_send(Checkin { server: lease.server, link: lease.link, fresh: false });
@@ -624,6 +716,7 @@ impl Relay {
             secret_key: link.secret_key,
         }));
         self.lease = Some(Lease { server, link, from_server: BytesMut::new(), to_server: BytesMut::new() });
+        self.rewriter = Rewriter::default();
         self.sync_params().await
     }
 

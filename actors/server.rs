@@ -26,6 +26,7 @@ use crate::config::PoolMode;
 use crate::net::{DetachedSocket, ServerAddr, Socket};
 use crate::params::TrackedParams;
 use crate::protocol::error::sqlstate;
+use crate::protocol::prepared::{is_discard_all, ServerStatements};
 use crate::protocol::PgError;
 use crate::tls::negotiate_server_tls;
 
@@ -48,6 +49,8 @@ pub struct ServerLink {
     pub generation: usize,
     /// This connection in the census (SHOW SERVERS); whoever holds the link keeps it current.
     pub entry: Arc<ServerEntry>,
+    /// The named statements prepared on it for clients in transaction mode.
+    pub statements: ServerStatements,
     guard: LendGuard,
 }
 
@@ -89,6 +92,21 @@ impl ServerLink {
 
     /// Runs a query of pgcorral's own, keeping the parameter cache true.
     pub async fn run(&mut self, sql: &str) -> Result<(), BackendLoginError> {
+        // A reset query that drops prepared statements (DISCARD ALL, the default, or one that
+        // DEALLOCATEs some) leaves the books wrong; dropping them all keeps books and server
+        // in step, at the price of a Parse each later.
+        let upper = sql.to_ascii_uppercase();
+        let drops_statements = upper.contains("DISCARD") || upper.contains("DEALLOCATE");
+        if drops_statements && !self.statements.is_empty() && !is_discard_all(sql) {
+            let reported = auth::run_simple_query(&mut self.socket, "DEALLOCATE ALL").await?;
+            for (name, value) in reported {
+                self.set_param(&name, &value);
+            }
+        }
+        if drops_statements {
+            self.statements.clear();
+            self.entry.set_prepared(0);
+        }
         let reported = auth::run_simple_query(&mut self.socket, sql).await?;
         for (name, value) in reported {
             self.set_param(&name, &value);
@@ -109,6 +127,7 @@ pub struct DetachedLink {
     params: Vec<(String, String)>,
     generation: usize,
     entry: Arc<ServerEntry>,
+    statements: ServerStatements,
 }
 
 impl ServerLink {
@@ -137,6 +156,7 @@ impl ServerLink {
             params: self.params,
             generation: self.generation,
             entry: self.entry,
+            statements: self.statements,
         })
     }
 
@@ -161,6 +181,7 @@ impl DetachedLink {
             matches_client: None,
             generation: self.generation,
             entry: self.entry,
+            statements: self.statements,
             guard: LendGuard::default(),
         })
     }
@@ -259,6 +280,7 @@ async fn open(settings: Arc<PoolSettings>, entry: Arc<ServerEntry>) -> Result<Se
         secret_key: outcome.secret_key,
         params: outcome.params,
         matches_client: None,
+        statements: ServerStatements::default(),
         generation: entry.generation,
         entry,
         guard: LendGuard::default(),

@@ -62,6 +62,8 @@ pub struct ConnView {
     pub remote_pid: i32,
     /// TLS protocol and cipher; empty for plaintext.
     pub tls: String,
+    /// Named prepared statements the client holds, or the server has.
+    pub prepared: u32,
     pub application_name: String,
     /// Bytes buffered, for `SHOW ACTIVE_SOCKETS` (pgcorral keeps none between reads).
     pub buffered: usize,
@@ -311,7 +313,7 @@ fn connection_row(c: &ConnView) -> Vec<Value> {
         c.remote_pid.into(),
         c.tls.as_str().into(),
         c.application_name.as_str().into(),
-        0i32.into(),
+        (c.prepared as i32).into(),
         c.id.into(),
     ]
 }

@@ -74,6 +74,9 @@ pub struct General {
     pub auth_dbname: Option<String>,
     /// Rounds of the SCRAM verifiers pgcorral derives from plaintext passwords.
     pub scram_iterations: u32,
+    /// Named prepared statements kept per server connection in transaction and statement
+    /// mode (least recently used closed first); 0 passes statement names through untouched.
+    pub max_prepared_statements: usize,
     pub pool_mode: PoolMode,
     pub max_client_conn: usize,
     pub default_pool_size: usize,
@@ -170,6 +173,7 @@ impl Default for General {
             auth_query: DEFAULT_AUTH_QUERY.to_string(),
             auth_dbname: None,
             scram_iterations: 4096,
+            max_prepared_statements: 200,
             pool_mode: PoolMode::Session,
             max_client_conn: 100,
             default_pool_size: 20,
@@ -349,7 +353,6 @@ pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
     "job_name",
     "listen_backlog",
     "login_notify_message",
-    "max_prepared_statements",
     "peer_id",
     "pkt_buf",
     "pool_idle_timeout",
@@ -387,6 +390,7 @@ pub const USER_NOT_IMPLEMENTED: &[&str] = &[];
 
 /// `[pgbouncer]` keys pgcorral implements; kept for error messages.
 const PGBOUNCER_IMPLEMENTED: &[&str] = &[
+    "max_prepared_statements",
     "scram_iterations",
     "auth_dbname",
     "auth_query",
@@ -658,6 +662,7 @@ pub(crate) fn apply_general(
         "auth_user" => general.auth_user = (!s.value.is_empty()).then(|| s.value.to_string()),
         "auth_query" => general.auth_query = s.value.to_string(),
         "auth_dbname" => general.auth_dbname = (!s.value.is_empty()).then(|| s.value.to_string()),
+        "max_prepared_statements" => general.max_prepared_statements = s.usize()?,
         "scram_iterations" => {
             general.scram_iterations = s.usize()?.try_into().ok().filter(|n| *n > 0).ok_or_else(|| {
                 s.invalid(format!("expected a positive number of rounds, got {:?}", s.value))

@@ -10,6 +10,7 @@
 //! - [`frontend`]: the few client messages pgcorral reads itself (password, SASL) and writes to servers.
 //! - [`extended`]: the extended-protocol messages pgcorral answers itself (the console).
 //! - [`error`]: `PgError`, an ErrorResponse with its SQLSTATE, and the protocol's own errors.
+//! - [`prepared`]: named prepared statements across servers in transaction mode.
 //! - [`tracker`]: the transaction-boundary state machine that decides when a server can be released.
 
 pub mod backend;
@@ -17,6 +18,7 @@ pub mod error;
 pub mod extended;
 pub mod framing;
 pub mod frontend;
+pub mod prepared;
 pub mod startup;
 pub mod tracker;
 
