@@ -1,17 +1,21 @@
 // Shared harness for pgcorral's integration tests and benches: throwaway
-// PostgreSQL clusters, a supervised pgcorral process, a Python venv for
-// driver-compatibility tests, and small helpers. Included with `mod support;`
+// PostgreSQL clusters, a supervised pgcorral process, a Python venv, node-postgres
+// and pgjdbc for driver-compatibility tests, and small helpers. Included with `mod support;`
 // from tests/*.rs and with `#[path]` from benches.
 
 // Every test binary uses a different subset of this module.
 #![allow(dead_code, unused_imports)]
 
 mod certs;
+mod java;
+mod node;
 mod pooler;
 mod postgres;
 mod python;
 
 pub use certs::Certs;
+pub use java::{run_java, PGJDBC_JAR};
+pub use node::run_node;
 pub use pooler::{spawn_supervised, Pooler};
 pub use postgres::pg_bin;
 pub(crate) use postgres::postgres_ids;
@@ -20,7 +24,9 @@ pub use python::{python, run_python};
 
 use std::collections::HashSet;
 use std::net::TcpListener;
-use std::sync::Mutex;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Superuser; trusted over TCP from 127.0.0.1 and over the socket.
@@ -187,4 +193,71 @@ pub(crate) async fn connect_plain(conninfo: &str) -> Result<tokio_postgres::Clie
         let _ = connection.await;
     });
     Ok(client)
+}
+
+/// Panics with what to install when `program` cannot be run: a driver test that silently
+/// skipped would report a compatibility it never checked.
+pub fn require_program(program: &str, install_hint: &str) {
+    let found = Command::new(program)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    assert!(found, "`{program}` is not installed: {install_hint} (.ci/run installs it)");
+}
+
+/// The most server connections PostgreSQL had open to one database while a test's clients
+/// ran, sampled every 10 ms on a thread of its own over one direct superuser connection
+/// (cheaper than a psql per sample, so the sampling does not slow the clients it watches).
+pub struct PeakBackends {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl PeakBackends {
+    /// Returns once the first sample has been taken.
+    pub fn start(pg: &Postgres, db: &str) -> PeakBackends {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (url, db, flag) = (pg.url(SUPERUSER, "", "postgres"), db.to_string(), stop.clone());
+        let (first_tx, first_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                let client = connect_plain(&url).await.expect("sampler connects to PostgreSQL");
+                let query = client
+                    .prepare(
+                        "SELECT count(*) FROM pg_stat_activity \
+                         WHERE datname = $1 AND backend_type = 'client backend'",
+                    )
+                    .await
+                    .expect("prepare sampler query");
+                let mut peak = 0usize;
+                loop {
+                    let count: i64 = client.query_one(&query, &[&db]).await.expect("sample").get(0);
+                    peak = peak.max(count as usize);
+                    let _ = first_tx.send(());
+                    if flag.load(Ordering::Relaxed) {
+                        return peak;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        });
+        first_rx.recv().expect("the sampler took its first sample");
+        PeakBackends { stop, thread: Some(thread) }
+    }
+
+    /// Stops sampling (after one last sample) and returns the peak.
+    pub fn finish(mut self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().expect("sampler thread")
+    }
+}
+
+impl Drop for PeakBackends {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }

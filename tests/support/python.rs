@@ -1,4 +1,4 @@
-// A Python virtualenv with the client drivers (asyncpg, psycopg) that
+// A Python virtualenv with the client drivers (asyncpg, psycopg, SQLAlchemy) that
 // compatibility tests run against pgcorral, built once per target dir and
 // shared by every test binary.
 
@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
 /// Changing this list rebuilds the venv, because the marker records it.
-const PACKAGES: &[&str] = &["asyncpg", "psycopg[binary]", "prometheus_client"];
+/// greenlet is what SQLAlchemy's asyncio extension runs on; pip leaves it out on some platforms.
+const PACKAGES: &[&str] = &["asyncpg", "psycopg[binary]", "prometheus_client", "sqlalchemy", "greenlet"];
 
 /// Path of the venv's python, creating the venv on first use. A file lock
 /// serialises test binaries that run in parallel; the marker file is written
