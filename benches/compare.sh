@@ -22,6 +22,8 @@ WORKLOADS=(
   "select-only, new connection per tx|-S -C -c 20 -j 2|direct pgbouncer pgcorral"
   # 1,000 clients queueing for 20 servers; PostgreSQL alone cannot take 1,000 connections.
   "select-only, 1000 clients|-S -c 1000 -j 2|pgbouncer pgcorral"
+  # Named prepared statements in transaction mode (PgBouncer >= 1.21; Debian's 1.18 fails it).
+  "select-only, prepared|-M prepared -S -c 50 -j 2|direct pgbouncer pgcorral"
   # Client TLS: both poolers serve the same certificate; the server side stays plaintext.
   "select-only, client TLS|-S -c 50 -j 2|pgbouncer pgcorral|sslmode=require"
 )
