@@ -469,8 +469,22 @@ impl Relay {
             .rewriter
             .client_message(frame, &mut self.statements, &mut lease.link.statements, capacity)
             .map_err(|e| Ending::Error(e.to_pg()))?;
-        if frame[0] == b'P' || frame[0] == b'C' || frame[0] == b'Q' {
+        let tag = frame[0];
+        if tag == b'P' || tag == b'C' || tag == b'Q' {
             self.entry.set_prepared(self.statements.len());
+        }
+        let stats = &self.pool.stats;
+        match tag {
+            b'P' => stats.client_parse(self.worker),
+            b'B' => stats.bind(self.worker),
+            _ => {}
+        }
+        let server_parses = match &rewritten {
+            Rewritten::Unchanged => u64::from(tag == b'P'),
+            Rewritten::Replaced(bytes) => count_parses(bytes),
+        };
+        if server_parses > 0 {
+            stats.server_parse(self.worker, server_parses);
         }
         let Rewritten::Replaced(bytes) = rewritten else { return Ok(false) };
         self.forward_to_server(end);
@@ -822,6 +836,17 @@ fn flush(socket: &mut Socket, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<
     }
     *buf = BytesMut::new();
     Poll::Ready(Ok(()))
+}
+
+/// Parse messages in a run of whole messages pgcorral wrote.
+fn count_parses(bytes: &[u8]) -> u64 {
+    let mut at = 0;
+    let mut parses = 0;
+    while let Ok(Some(frame)) = frame_at(&bytes[at..], usize::MAX) {
+        parses += u64::from(frame.tag == b'P');
+        at += frame.len;
+    }
+    parses
 }
 
 /// Reads what is available. An empty buffer is only allocated once the socket is readable, so

@@ -39,6 +39,9 @@ struct WorkerCounters {
     xact_time: AtomicU64,
     query_time: AtomicU64,
     wait_time: AtomicU64,
+    client_parse_count: AtomicU64,
+    server_parse_count: AtomicU64,
+    bind_count: AtomicU64,
     wait: Histogram,
     xact: Histogram,
     query: Histogram,
@@ -68,6 +71,20 @@ impl PoolStats {
 
     pub fn sent(&self, worker: usize, bytes: usize) {
         self.slot(worker).sent.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Prepared statements: a client's Parse, a Parse sent to a server (the client's or one
+    /// pgcorral added), a client's Bind.
+    pub fn client_parse(&self, worker: usize) {
+        self.slot(worker).client_parse_count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn server_parse(&self, worker: usize, count: u64) {
+        self.slot(worker).server_parse_count.fetch_add(count, Ordering::Relaxed);
+    }
+
+    pub fn bind(&self, worker: usize) {
+        self.slot(worker).bind_count.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A client got a server after waiting `waited`.
@@ -109,6 +126,9 @@ impl PoolStats {
             t.xact_time += load(&w.xact_time);
             t.query_time += load(&w.query_time);
             t.wait_time += load(&w.wait_time);
+            t.client_parse_count += load(&w.client_parse_count);
+            t.server_parse_count += load(&w.server_parse_count);
+            t.bind_count += load(&w.bind_count);
             for (hist, sum) in
                 [(&w.wait, &mut t.wait_hist), (&w.xact, &mut t.xact_hist), (&w.query, &mut t.query_hist)]
             {
@@ -132,6 +152,9 @@ pub struct Totals {
     pub xact_time: u64,
     pub query_time: u64,
     pub wait_time: u64,
+    pub client_parse_count: u64,
+    pub server_parse_count: u64,
+    pub bind_count: u64,
     /// Per bucket of [`BUCKETS_US`] plus the unbounded one, not cumulative.
     pub wait_hist: [u64; BUCKETS_US.len() + 1],
     pub xact_hist: [u64; BUCKETS_US.len() + 1],
@@ -148,6 +171,9 @@ impl Totals {
         self.xact_time += other.xact_time;
         self.query_time += other.query_time;
         self.wait_time += other.wait_time;
+        self.client_parse_count += other.client_parse_count;
+        self.server_parse_count += other.server_parse_count;
+        self.bind_count += other.bind_count;
         for (mine, theirs) in [
             (&mut self.wait_hist, &other.wait_hist),
             (&mut self.xact_hist, &other.xact_hist),
@@ -172,6 +198,9 @@ pub struct Averages {
     pub xact_time: u64,
     pub query_time: u64,
     pub wait_time: u64,
+    pub client_parse_count: u64,
+    pub server_parse_count: u64,
+    pub bind_count: u64,
 }
 
 impl Averages {
@@ -193,6 +222,9 @@ impl Averages {
             xact_time: per(d(old.xact_time, new.xact_time), xacts),
             query_time: per(d(old.query_time, new.query_time), queries),
             wait_time: per(d(old.wait_time, new.wait_time), assignments),
+            client_parse_count: rate(old.client_parse_count, new.client_parse_count),
+            server_parse_count: rate(old.server_parse_count, new.server_parse_count),
+            bind_count: rate(old.bind_count, new.bind_count),
         }
     }
 }
@@ -261,8 +293,17 @@ impl StatsWindow {
 /// PgBouncer's periodic line.
 pub fn log_line(a: &Averages) -> String {
     format!(
-        "stats: {} xacts/s, {} queries/s, 0 client parses/s, 0 server parses/s, 0 binds/s, in {} B/s, out {} B/s, xact {} us, query {} us, wait {} us",
-        a.xact_count, a.query_count, a.recv, a.sent, a.xact_time, a.query_time, a.wait_time
+        "stats: {} xacts/s, {} queries/s, {} client parses/s, {} server parses/s, {} binds/s, in {} B/s, out {} B/s, xact {} us, query {} us, wait {} us",
+        a.xact_count,
+        a.query_count,
+        a.client_parse_count,
+        a.server_parse_count,
+        a.bind_count,
+        a.recv,
+        a.sent,
+        a.xact_time,
+        a.query_time,
+        a.wait_time
     )
 }
 

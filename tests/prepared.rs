@@ -52,6 +52,19 @@ fn pgbench_prepared_shares_four_servers_among_twenty_clients() {
     let prepared: Vec<i64> =
         table.lines().filter_map(|l| l.split('|').nth(19).and_then(|v| v.trim().parse().ok())).collect();
     assert!(prepared.iter().any(|&n| n >= 1), "SHOW SERVERS counts statements: {table}");
+    // SHOW STATS_TOTALS: client_parse_count, server_parse_count, bind_count (columns 9-11).
+    let totals = pooler.psql(APP_USER, APP_PASSWORD, "pgbouncer", "SHOW STATS_TOTALS");
+    let totals = String::from_utf8_lossy(&totals.stdout).to_string();
+    let row: Vec<u64> = totals
+        .lines()
+        .find(|l| l.starts_with(&format!("{db}|")))
+        .map(|l| l.split('|').skip(1).map(|v| v.parse().unwrap_or(0)).collect())
+        .unwrap_or_default();
+    assert!(row.len() >= 11, "{totals}");
+    let (client_parses, server_parses, binds) = (row[8], row[9], row[10]);
+    assert!(client_parses >= 20, "each client parsed its statement: {totals}");
+    assert!(server_parses >= 1 && server_parses <= client_parses + 4, "{totals}");
+    assert!(binds >= 2000, "one Bind per transaction: {totals}");
 }
 
 #[test]

@@ -385,9 +385,9 @@ fn totals_values(t: &Totals) -> [u64; 11] {
         t.xact_time,
         t.query_time,
         t.wait_time,
-        0,
-        0,
-        0,
+        t.client_parse_count,
+        t.server_parse_count,
+        t.bind_count,
     ]
 }
 
@@ -401,9 +401,9 @@ fn averages_values(a: &Averages) -> [u64; 11] {
         a.xact_time,
         a.query_time,
         a.wait_time,
-        0,
-        0,
-        0,
+        a.client_parse_count,
+        a.server_parse_count,
+        a.bind_count,
     ]
 }
 
