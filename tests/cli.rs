@@ -473,3 +473,23 @@ async fn dash_u_switches_user() {
     assert!(uid_line.split_whitespace().skip(1).all(|u| u == postgres_uid.to_string()), "{uid_line}");
     assert!(login.is_ok(), "login through pgcorral -u postgres failed");
 }
+
+/// The shipped configurations (the commented conf/pgcorral.ini and the seed's deployment
+/// patterns in conf/examples/) load as they are: no error and no "not implemented" warning.
+#[test]
+fn shipped_configurations_pass_check() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf");
+    let mut files = vec![root.join("pgcorral.ini")];
+    for entry in std::fs::read_dir(root.join("examples")).expect("conf/examples") {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "ini") {
+            files.push(path);
+        }
+    }
+    assert!(files.len() >= 5, "{files:?}");
+    for file in files {
+        let out = run(&["--check", file.to_str().unwrap()]);
+        assert!(out.status.success(), "{}: {}", file.display(), stderr(&out));
+        assert!(!stderr(&out).contains("not implemented"), "{}: {}", file.display(), stderr(&out));
+    }
+}
