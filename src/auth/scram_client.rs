@@ -18,13 +18,12 @@ use std::fmt;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 use super::constant_time_eq;
 use super::error::ScramClientError;
-use super::secret::{hmac_sha256, ScramSecret};
+use super::secret::{hmac_sha256, salted_password, ScramSecret};
 
 /// Random bytes in our nonce; libpq uses as many.
 const CLIENT_NONCE_BYTES: usize = 18;
@@ -251,30 +250,6 @@ fn as_utf8(msg: &[u8]) -> Result<&str, ScramClientError> {
     std::str::from_utf8(msg).map_err(|_| protocol("SCRAM message is not valid UTF-8"))
 }
 
-/// Hi() from RFC 5802 section 2.2: PBKDF2 with HMAC-SHA-256, one block.
-///
-/// `secret.rs` has the same function but only derives verifiers from it,
-/// which do not contain the ClientKey a client needs.
-fn salted_password(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
-    let key = Hmac::<Sha256>::new_from_slice(password).expect("HMAC takes keys of any length");
-    let mut mac = key.clone();
-    mac.update(salt);
-    mac.update(&1u32.to_be_bytes());
-    let mut u: [u8; 32] = mac.finalize().into_bytes().into();
-    let mut result = u;
-    for _ in 1..iterations {
-        // The keyed state is cloned so the password is not re-hashed into
-        // the HMAC pads on each round.
-        let mut mac = key.clone();
-        mac.update(&u);
-        u = mac.finalize().into_bytes().into();
-        for (r, x) in result.iter_mut().zip(u) {
-            *r ^= x;
-        }
-    }
-    result
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::scram::ScramServer;
@@ -451,8 +426,8 @@ mod tests {
     }
 
     #[test]
-    fn salted_password_matches_secret_rs() {
-        // Both implementations of Hi() must agree, or keys would not match
+    fn keys_from_a_password_match_its_verifier() {
+        // Keys and verifiers come from the same Hi(), or keys would not match
         // verifiers.
         let keys = ScramKeys::from_password("s3cr3t", b"salt", 17);
         assert!(keys.matches_secret(&ScramSecret::from_password("s3cr3t", b"salt", 17)));

@@ -142,8 +142,9 @@ pub(crate) fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
 }
 
 /// Hi() from RFC 5802 section 2.2, which is PBKDF2 with HMAC-SHA-256 and a
-/// single output block.
-fn salted_password(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
+/// single output block. Verifiers here and pass-through keys in `scram_client`
+/// both start from it.
+pub(crate) fn salted_password(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
     let key = Hmac::<Sha256>::new_from_slice(password).expect("HMAC takes keys of any length");
     let mut mac = key.clone();
     mac.update(salt);
