@@ -108,22 +108,26 @@ async fn settle(shared: &Shared, pools: &[Arc<PoolShared>], busy: impl Fn(Server
     }
 }
 
+/// Records a pause of `database` (or of everything), refused while a global hold is on.
+fn pause_hold(shared: &Shared, database: Option<&str>) -> Result<(), PgError> {
+    let mut holds = shared.holds.lock().unwrap();
+    if holds.global.is_some() {
+        return Err(console_error("already suspended/paused"));
+    }
+    match database {
+        None => holds.global = Some(Hold::Paused),
+        Some(db) => {
+            holds.per_database.insert(db.to_string(), Hold::Paused);
+        }
+    }
+    Ok(())
+}
+
 /// PAUSE [db]: new transactions wait; returns once every server of the database (or of all)
 /// has come back from its client and closed.
 pub async fn pause(shared: &Shared, database: Option<&str>) -> Result<(), PgError> {
     let pools = pools_of(shared, database, "pause")?;
-    {
-        let mut holds = shared.holds.lock().unwrap();
-        if holds.global.is_some() {
-            return Err(console_error("already suspended/paused"));
-        }
-        match database {
-            None => holds.global = Some(Hold::Paused),
-            Some(db) => {
-                holds.per_database.insert(db.to_string(), Hold::Paused);
-            }
-        }
-    }
+    pause_hold(shared, database)?;
     log::info!("PAUSE{} command issued", database.map(|d| format!(" '{d}'")).unwrap_or_default());
     apply_holds(shared, &pools);
     settle(shared, &pools, |_| true).await;
@@ -185,18 +189,7 @@ pub async fn suspend(shared: &Shared) -> Result<(), PgError> {
 /// servers, and pauses it until RESUME.
 pub fn kill(shared: &Shared, database: Option<&str>) -> Result<(), PgError> {
     let pools = pools_of(shared, database, "kill")?;
-    {
-        let mut holds = shared.holds.lock().unwrap();
-        if holds.global.is_some() {
-            return Err(console_error("already suspended/paused"));
-        }
-        match database {
-            None => holds.global = Some(Hold::Paused),
-            Some(db) => {
-                holds.per_database.insert(db.to_string(), Hold::Paused);
-            }
-        }
-    }
+    pause_hold(shared, database)?;
     log::info!("KILL{} command issued", database.map(|d| format!(" '{d}'")).unwrap_or_default());
     apply_holds(shared, &pools);
     let removed = PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "database removed");
