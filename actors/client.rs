@@ -300,8 +300,7 @@ impl Session {
                 return Err(Some(error.message));
             }
         };
-        let names = TrackedParams::names(&config.general.track_extra_parameters);
-        let (reported, tracked) = TrackedParams::for_new_client(&welcome, &login.startup, &names);
+        let (reported, tracked) = TrackedParams::for_new_client(&welcome, &login.startup);
         let tracked = tracked.share(&login.pool.shared_params);
         let mut hello = BytesMut::new();
         for (name, value) in &reported {

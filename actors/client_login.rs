@@ -23,6 +23,7 @@ use crate::net::Socket;
 use crate::protocol::backend;
 use crate::protocol::error::sqlstate;
 use crate::protocol::frontend::{parse_password, parse_sasl_initial};
+use crate::protocol::options::{is_parameter_name, parse_options};
 use crate::protocol::startup::{parse_startup, StartupPacket};
 use crate::protocol::{frame_at, PgError};
 use crate::tls::{ClientTls, ClientTlsInfo};
@@ -30,16 +31,8 @@ use crate::tls::{ClientTls, ClientTlsInfo};
 /// Authentication messages are small; a larger one is an attack or a confused client.
 const MAX_AUTH_MESSAGE: usize = 8 * 1024;
 
-/// Startup parameters PgBouncer accepts without `ignore_startup_parameters`.
-const ACCEPTED_PARAMS: &[&str] = &[
-    "user",
-    "database",
-    "application_name",
-    "client_encoding",
-    "datestyle",
-    "timezone",
-    "standard_conforming_strings",
-];
+/// Startup parameters that describe the connection rather than set a run-time parameter.
+const CONNECTION_PARAMS: &[&str] = &["user", "database"];
 
 /// Why a login did not complete.
 #[derive(Debug)]
@@ -235,7 +228,7 @@ pub async fn accept(wire: &mut Wire, shared: &Shared, admitted: &mut bool) -> Re
         PgError::fatal(sqlstate::INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet")
     })?;
     let database = param("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
-    check_parameters(&params, &config)?;
+    let settings = startup_settings(&params, &config)?;
     if is_admin_database(&database) {
         let role = console_login(wire, &config, &user).await?;
         backend::authentication_ok(&mut wire.out);
@@ -260,7 +253,7 @@ pub async fn accept(wire: &mut Wire, shared: &Shared, admitted: &mut bool) -> Re
         .into());
     }
     backend::authentication_ok(&mut wire.out);
-    Ok(Accepted::Login(Login { user, database, startup: params, pool }))
+    Ok(Accepted::Login(Login { user, database, startup: settings, pool }))
 }
 
 /// Who may use the console, as in PgBouncer: `admin_users` and `stats_users` after the usual
@@ -283,14 +276,23 @@ async fn console_login(wire: &mut Wire, config: &Config, user: &str) -> Result<R
     }
 }
 
-fn check_parameters(params: &[(String, String)], config: &Config) -> Result<(), PgError> {
-    let general = &config.general;
-    for (name, _) in params {
+/// The run-time parameters a startup packet sets, its `options` spelled out, minus those
+/// `ignore_startup_parameters` drops. PgBouncer refuses any parameter it does not track;
+/// pgcorral makes every one follow its client from server to server (see `params`), so only
+/// what no server could honour is refused.
+fn startup_settings(params: &[(String, String)], config: &Config) -> Result<Vec<(String, String)>, PgError> {
+    let ignored =
+        |name: &str| config.general.ignore_startup_parameters.iter().any(|p| p.eq_ignore_ascii_case(name));
+    let mut settings = Vec::new();
+    for (name, value) in params {
         let lower = name.to_ascii_lowercase();
-        if ACCEPTED_PARAMS.contains(&lower.as_str())
-            || general.track_extra_parameters.iter().any(|p| p.eq_ignore_ascii_case(name))
-            || general.ignore_startup_parameters.iter().any(|p| p.eq_ignore_ascii_case(name))
-        {
+        if CONNECTION_PARAMS.contains(&lower.as_str()) || ignored(name) {
+            continue;
+        }
+        if lower == "options" {
+            let options = parse_options(value)
+                .map_err(|e| PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
+            settings.extend(options.into_iter().filter(|(name, _)| !ignored(name)));
             continue;
         }
         if lower == "replication" {
@@ -299,12 +301,16 @@ fn check_parameters(params: &[(String, String)], config: &Config) -> Result<(), 
                 "replication connections are not supported",
             ));
         }
-        return Err(PgError::fatal(
-            sqlstate::PROTOCOL_VIOLATION,
-            format!("unsupported startup parameter: {name}"),
-        ));
+        // `_pq_.` names ask for protocol extensions, which pgcorral does not speak.
+        if lower.starts_with("_pq_.") || !is_parameter_name(name) {
+            return Err(PgError::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                format!("unsupported startup parameter: {name}"),
+            ));
+        }
+        settings.push((name.clone(), value.clone()));
     }
-    Ok(())
+    Ok(settings)
 }
 
 fn auth_failed(user: &str) -> LoginError {

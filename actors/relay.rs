@@ -37,7 +37,7 @@ use crate::config::PoolMode;
 use crate::local_queue::LocalReceiver;
 use crate::net::{ServerAddr, Socket};
 use crate::params::TrackedParams;
-use crate::protocol::backend::{parse_parameter_status, ready_for_query};
+use crate::protocol::backend::{parameter_status, parse_parameter_status, ready_for_query};
 use crate::protocol::error::sqlstate;
 use crate::protocol::prepared::{deallocate_target, ClientStatements, Rewriter, Rewritten, ServerVerdict};
 use crate::protocol::{frame_at, PgError, TxnTracker};
@@ -137,6 +137,11 @@ pub struct Relay {
     router: Addr<Router>,
     mode: PoolMode,
     params: TrackedParams,
+    /// The values this client logged in with: where its `RESET` takes it back to.
+    initial_params: TrackedParams,
+    /// The current lease ran `SET`, `RESET` or `DISCARD`: before the server goes back, pgcorral
+    /// reads what the session now holds ([`Relay::settle_session`]).
+    session_changed: bool,
     cancel: Rc<CancelState>,
     control: LocalReceiver<Control>,
     max_packet: usize,
@@ -190,7 +195,9 @@ impl Relay {
             pool,
             router,
             mode,
+            initial_params: params.clone(),
             params,
+            session_changed: false,
             cancel,
             control,
             max_packet,
@@ -372,6 +379,51 @@ impl Relay {
             if let Err(ending) = step {
                 return ending;
             }
+            if self.settle_due() {
+                if let Err(ending) = self.settle_session().await {
+                    return ending;
+                }
+                self.maybe_release();
+            }
+        }
+    }
+
+    /// The transaction that changed session parameters is over and the server about to go
+    /// back: the moment to learn what the client's session now holds.
+    fn settle_due(&self) -> bool {
+        self.session_changed
+            && self.mode != PoolMode::Session
+            && self.cancel.in_flight.get() == 0
+            && self.lease.as_ref().is_some_and(|l| l.from_server.is_empty() && l.to_server.is_empty())
+            && self.tracker.idle()
+    }
+
+    /// Reads the session parameters now set on the leased server and makes them the client's,
+    /// as a direct connection would have them (a `RESET` goes back to the client's startup
+    /// values), then makes the server match so it goes back consistent.
+    async fn settle_session(&mut self) -> Result<(), Ending> {
+        self.session_changed = false;
+        let Some(lease) = &mut self.lease else { return Ok(()) };
+        let set_now = match lease.link.learn_session().await {
+            Ok(set_now) => set_now,
+            Err(error) => return Err(self.server_query_failed(error)),
+        };
+        for (name, value) in self.params.after_reset(&self.initial_params, &set_now) {
+            parameter_status(&mut self.to_client, &name, &value);
+            if name.eq_ignore_ascii_case("application_name") {
+                self.entry.set_application_name(&value);
+            }
+        }
+        self.sync_params().await
+    }
+
+    fn server_query_failed(&self, error: BackendLoginError) -> Ending {
+        match error {
+            BackendLoginError::Server { code, message, .. } => Ending::Error(PgError::fatal(
+                &code,
+                format!("could not restore session parameters: {message}"),
+            )),
+            _ => Ending::ServerLost,
         }
     }
 
@@ -595,6 +647,11 @@ impl Relay {
                         break;
                     }
                 }
+                b'C' if changes_session(body) => {
+                    lease.link.session_unknown = true;
+                    lease.link.matches_client = None;
+                    self.session_changed = true;
+                }
                 b'S' => {
                     if let Some((name, value)) = parse_parameter_status(body) {
                         lease.link.set_param(&name, &value);
@@ -650,11 +707,15 @@ impl Relay {
             self.release_deferred = true;
             return;
         }
+        if self.session_changed {
+            return;
+        }
         self.release(AfterLease::Reuse);
     }
 
     fn release(&mut self, after: AfterLease) {
         self.release_deferred = false;
+        self.session_changed = false;
         if let Some(lease) = self.lease.take() {
             self.cancel.target.replace(None);
             self.give_back(lease, after);
@@ -734,33 +795,37 @@ impl Relay {
         self.sync_params().await
     }
 
-    /// Sends the `SET`s that make the leased server match what this client believes.
+    /// Sends what makes the leased server's session parameters match what this client believes.
     async fn sync_params(&mut self) -> Result<(), Ending> {
+        let Some(lease) = &mut self.lease else { return Ok(()) };
+        if lease.link.session_unknown {
+            if let Err(error) = lease.link.learn_session().await {
+                return Err(self.server_query_failed(error));
+            }
+        }
         let Some(lease) = &mut self.lease else { return Ok(()) };
         if lease.link.matches_client.as_ref().is_some_and(|known| known.same_set(&self.params)) {
             return Ok(());
         }
-        let Some(sql) = self.params.sync_query(|name| lease.link.param(name)) else {
+        let link = &lease.link;
+        let Some(sql) = self.params.sync_query(&link.params, &link.session, &link.baseline) else {
             lease.link.matches_client = Some(self.params.clone());
             return Ok(());
         };
-        match lease.link.run(&sql).await {
-            Ok(()) => {
-                // The server's normalised spelling becomes what the client is compared with.
-                for name in self.params.iter().map(|(n, _)| n.to_string()).collect::<Vec<_>>() {
-                    if let Some(value) = lease.link.param(&name) {
-                        self.params.observe(&name, value);
-                    }
-                }
-                lease.link.matches_client = Some(self.params.clone());
-                Ok(())
-            }
-            Err(BackendLoginError::Server { code, message, .. }) => Err(Ending::Error(PgError::fatal(
-                &code,
-                format!("could not restore session parameters: {message}"),
-            ))),
-            Err(_) => Err(Ending::ServerLost),
+        if let Err(error) = lease.link.run(&sql).await {
+            return Err(self.server_query_failed(error));
         }
+        let Some(lease) = &mut self.lease else { return Ok(()) };
+        // The server's normalised spelling becomes what the client is compared with.
+        for name in self.params.iter().map(|(n, _)| n.to_string()).collect::<Vec<_>>() {
+            if let Some(value) = lease.link.param(&name) {
+                self.params.observe(&name, value);
+            }
+        }
+        lease.link.session = self.params.session().to_vec();
+        lease.link.session_unknown = false;
+        lease.link.matches_client = Some(self.params.clone());
+        Ok(())
     }
 
     /// The ParameterStatus values of a server of this pool: cached, or learned by leasing one
@@ -785,8 +850,14 @@ impl Relay {
     }
 
     pub fn set_params(&mut self, params: TrackedParams) {
+        self.initial_params = params.clone();
         self.params = params;
     }
+}
+
+/// A CommandComplete whose command may have changed session parameters.
+fn changes_session(tag: &[u8]) -> bool {
+    tag.starts_with(b"SET\0") || tag.starts_with(b"RESET\0") || tag.starts_with(b"DISCARD")
 }
 
 /// Sends PostgreSQL a CancelRequest with the server's real key, over a new connection, and

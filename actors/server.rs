@@ -24,7 +24,7 @@ use crate::actors::router::{live_router, Router};
 use crate::auth::{self, BackendLoginError, LoginRequest};
 use crate::config::PoolMode;
 use crate::net::{DetachedSocket, ServerAddr, Socket};
-use crate::params::TrackedParams;
+use crate::params::{sorted_session, TrackedParams, SESSION_PROBE};
 use crate::protocol::error::sqlstate;
 use crate::protocol::prepared::{is_discard_all, ServerStatements};
 use crate::protocol::PgError;
@@ -51,6 +51,15 @@ pub struct ServerLink {
     pub entry: Arc<ServerEntry>,
     /// The named statements prepared on it for clients in transaction mode.
     pub statements: ServerStatements,
+    /// The unreported parameters set in its session (by pgcorral for a client, or by a client),
+    /// sorted by lower-case name; see `params`.
+    pub session: Vec<(String, String)>,
+    /// A `SET`, `RESET` or `DISCARD` ran since `session` was last known: read it again
+    /// ([`ServerLink::learn_session`]) before trusting it.
+    pub session_unknown: bool,
+    /// What `connect_query` set in the session: the defaults of this connection, which a
+    /// client's `RESET` must come back to rather than PostgreSQL's own.
+    pub baseline: Vec<(String, String)>,
     guard: LendGuard,
 }
 
@@ -90,6 +99,35 @@ impl ServerLink {
         }
     }
 
+    /// Reads which parameters are set in the server's session. Returns them all, reported and
+    /// not; `session` keeps the unreported ones.
+    pub async fn learn_session(&mut self) -> Result<Vec<(String, String)>, BackendLoginError> {
+        let rows = auth::query_rows(&mut self.socket, SESSION_PROBE, 10_000).await?;
+        let set_now: Vec<(String, String)> = rows
+            .into_iter()
+            .filter_map(|row| match (row.first(), row.get(1)) {
+                (Some(Some(name)), Some(value)) => Some((name.clone(), value.clone().unwrap_or_default())),
+                _ => None,
+            })
+            .collect();
+        // A connect_query value no longer set was RESET to PostgreSQL's default: that differs
+        // from the connection's starting point, and is marked so (no real value holds a NUL).
+        let mut unreported: Vec<(String, String)> = self
+            .baseline
+            .iter()
+            .filter(|(name, _)| self.param(name).is_none())
+            .filter(|(name, _)| !set_now.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)))
+            .map(|(name, _)| (name.clone(), "\0reset".to_string()))
+            .collect();
+        let set_now: Vec<(String, String)> =
+            set_now.into_iter().filter(|entry| !self.baseline.contains(entry)).collect();
+        unreported.extend(set_now.iter().filter(|(name, _)| self.param(name).is_none()).cloned());
+        self.session = sorted_session(unreported);
+        self.session_unknown = false;
+        self.matches_client = None;
+        Ok(set_now)
+    }
+
     /// Runs a query of pgcorral's own, keeping the parameter cache true.
     pub async fn run(&mut self, sql: &str) -> Result<(), BackendLoginError> {
         // A reset query that drops prepared statements (DISCARD ALL, the default, or one that
@@ -111,6 +149,14 @@ impl ServerLink {
         for (name, value) in reported {
             self.set_param(&name, &value);
         }
+        if upper.contains("RESET ALL") || is_discard_all(sql) {
+            self.session.clear();
+            self.session_unknown = false;
+            self.matches_client = None;
+        } else if upper.contains("SET") || upper.contains("DISCARD") {
+            self.session_unknown = true;
+            self.matches_client = None;
+        }
         Ok(())
     }
 }
@@ -128,6 +174,9 @@ pub struct DetachedLink {
     generation: usize,
     entry: Arc<ServerEntry>,
     statements: ServerStatements,
+    session: Vec<(String, String)>,
+    session_unknown: bool,
+    baseline: Vec<(String, String)>,
 }
 
 impl ServerLink {
@@ -157,6 +206,9 @@ impl ServerLink {
             generation: self.generation,
             entry: self.entry,
             statements: self.statements,
+            session: self.session,
+            session_unknown: self.session_unknown,
+            baseline: self.baseline,
         })
     }
 
@@ -182,6 +234,9 @@ impl DetachedLink {
             generation: self.generation,
             entry: self.entry,
             statements: self.statements,
+            session: self.session,
+            session_unknown: self.session_unknown,
+            baseline: self.baseline,
             guard: LendGuard::default(),
         })
     }
@@ -281,6 +336,9 @@ async fn open(settings: Arc<PoolSettings>, entry: Arc<ServerEntry>) -> Result<Se
         params: outcome.params,
         matches_client: None,
         statements: ServerStatements::default(),
+        session: Vec::new(),
+        session_unknown: false,
+        baseline: Vec::new(),
         generation: entry.generation,
         entry,
         guard: LendGuard::default(),
@@ -289,6 +347,10 @@ async fn open(settings: Arc<PoolSettings>, entry: Arc<ServerEntry>) -> Result<Se
     link.entry.logged_in(endpoints, link.process_id, &application_name, tls);
     if let Some(query) = &settings.connect_query {
         link.run(query).await.map_err(|e| login_error(e, &connect_failed))?;
+        // What connect_query set is this connection's starting point, not a client's doing.
+        let set_now = link.learn_session().await.map_err(|e| login_error(e, &connect_failed))?;
+        link.baseline = sorted_session(set_now);
+        link.session.clear();
     }
     Ok(link)
 }

@@ -1,25 +1,48 @@
-//! Tracked session parameters (PgBouncer's "varcache").
+//! Session parameters that follow a client from server to server (PgBouncer's "varcache",
+//! extended to every run-time parameter).
 //!
 //! In transaction mode a client meets a different server each transaction, yet must keep seeing
-//! the session parameters it set: client_encoding, DateStyle, TimeZone, IntervalStyle,
-//! standard_conforming_strings, application_name and `track_extra_parameters`. Each client keeps
-//! the values it believes in; when it is lent a server whose reported values differ, pgcorral
-//! sends the `SET`s first. Names compare case-insensitively, as PostgreSQL's GUCs do.
+//! the session it built: what its startup packet (or its `options`) set, and what it changed
+//! with `SET` outside a transaction or in a committed one. pgcorral learns those values two ways:
 //!
-//! The values sit behind an `Arc` that clients with equal values share (see
+//! - parameters PostgreSQL reports (ParameterStatus: client_encoding, DateStyle, TimeZone,
+//!   IntervalStyle, application_name, standard_conforming_strings, default_transaction_read_only,
+//!   search_path from PostgreSQL 18, ...) are watched as they pass;
+//! - the others (statement_timeout, work_mem, search_path before 18, ...) are read from
+//!   `pg_settings` after a transaction that ran `SET`, `RESET` or `DISCARD` (see [`SESSION_PROBE`]).
+//!
+//! When a client is lent a server whose values differ, pgcorral first sets them with
+//! `set_config` (which, unlike `SET name TO 'a, b'`, keeps list values such as search_path
+//! intact) and `RESET`s what the previous client changed and this one did not. Names compare
+//! case-insensitively, as PostgreSQL's GUCs do.
+//!
+//! The values sit behind `Arc`s that clients with equal values share (see
 //! [`TrackedParams::share`]): a server remembers the set it last matched, so the usual lease,
 //! to a client whose values equal the previous one's, costs one pointer comparison.
 
 use std::sync::{Arc, Mutex};
 
-/// The parameters PgBouncer always tracks, with PostgreSQL's own spelling.
-pub const ALWAYS_TRACKED: &[&str] =
-    &["client_encoding", "DateStyle", "TimeZone", "standard_conforming_strings", "application_name"];
+/// Reported parameters no client can change: never tracked, never set.
+const READ_ONLY: &[&str] = &[
+    "server_version",
+    "server_encoding",
+    "integer_datetimes",
+    "is_superuser",
+    "session_authorization",
+    "in_hot_standby",
+];
 
-/// The values a client believes in, for the tracked names only.
+/// Lists the parameters set at session level on a server: by `SET` (from a client or from
+/// pgcorral) or `set_config(..., false)`.
+pub const SESSION_PROBE: &str = "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session'";
+
+/// The values a client believes in: every reported parameter, and the unreported ones it set.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TrackedParams {
+    /// Reported parameters, each with the value the client was last told.
     values: Arc<Vec<(String, String)>>,
+    /// Unreported parameters the client set (startup, `SET`), sorted by lower-case name.
+    session: Arc<Vec<(String, String)>>,
 }
 
 /// How many distinct value sets a pool shares between its clients; clients beyond that keep
@@ -30,45 +53,39 @@ const SHARED_SETS: usize = 16;
 #[derive(Debug, Default)]
 pub struct SharedParams(Mutex<Vec<TrackedParams>>);
 
-impl TrackedParams {
-    /// The names tracked under a given `track_extra_parameters`.
-    pub fn names(extra: &[String]) -> Vec<String> {
-        let mut names: Vec<String> = ALWAYS_TRACKED.iter().map(|s| s.to_string()).collect();
-        for name in extra {
-            if !names.iter().any(|n| n.eq_ignore_ascii_case(name)) {
-                names.push(name.clone());
-            }
-        }
-        names
-    }
+/// Unreported session values, as a server holds them: sorted by lower-case name.
+pub fn sorted_session(mut values: Vec<(String, String)>) -> Vec<(String, String)> {
+    values.sort_by_key(|(name, _)| name.to_ascii_lowercase());
+    values.dedup_by(|later, earlier| later.0.eq_ignore_ascii_case(&earlier.0));
+    values
+}
 
+impl TrackedParams {
     /// What a new client is told and believes: the pool's welcome values, overridden by the
-    /// tracked parameters from its startup packet. Returns (all ParameterStatus to send, tracked).
+    /// parameters from its startup packet; those PostgreSQL does not report are kept apart,
+    /// to be set on each server it is lent. Returns (all ParameterStatus to send, tracked).
     pub fn for_new_client(
         welcome: &[(String, String)],
         startup: &[(String, String)],
-        names: &[String],
     ) -> (Vec<(String, String)>, TrackedParams) {
         let mut reported: Vec<(String, String)> = welcome.to_vec();
+        let mut session = Vec::new();
         for (name, value) in startup {
-            let Some(canonical) = names.iter().find(|n| n.eq_ignore_ascii_case(name)) else {
-                continue;
-            };
             let value = unquote(value);
-            match reported.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(canonical)) {
+            match reported.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+                Some(_) if is_read_only(name) => {}
                 // The server's spelling wins when it means the same ("utf-8" vs "UTF8").
-                Some(entry) if same_value(canonical, &entry.1, &value) => {}
+                Some(entry) if same_value(name, &entry.1, &value) => {}
                 Some(entry) => entry.1 = value,
-                None => reported.push((canonical.clone(), value)),
+                None => {
+                    session.retain(|(n, _): &(String, String)| !n.eq_ignore_ascii_case(name));
+                    session.push((name.clone(), value));
+                }
             }
         }
-        let values = names
-            .iter()
-            .filter_map(|n| {
-                reported.iter().find(|(r, _)| r.eq_ignore_ascii_case(n)).map(|(_, v)| (n.clone(), v.clone()))
-            })
-            .collect();
-        (reported, TrackedParams { values: Arc::new(values) })
+        let values = reported.iter().filter(|(n, _)| !is_read_only(n)).cloned().collect();
+        let tracked = TrackedParams { values: Arc::new(values), session: Arc::new(sorted_session(session)) };
+        (reported, tracked)
     }
 
     /// The same values, as the copy other clients with equal values hold when there is one.
@@ -85,7 +102,7 @@ impl TrackedParams {
 
     /// True when both are the very same shared set of values (not merely equal ones).
     pub fn same_set(&self, other: &TrackedParams) -> bool {
-        Arc::ptr_eq(&self.values, &other.values)
+        Arc::ptr_eq(&self.values, &other.values) && Arc::ptr_eq(&self.session, &other.session)
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
@@ -105,18 +122,98 @@ impl TrackedParams {
         self.values.iter().map(|(n, v)| (n.as_str(), v.as_str()))
     }
 
-    /// The `SET` statements that make a server with `server_value` for each name match this
-    /// client, as one simple-protocol query; `None` when they already match.
-    pub fn sync_query<'a>(&self, server_value: impl Fn(&str) -> Option<&'a str>) -> Option<String> {
-        let mut sql = String::new();
-        for (name, want) in self.values.iter() {
-            if server_value(name).is_some_and(|have| same_value(name, have, want)) {
-                continue;
-            }
-            sql.push_str(&format!("SET {} TO {};", quote_ident(name), quote_literal(want)));
-        }
-        (!sql.is_empty()).then_some(sql)
+    /// The unreported parameters this client set, sorted by lower-case name.
+    pub fn session(&self) -> &[(String, String)] {
+        &self.session
     }
+
+    /// What the client's session holds after a transaction that ran `SET`/`RESET`/`DISCARD`,
+    /// as PostgreSQL would have it had the client been connected directly: `set_now` are the
+    /// parameters the server lists as set in the session (name, value). A reported parameter
+    /// no longer set there went back to its default, which for this client is the value it
+    /// started with (`initial`); so did an unreported one. Returns the reported parameters
+    /// whose value this changes, to be told to the client.
+    pub fn after_reset(
+        &mut self,
+        initial: &TrackedParams,
+        set_now: &[(String, String)],
+    ) -> Vec<(String, String)> {
+        let is_set = |name: &str| set_now.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
+        let mut restored = Vec::new();
+        for (name, start) in initial.values.iter() {
+            if !is_set(name) && self.get(name).is_some_and(|now| now != start) {
+                restored.push((name.clone(), start.clone()));
+            }
+        }
+        for (name, value) in &restored {
+            self.observe(name, value);
+        }
+        let reported = |name: &str| self.values.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
+        let mut session: Vec<(String, String)> =
+            initial.session.iter().filter(|(n, _)| !is_set(n)).cloned().collect();
+        session.extend(set_now.iter().filter(|(n, _)| !reported(n)).cloned());
+        let session = sorted_session(session);
+        if *self.session != session {
+            self.session = Arc::new(session);
+        }
+        restored
+    }
+
+    /// What makes a server match this client, as one simple-protocol query: `set_config` for
+    /// each value that differs (`server_params` for reported parameters, `server_session` for
+    /// the unreported ones set there), `RESET` for what the server has set and the client
+    /// has not (or back to the connection's `baseline`, what `connect_query` set). `None`
+    /// when they already match.
+    pub fn sync_query(
+        &self,
+        server_params: &[(String, String)],
+        server_session: &[(String, String)],
+        baseline: &[(String, String)],
+    ) -> Option<String> {
+        let mut sets = Vec::new();
+        for (name, want) in self.values.iter() {
+            let have = server_params.iter().find(|(n, _)| n.eq_ignore_ascii_case(name));
+            if !have.is_some_and(|(_, have)| same_value(name, have, want)) {
+                sets.push((name, want));
+            }
+        }
+        let mut resets = Vec::new();
+        for (name, want) in self.session.iter() {
+            let have = server_session.iter().find(|(n, _)| n.eq_ignore_ascii_case(name));
+            if have.is_none_or(|(_, have)| have != want) {
+                sets.push((name, want));
+            }
+        }
+        for (name, _) in server_session {
+            if !self.session.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)) {
+                match baseline.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+                    Some((_, start)) => sets.push((name, start)),
+                    None => resets.push(name),
+                }
+            }
+        }
+        if sets.is_empty() && resets.is_empty() {
+            return None;
+        }
+        let mut sql = String::new();
+        if !sets.is_empty() {
+            let calls: Vec<String> = sets
+                .iter()
+                .map(|(name, value)| {
+                    format!("pg_catalog.set_config({}, {}, false)", quote_literal(name), quote_literal(value))
+                })
+                .collect();
+            sql.push_str(&format!("SELECT {};", calls.join(", ")));
+        }
+        for name in resets {
+            sql.push_str(&format!("RESET {};", quote_ident(name)));
+        }
+        Some(sql)
+    }
+}
+
+fn is_read_only(name: &str) -> bool {
+    READ_ONLY.iter().any(|r| r.eq_ignore_ascii_case(name))
 }
 
 /// asyncpg sends `client_encoding='utf-8'` with the quotes.
@@ -160,7 +257,6 @@ mod tests {
 
     #[test]
     fn new_client_sees_welcome_overridden_by_its_startup() {
-        let names = TrackedParams::names(&["IntervalStyle".into()]);
         let welcome = pairs(&[
             ("server_version", "15.8"),
             ("client_encoding", "UTF8"),
@@ -168,39 +264,94 @@ mod tests {
             ("IntervalStyle", "postgres"),
             ("application_name", ""),
         ]);
-        let startup = pairs(&[("client_encoding", "'utf-8'"), ("timezone", "Europe/Paris"), ("user", "x")]);
-        let (reported, tracked) = TrackedParams::for_new_client(&welcome, &startup, &names);
+        let startup = pairs(&[
+            ("client_encoding", "'utf-8'"),
+            ("timezone", "Europe/Paris"),
+            ("server_version", "99"),
+            ("search_path", "app, public"),
+            ("Statement_Timeout", "5s"),
+        ]);
+        let (reported, tracked) = TrackedParams::for_new_client(&welcome, &startup);
         assert!(reported.contains(&("client_encoding".into(), "UTF8".into())));
         assert!(reported.contains(&("TimeZone".into(), "Europe/Paris".into())));
-        assert!(reported.contains(&("server_version".into(), "15.8".into())));
+        assert!(reported.contains(&("server_version".into(), "15.8".into())), "read-only stays");
+        assert!(!reported.iter().any(|(n, _)| n == "search_path"), "unreported ones are not announced");
         assert_eq!(tracked.get("timezone"), Some("Europe/Paris"));
         assert_eq!(tracked.get("IntervalStyle"), Some("postgres"));
         assert_eq!(tracked.get("server_version"), None);
+        assert_eq!(tracked.session(), pairs(&[("search_path", "app, public"), ("Statement_Timeout", "5s")]));
     }
 
     #[test]
-    fn sync_query_sets_only_what_differs() {
-        let names = TrackedParams::names(&[]);
+    fn sync_query_sets_only_what_differs_and_resets_what_the_client_never_set() {
         let welcome = pairs(&[("client_encoding", "UTF8"), ("TimeZone", "UTC"), ("DateStyle", "ISO, MDY")]);
-        let (_, mut tracked) = TrackedParams::for_new_client(&welcome, &[], &names);
-        let server = welcome.clone();
-        let lookup =
-            |n: &str| server.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.as_str());
-        assert_eq!(tracked.sync_query(lookup), None);
+        let (_, mut tracked) = TrackedParams::for_new_client(&welcome, &[]);
+        assert_eq!(tracked.sync_query(&welcome, &[], &[]), None);
         tracked.observe("TimeZone", "Asia/Tokyo");
         tracked.observe("unknown", "x");
-        assert_eq!(tracked.sync_query(lookup).unwrap(), "SET \"TimeZone\" TO E'Asia/Tokyo';");
+        assert_eq!(
+            tracked.sync_query(&welcome, &[], &[]).unwrap(),
+            "SELECT pg_catalog.set_config(E'TimeZone', E'Asia/Tokyo', false);"
+        );
         tracked.observe("client_encoding", "utf-8");
-        assert_eq!(tracked.sync_query(lookup).unwrap(), "SET \"TimeZone\" TO E'Asia/Tokyo';");
+        let server_session = pairs(&[("work_mem", "8MB")]);
+        assert_eq!(
+            tracked.sync_query(&welcome, &server_session, &[]).unwrap(),
+            "SELECT pg_catalog.set_config(E'TimeZone', E'Asia/Tokyo', false);RESET \"work_mem\";"
+        );
+    }
+
+    #[test]
+    fn unreported_values_are_set_whole_even_lists() {
+        let welcome = pairs(&[("TimeZone", "UTC")]);
+        let startup = pairs(&[("search_path", "\"$user\", app"), ("work_mem", "8MB")]);
+        let (_, tracked) = TrackedParams::for_new_client(&welcome, &startup);
+        let sql = tracked.sync_query(&welcome, &pairs(&[("work_mem", "8MB")]), &[]).unwrap();
+        assert_eq!(sql, "SELECT pg_catalog.set_config(E'search_path', E'\"$user\", app', false);");
+        let server = pairs(&[("search_path", "\"$user\", app"), ("work_mem", "8MB")]);
+        assert_eq!(tracked.sync_query(&welcome, &server, &[]), None);
+        let (_, plain) = TrackedParams::for_new_client(&welcome, &[]);
+        let baseline = pairs(&[("search_path", "app")]);
+        assert_eq!(
+            plain.sync_query(&welcome, &server, &baseline).unwrap(),
+            "SELECT pg_catalog.set_config(E'search_path', E'app', false);RESET \"work_mem\";",
+            "a client that set nothing gets connect_query's values back, not PostgreSQL's defaults"
+        );
+    }
+
+    #[test]
+    fn reset_brings_back_what_the_client_started_with() {
+        let welcome = pairs(&[("TimeZone", "UTC"), ("application_name", "")]);
+        let startup = pairs(&[("application_name", "api"), ("statement_timeout", "5s")]);
+        let (_, initial) = TrackedParams::for_new_client(&welcome, &startup);
+        let mut now = initial.clone();
+        // SET TimeZone + SET work_mem, then a probe that lists both (and pgcorral's own sets).
+        now.observe("TimeZone", "Asia/Tokyo");
+        let set = pairs(&[
+            ("TimeZone", "Asia/Tokyo"),
+            ("application_name", "api"),
+            ("statement_timeout", "5000"),
+            ("work_mem", "8192"),
+        ]);
+        assert!(now.after_reset(&initial, &set).is_empty());
+        assert_eq!(now.session(), pairs(&[("statement_timeout", "5000"), ("work_mem", "8192")]));
+        assert_eq!(now.get("TimeZone"), Some("Asia/Tokyo"));
+        // RESET ALL: the server reported application_name '' and nothing is set any more.
+        now.observe("application_name", "");
+        now.observe("TimeZone", "UTC");
+        let restored = now.after_reset(&initial, &[]);
+        assert_eq!(restored, pairs(&[("application_name", "api")]));
+        assert_eq!(now.get("application_name"), Some("api"));
+        assert_eq!(now.session(), pairs(&[("statement_timeout", "5s")]));
+        assert_eq!(now, initial);
     }
 
     #[test]
     fn clients_with_equal_values_share_one_set_until_one_changes() {
-        let names = TrackedParams::names(&[]);
         let welcome = pairs(&[("client_encoding", "UTF8"), ("TimeZone", "UTC")]);
         let shared = SharedParams::default();
-        let a = TrackedParams::for_new_client(&welcome, &[], &names).1.share(&shared);
-        let mut b = TrackedParams::for_new_client(&welcome, &[], &names).1.share(&shared);
+        let a = TrackedParams::for_new_client(&welcome, &[]).1.share(&shared);
+        let mut b = TrackedParams::for_new_client(&welcome, &[]).1.share(&shared);
         assert!(a.same_set(&b));
         b.observe("TimeZone", "UTC");
         assert!(a.same_set(&b), "an unchanged value keeps the shared set");
@@ -208,10 +359,12 @@ mod tests {
         assert!(!a.same_set(&b));
         assert_eq!(a.get("TimeZone"), Some("UTC"));
         let paris = pairs(&[("timezone", "Europe/Paris")]);
-        let c = TrackedParams::for_new_client(&welcome, &paris, &names).1.share(&shared);
+        let c = TrackedParams::for_new_client(&welcome, &paris).1.share(&shared);
         assert!(!c.same_set(&a));
-        let d = TrackedParams::for_new_client(&welcome, &paris, &names).1.share(&shared);
+        let d = TrackedParams::for_new_client(&welcome, &paris).1.share(&shared);
         assert!(c.same_set(&d));
+        let e = TrackedParams::for_new_client(&welcome, &pairs(&[("work_mem", "1MB")])).1.share(&shared);
+        assert!(!e.same_set(&a), "unreported values count too");
     }
 
     #[test]

@@ -142,15 +142,21 @@ async def task(pool, i):
 
 async def main():
     pool = await asyncpg.create_pool(
-        DSN, min_size=5, max_size=20, command_timeout=30, server_settings={"application_name": "drivers"}
+        DSN, min_size=5, max_size=20, command_timeout=30,
+        server_settings={"application_name": "drivers", "jit": "off", "search_path": "public, extra"},
     )
     # server_settings reach the server: asked on connections fresh from the pool (all of
-    # them at this point). Not asked after a release: asyncpg's reset runs RESET ALL, which
-    # through a pooler (PgBouncer too, its issue 1260) goes back to the server connection's own
-    # startup value, not the client's.
+    # them at this point), and again after every connection went back to the pool: asyncpg's
+    # release runs RESET ALL, which on a direct connection returns to the startup values. (Through
+    # PgBouncer it returns to the server connection's own, its issue 1260; pgcorral restores the
+    # client's.)
     async with pool.acquire() as conn:
         print("app_fresh=", (await conn.fetchrow(ROW, 0))["app"])
     await asyncio.gather(*(task(pool, i) for i in range(100)))
+    async with pool.acquire() as conn:
+        print("settings_reused=", await conn.fetchval(
+            "SELECT current_setting('application_name') || '/' || current_setting('jit')"
+            " || '/' || current_setting('search_path')"))
     print("items=", await pool.fetchval("SELECT count(*) FROM items"))
     print("item_sum=", await pool.fetchval("SELECT sum(task * 10 + k) FROM items"))
     print("labels=", await pool.fetchval("SELECT count(DISTINCT label) FROM items"))
@@ -191,6 +197,7 @@ asyncio.run(main())
     let r = s.results("asyncpg", &out);
 
     assert_eq!(value(&r, "app_fresh"), "drivers", "server_settings' application_name");
+    assert_eq!(value(&r, "settings_reused"), "drivers/off/public, extra", "server_settings after RESET ALL");
     assert_eq!(value(&r, "items"), "300", "3 rows from each of 100 tasks' executemany");
     let item_sum: i64 = (0..100).flat_map(|i| (0..3).map(move |k| i * 10 + k)).sum();
     assert_eq!(value(&r, "item_sum"), item_sum.to_string());
@@ -482,14 +489,14 @@ main().catch((e) => { console.error(e); process.exit(1); });
 fn pgjdbc_prepared_statements_and_batch_insert() {
     // Threads of the Java program, one connection each.
     const THREADS: usize = 6;
-    // pgjdbc sends extra_float_digits in its startup packet; like PgBouncer, pgcorral refuses
-    // startup parameters it does not track unless told to ignore them, the setting every
-    // PgBouncer in front of Java applications carries.
+    // pgjdbc sends extra_float_digits in its startup packet. PgBouncer refuses it unless
+    // `ignore_startup_parameters` lists it; pgcorral needs no such line: it sets the value on
+    // whichever server the client is lent (tests/session_params.rs).
     let s = Setup::with_settings(
         "drv_jdbc",
         THREADS,
         "CREATE TABLE jdbc_items (id int PRIMARY KEY, name text);",
-        "ignore_startup_parameters = extra_float_digits",
+        "",
     );
     let source = r#"
 import java.sql.*;

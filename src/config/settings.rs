@@ -131,7 +131,8 @@ pub struct General {
     pub server_reset_query_always: bool,
     /// Lowercased.
     pub ignore_startup_parameters: Vec<String>,
-    /// Case kept, since the server reports these names with their case.
+    /// Accepted for PgBouncer compatibility and shown by SHOW CONFIG; pgcorral follows every
+    /// session parameter whatever it lists (see `params`).
     pub track_extra_parameters: Vec<String>,
     pub max_packet_size: usize,
     pub logfile: Option<PathBuf>,

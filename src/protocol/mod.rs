@@ -6,6 +6,7 @@
 //!
 //! - [`framing`]: finding message boundaries in a read buffer, with the `max_packet_size` cap.
 //! - [`startup`]: the untagged first packet (StartupMessage, SSLRequest, GSSENCRequest, CancelRequest).
+//! - [`options`]: the `options` startup parameter's `-c name=value` switches.
 //! - [`backend`]: writers for the messages pgcorral sends to clients as if it were PostgreSQL.
 //! - [`frontend`]: the few client messages pgcorral reads itself (password, SASL) and writes to servers.
 //! - [`extended`]: the extended-protocol messages pgcorral answers itself (the console).
@@ -18,6 +19,7 @@ pub mod error;
 pub mod extended;
 pub mod framing;
 pub mod frontend;
+pub mod options;
 pub mod prepared;
 pub mod startup;
 pub mod tracker;
