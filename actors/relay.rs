@@ -36,7 +36,7 @@ use crate::auth::BackendLoginError;
 use crate::config::PoolMode;
 use crate::local_queue::LocalReceiver;
 use crate::net::{ServerAddr, Socket};
-use crate::params::TrackedParams;
+use crate::params::{ends_with_full_reset, is_full_reset_tag, TrackedParams};
 use crate::protocol::backend::{parameter_status, parse_parameter_status, ready_for_query};
 use crate::protocol::error::sqlstate;
 use crate::protocol::prepared::{deallocate_target, ClientStatements, Rewriter, Rewritten, ServerVerdict};
@@ -142,6 +142,12 @@ pub struct Relay {
     /// The current lease ran `SET`, `RESET` or `DISCARD`: before the server goes back, pgcorral
     /// reads what the session now holds ([`Relay::settle_session`]).
     session_changed: bool,
+    /// The last message forwarded was a simple query ending in `RESET ALL` or `DISCARD ALL`
+    /// ([`ends_with_full_reset`]), and the last thing the server answered was that reset: the
+    /// session is back at its defaults, and pgcorral need not read it back (asyncpg's pool
+    /// release, once per transaction).
+    query_resets_all: bool,
+    answer_was_reset: bool,
     cancel: Rc<CancelState>,
     control: LocalReceiver<Control>,
     max_packet: usize,
@@ -198,6 +204,8 @@ impl Relay {
             initial_params: params.clone(),
             params,
             session_changed: false,
+            query_resets_all: false,
+            answer_was_reset: false,
             cancel,
             control,
             max_packet,
@@ -398,15 +406,21 @@ impl Relay {
             && self.tracker.idle()
     }
 
-    /// Reads the session parameters now set on the leased server and makes them the client's,
-    /// as a direct connection would have them (a `RESET` goes back to the client's startup
-    /// values), then makes the server match so it goes back consistent.
+    /// Learns the session parameters now set on the leased server (read back, unless the
+    /// transaction ended with a full reset) and makes them the client's, as a direct connection
+    /// would have them: a `RESET` goes back to the client's startup values. The server goes
+    /// back with its session known; the next lease sets what its client needs.
     async fn settle_session(&mut self) -> Result<(), Ending> {
         self.session_changed = false;
         let Some(lease) = &mut self.lease else { return Ok(()) };
-        let set_now = match lease.link.learn_session().await {
-            Ok(set_now) => set_now,
-            Err(error) => return Err(self.server_query_failed(error)),
+        let set_now = if self.query_resets_all && self.answer_was_reset {
+            lease.link.session_was_reset();
+            Vec::new()
+        } else {
+            match lease.link.learn_session().await {
+                Ok(set_now) => set_now,
+                Err(error) => return Err(self.server_query_failed(error)),
+            }
         };
         for (name, value) in self.params.after_reset(&self.initial_params, &set_now) {
             parameter_status(&mut self.to_client, &name, &value);
@@ -414,7 +428,7 @@ impl Relay {
                 self.entry.set_application_name(&value);
             }
         }
-        self.sync_params().await
+        Ok(())
     }
 
     fn server_query_failed(&self, error: BackendLoginError) -> Ending {
@@ -497,6 +511,10 @@ impl Relay {
                 Box::pin(self.acquire()).await?;
             }
             self.tracker.client_sent(frame.tag);
+            self.query_resets_all = frame.tag == b'Q' && {
+                let body = &self.from_client[end + 5..end + frame.len];
+                ends_with_full_reset(std::str::from_utf8(&body[..body.len().saturating_sub(1)]).unwrap_or(""))
+            };
             if self.rewrites_statements()
                 && matches!(frame.tag, b'P' | b'B' | b'D' | b'C' | b'Q' | b'S' | b'F')
                 && self.rewrite_client_message(end, frame.len)?
@@ -604,6 +622,9 @@ impl Relay {
                     return Err(Ending::ServerLost);
                 }
             };
+            if frame.tag == b'E' {
+                self.answer_was_reset = false;
+            }
             if rewriting && matches!(frame.tag, b'1' | b'3' | b'E' | b'Z') {
                 let message = &lease.from_server[end..end + frame.len];
                 let verdict =
@@ -647,10 +668,14 @@ impl Relay {
                         break;
                     }
                 }
-                b'C' if changes_session(body) => {
-                    lease.link.session_unknown = true;
-                    lease.link.matches_client = None;
-                    self.session_changed = true;
+                b'C' => {
+                    let tag = body.strip_suffix(b"\0").unwrap_or(body);
+                    self.answer_was_reset = is_full_reset_tag(tag);
+                    if changes_session(tag) {
+                        lease.link.session_unknown = true;
+                        lease.link.matches_client = None;
+                        self.session_changed = true;
+                    }
                 }
                 b'S' => {
                     if let Some((name, value)) = parse_parameter_status(body) {
@@ -855,9 +880,9 @@ impl Relay {
     }
 }
 
-/// A CommandComplete whose command may have changed session parameters.
+/// A CommandComplete tag (without its NUL) whose command may have changed session parameters.
 fn changes_session(tag: &[u8]) -> bool {
-    tag.starts_with(b"SET\0") || tag.starts_with(b"RESET\0") || tag.starts_with(b"DISCARD")
+    tag == b"SET" || tag == b"RESET" || tag.starts_with(b"DISCARD")
 }
 
 /// Sends PostgreSQL a CancelRequest with the server's real key, over a new connection, and

@@ -110,6 +110,18 @@ impl ServerLink {
                 _ => None,
             })
             .collect();
+        Ok(self.session_now(set_now))
+    }
+
+    /// The session was just reset whole (`RESET ALL`, `DISCARD ALL`): nothing is set in it
+    /// any more, which pgcorral knows without asking.
+    pub fn session_was_reset(&mut self) {
+        self.session_now(Vec::new());
+    }
+
+    /// Records which parameters the session now sets (`set_now`, as read from pg_settings)
+    /// and returns those that differ from the connection's starting point.
+    fn session_now(&mut self, set_now: Vec<(String, String)>) -> Vec<(String, String)> {
         // A connect_query value no longer set was RESET to PostgreSQL's default: that differs
         // from the connection's starting point, and is marked so (no real value holds a NUL).
         let mut unreported: Vec<(String, String)> = self
@@ -125,7 +137,7 @@ impl ServerLink {
         self.session = sorted_session(unreported);
         self.session_unknown = false;
         self.matches_client = None;
-        Ok(set_now)
+        set_now
     }
 
     /// Runs a query of pgcorral's own, keeping the parameter cache true.

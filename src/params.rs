@@ -212,6 +212,32 @@ impl TrackedParams {
     }
 }
 
+/// Whether a simple-protocol query ends by putting every parameter back to its default (`RESET
+/// ALL` or `DISCARD ALL` last, as asyncpg's pool release does), so that what the session holds
+/// afterwards is known without asking the server. A query with a comment never qualifies: a
+/// statement hidden in one would make the text lie about what ran.
+pub fn ends_with_full_reset(query: &str) -> bool {
+    if query.contains("--") || query.contains("/*") {
+        return false;
+    }
+    let Some(last) = query.split(';').map(str::trim).rfind(|statement| !statement.is_empty()) else {
+        return false;
+    };
+    let mut words = last.split_whitespace();
+    matches!(
+        (words.next(), words.next(), words.next()),
+        (Some(verb), Some(all), None)
+            if (verb.eq_ignore_ascii_case("RESET") || verb.eq_ignore_ascii_case("DISCARD"))
+                && all.eq_ignore_ascii_case("ALL")
+    )
+}
+
+/// A CommandComplete tag (without its NUL) that a full reset answers with: `RESET` (which
+/// `RESET name` also gives, hence [`ends_with_full_reset`] on the query) or `DISCARD ALL`.
+pub fn is_full_reset_tag(tag: &[u8]) -> bool {
+    tag == b"RESET" || tag == b"DISCARD ALL"
+}
+
 fn is_read_only(name: &str) -> bool {
     READ_ONLY.iter().any(|r| r.eq_ignore_ascii_case(name))
 }
@@ -250,6 +276,24 @@ fn quote_literal(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_query_ending_in_reset_all_or_discard_all_resets_everything() {
+        let asyncpg_release = "SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nUNLISTEN *;\nRESET ALL;";
+        assert!(ends_with_full_reset(asyncpg_release));
+        assert!(ends_with_full_reset("discard   all"));
+        assert!(ends_with_full_reset("SET work_mem = '1MB'; RESET ALL ;  "));
+        assert!(!ends_with_full_reset("RESET ALL; SET work_mem = '1MB'"), "a SET after the reset stays");
+        assert!(!ends_with_full_reset("RESET work_mem"));
+        assert!(!ends_with_full_reset("DISCARD PLANS"));
+        assert!(!ends_with_full_reset("DEALLOCATE ALL"), "statements only, parameters stay");
+        assert!(!ends_with_full_reset("SELECT 1 -- ; RESET ALL"), "the reset is a comment");
+        assert!(!ends_with_full_reset("SET a.b = 1 /* ; */; RESET ALL"));
+        assert!(!ends_with_full_reset("SELECT 'x; RESET ALL'"));
+        assert!(!ends_with_full_reset(" ; ;"));
+        assert!(is_full_reset_tag(b"RESET") && is_full_reset_tag(b"DISCARD ALL"));
+        assert!(!is_full_reset_tag(b"SET") && !is_full_reset_tag(b"DISCARD PLANS"));
+    }
 
     fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
         v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
