@@ -31,6 +31,7 @@ shared_buffers = 128MB
 const HBA: &str = "\
 local all all trust
 host all postgres 127.0.0.1/32 trust
+host replication postgres 127.0.0.1/32 trust
 host all trust_user 127.0.0.1/32 trust
 host all md5_user 127.0.0.1/32 md5
 host all all 127.0.0.1/32 scram-sha-256
@@ -93,26 +94,63 @@ impl Postgres {
             .open(pg.data_dir.join("postgresql.conf"))
             .expect("open postgresql.conf");
         conf.write_all(b"\ninclude = 'pgcorral_test.conf'\n").expect("write postgresql.conf");
-        // Another process may grab the port between free_port() and the bind;
-        // a fresh port is the cheap fix.
+        pg.launch(extra_config);
+        pg.create_fixtures();
+        pg
+    }
+
+    /// A hot standby of this cluster, streaming from it (pg_basebackup -R): the real read
+    /// replica behind a `[databases]` entry such as the seed's `mydb_ro`. It has every role and
+    /// database of the primary and refuses writes.
+    pub fn start_replica(&self) -> Postgres {
+        let dir = scratch_dir("pg");
+        let data_dir = dir.join("data");
+        chown_to_postgres(&dir);
+        let mut replica = Postgres { port: 0, socket_dir: dir.clone(), data_dir, dir };
+        replica.spawn_watchdog();
+        let backup = server_cmd("pg_basebackup")
+            .arg("-D")
+            .arg(&replica.data_dir)
+            .args([
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-sync",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-p",
+            ])
+            .arg(self.port.to_string())
+            .output()
+            .expect("run pg_basebackup");
+        check(&backup, "pg_basebackup");
+        // The copy includes the primary's pgcorral_test.conf; launch writes this one's.
+        replica.launch("");
+        replica
+    }
+
+    /// Writes the included settings with a free port and starts the server. Another process
+    /// may grab the port between free_port() and the bind; a fresh port is the cheap fix.
+    fn launch(&mut self, extra_config: &str) {
         let mut last_error = String::new();
         for _ in 0..3 {
-            pg.port = free_port();
+            self.port = free_port();
             let conf = format!(
                 "{BASE_CONFIG}port = {}\nunix_socket_directories = '{}'\n{extra_config}\n",
-                pg.port,
-                pg.socket_dir.display()
+                self.port,
+                self.socket_dir.display()
             );
-            std::fs::write(pg.data_dir.join("pgcorral_test.conf"), conf).expect("write pgcorral_test.conf");
-            match pg.try_pg_ctl(&["start", "-w", "-t", "30"]) {
-                Ok(()) => {
-                    pg.create_fixtures();
-                    return pg;
-                }
+            std::fs::write(self.data_dir.join("pgcorral_test.conf"), conf).expect("write pgcorral_test.conf");
+            match self.try_pg_ctl(&["start", "-w", "-t", "30"]) {
+                Ok(()) => return,
                 Err(e) => last_error = e,
             }
         }
-        panic!("PostgreSQL did not start:\n{last_error}\n{}", pg.log());
+        panic!("PostgreSQL did not start:\n{last_error}\n{}", self.log());
     }
 
     /// One cluster per test binary. Statics are never dropped, so the

@@ -12,7 +12,17 @@ use std::sync::OnceLock;
 
 /// Changing this list rebuilds the venv, because the marker records it.
 /// greenlet is what SQLAlchemy's asyncio extension runs on; pip leaves it out on some platforms.
-const PACKAGES: &[&str] = &["asyncpg", "psycopg[binary]", "prometheus_client", "sqlalchemy", "greenlet"];
+/// fastapi, uvicorn and httpx serve and load the deployment guide's application.
+const PACKAGES: &[&str] = &[
+    "asyncpg",
+    "psycopg[binary]",
+    "prometheus_client",
+    "sqlalchemy",
+    "greenlet",
+    "fastapi",
+    "uvicorn",
+    "httpx",
+];
 
 /// Path of the venv's python, creating the venv on first use. A file lock
 /// serialises test binaries that run in parallel; the marker file is written
