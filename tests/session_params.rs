@@ -122,6 +122,20 @@ async fn reset_goes_back_to_the_clients_own_start() {
     assert_eq!(show(&started, "search_path").await, "\"$user\", public");
     assert_eq!(show(&started, "application_name").await, "started");
     assert_eq!(show(&other, "statement_timeout").await, "0");
+
+    // pgcorral knows what a query ending in RESET ALL leaves without asking; one that goes on
+    // after it, or fails before it, is read back.
+    started.batch_execute("RESET ALL; SET work_mem = '16MB'").await.unwrap();
+    assert_eq!(show(&started, "work_mem").await, "16MB");
+    assert!(started.batch_execute("SELECT 1/0; RESET ALL").await.is_err());
+    assert_eq!(show(&started, "work_mem").await, "16MB", "the failed query never reached its RESET ALL");
+    assert_eq!(show(&other, "work_mem").await, "4MB");
+    started
+        .batch_execute("SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;")
+        .await
+        .unwrap();
+    assert_eq!(show(&started, "work_mem").await, "4MB");
+    assert_eq!(show(&started, "statement_timeout").await, "1234ms");
 }
 
 #[tokio::test]
@@ -136,6 +150,10 @@ async fn connect_query_values_stay_the_default_for_everyone() {
     assert_eq!(show(&setter, "search_path").await, "mine");
     assert_eq!(show(&other, "search_path").await, "base, public");
     setter.batch_execute("RESET search_path").await.unwrap();
+    assert_eq!(show(&other, "search_path").await, "base, public");
+    setter.batch_execute("SET search_path = mine").await.unwrap();
+    setter.batch_execute("RESET ALL").await.unwrap();
+    assert_eq!(show(&setter, "search_path").await, "base, public");
     assert_eq!(show(&other, "search_path").await, "base, public");
 }
 
