@@ -78,19 +78,7 @@ impl Setup {
 
     /// The `key=value` lines a driver program printed, after asserting that it succeeded.
     fn results(&self, what: &str, out: &Output) -> HashMap<String, String> {
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{what} failed ({}):\n--- stdout ---\n{stdout}\n--- stderr ---\n{}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            self.pooler.log()
-        );
-        stdout
-            .lines()
-            .filter_map(|line| line.split_once('='))
-            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-            .collect()
+        printed_results(what, out, || self.pooler.log())
     }
 
     /// PostgreSQL never had more server connections to the database than the pool allows, and

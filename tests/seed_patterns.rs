@@ -63,21 +63,8 @@ fn url(pooler: &Pooler, user: &str, password: &str, db: &str) -> String {
     format!("postgresql://{user}:{password}@127.0.0.1:{}/{db}", pooler.port)
 }
 
-/// The `key=value` lines a program printed, after asserting that it succeeded.
 fn results(what: &str, out: &Output, pooler: &Pooler) -> HashMap<String, String> {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n--- stdout ---\n{stdout}\n--- stderr ---\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        pooler.log()
-    );
-    stdout
-        .lines()
-        .filter_map(|line| line.split_once('='))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect()
+    printed_results(what, out, || pooler.log())
 }
 
 fn number(results: &HashMap<String, String>, key: &str) -> usize {

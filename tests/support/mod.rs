@@ -195,6 +195,28 @@ pub(crate) async fn connect_plain(conninfo: &str) -> Result<tokio_postgres::Clie
     Ok(client)
 }
 
+/// The `key=value` lines a test program (a driver script, a Java class) printed, after
+/// asserting that it succeeded; `context` (the pooler's log, say) goes into the failure message.
+pub fn printed_results(
+    what: &str,
+    out: &std::process::Output,
+    context: impl FnOnce() -> String,
+) -> std::collections::HashMap<String, String> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n--- stdout ---\n{stdout}\n--- stderr ---\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        context()
+    );
+    stdout
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
 /// Panics with what to install when `program` cannot be run: a driver test that silently
 /// skipped would report a compatibility it never checked.
 pub fn require_program(program: &str, install_hint: &str) {
