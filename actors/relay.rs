@@ -511,7 +511,7 @@ impl Relay {
                 Box::pin(self.acquire()).await?;
             }
             self.tracker.client_sent(frame.tag);
-            self.query_resets_all = frame.tag == b'Q' && {
+            self.query_resets_all = frame.tag == b'Q' && self.mode != PoolMode::Session && {
                 let body = &self.from_client[end + 5..end + frame.len];
                 ends_with_full_reset(std::str::from_utf8(&body[..body.len().saturating_sub(1)]).unwrap_or(""))
             };

@@ -217,6 +217,12 @@ impl TrackedParams {
 /// afterwards is known without asking the server. A query with a comment never qualifies: a
 /// statement hidden in one would make the text lie about what ran.
 pub fn ends_with_full_reset(query: &str) -> bool {
+    // Runs on every simple query: most end in something other than ALL, and are let go
+    // without a scan of their text.
+    let tail = query.trim_end_matches(|c: char| c == ';' || c.is_whitespace()).as_bytes();
+    if !tail.len().checked_sub(3).is_some_and(|at| tail[at..].eq_ignore_ascii_case(b"ALL")) {
+        return false;
+    }
     if query.contains("--") || query.contains("/*") {
         return false;
     }
