@@ -32,7 +32,7 @@ use crate::actors::pool::{PoolMember, PoolSettings, PoolShared, Welcome};
 use crate::actors::router::{live_router, worker_index, Router};
 use crate::actors::server::{AfterLease, ServerConnection, ServerLink};
 use crate::admin::resultset::command_complete;
-use crate::auth::BackendLoginError;
+use crate::auth::{server_error, BackendLoginError};
 use crate::config::PoolMode;
 use crate::local_queue::LocalReceiver;
 use crate::net::{ServerAddr, Socket};
@@ -80,6 +80,9 @@ struct Lease {
     link: ServerLink,
     from_server: BytesMut,
     to_server: BytesMut,
+    /// pgcorral's own parameter-sync queries sent ahead of the client's messages whose answers
+    /// have not all arrived: they are swallowed, and the server cannot go back before.
+    pending_syncs: u8,
 }
 
 /// The clock a client is on, by what it is doing; each has a timeout key (0 = off).
@@ -148,6 +151,9 @@ pub struct Relay {
     /// release, once per transaction).
     query_resets_all: bool,
     answer_was_reset: bool,
+    /// Every value this client believes in has been accepted by a server once (set there, or
+    /// read back from one), so setting them again cannot fail and may go ahead of its messages.
+    params_confirmed: bool,
     cancel: Rc<CancelState>,
     control: LocalReceiver<Control>,
     max_packet: usize,
@@ -206,6 +212,7 @@ impl Relay {
             session_changed: false,
             query_resets_all: false,
             answer_was_reset: false,
+            params_confirmed: false,
             cancel,
             control,
             max_packet,
@@ -263,7 +270,8 @@ impl Relay {
 
     fn after_lease_on_exit(&self) -> AfterLease {
         let Some(lease) = &self.lease else { return AfterLease::Close };
-        let clean_wire = lease.from_server.is_empty() && lease.to_server.is_empty();
+        let clean_wire =
+            lease.from_server.is_empty() && lease.to_server.is_empty() && lease.pending_syncs == 0;
         // A cancel still on its way would hit whatever the next client runs there.
         if !clean_wire || !self.tracker.quiet() || self.cancel.in_flight.get() > 0 {
             AfterLease::Close
@@ -402,7 +410,10 @@ impl Relay {
         self.session_changed
             && self.mode != PoolMode::Session
             && self.cancel.in_flight.get() == 0
-            && self.lease.as_ref().is_some_and(|l| l.from_server.is_empty() && l.to_server.is_empty())
+            && self
+                .lease
+                .as_ref()
+                .is_some_and(|l| l.from_server.is_empty() && l.to_server.is_empty() && l.pending_syncs == 0)
             && self.tracker.idle()
     }
 
@@ -419,7 +430,7 @@ impl Relay {
         } else {
             match lease.link.learn_session().await {
                 Ok(set_now) => set_now,
-                Err(error) => return Err(self.server_query_failed(error)),
+                Err(error) => return Err(restore_failed(error)),
             }
         };
         for (name, value) in self.params.after_reset(&self.initial_params, &set_now) {
@@ -429,16 +440,6 @@ impl Relay {
             }
         }
         Ok(())
-    }
-
-    fn server_query_failed(&self, error: BackendLoginError) -> Ending {
-        match error {
-            BackendLoginError::Server { code, message, .. } => Ending::Error(PgError::fatal(
-                &code,
-                format!("could not restore session parameters: {message}"),
-            )),
-            _ => Ending::ServerLost,
-        }
     }
 
     /// Flushes what is queued both ways, then reports the first thing that needs attention.
@@ -622,6 +623,27 @@ impl Relay {
                     return Err(Ending::ServerLost);
                 }
             };
+            if lease.pending_syncs > 0 {
+                // The answers to a parameter sync come before the client's own.
+                let body = frame.body(&lease.from_server[end..]);
+                match frame.tag {
+                    b'Z' => lease.pending_syncs -= 1,
+                    b'S' => {
+                        if let Some((name, value)) = parse_parameter_status(body) {
+                            lease.link.set_param(&name, &value);
+                            self.params.observe(&name, &value);
+                        }
+                    }
+                    b'E' => return Err(restore_failed(server_error(body))),
+                    _ => {}
+                }
+                let before = lease.from_server.split_to(end);
+                self.pool.stats.sent(self.worker, before.len());
+                append(&mut self.to_client, before);
+                lease.from_server.advance(frame.len);
+                end = 0;
+                continue;
+            }
             if frame.tag == b'E' {
                 self.answer_was_reset = false;
             }
@@ -725,6 +747,7 @@ impl Relay {
             || !self.tracker.idle()
             || !lease.from_server.is_empty()
             || !lease.to_server.is_empty()
+            || lease.pending_syncs > 0
         {
             return;
         }
@@ -815,7 +838,13 @@ impl Relay {
             process_id: link.process_id,
             secret_key: link.secret_key,
         }));
-        self.lease = Some(Lease { server, link, from_server: BytesMut::new(), to_server: BytesMut::new() });
+        self.lease = Some(Lease {
+            server,
+            link,
+            from_server: BytesMut::new(),
+            to_server: BytesMut::new(),
+            pending_syncs: 0,
+        });
         self.rewriter = Rewriter::default();
         self.sync_params().await
     }
@@ -825,7 +854,7 @@ impl Relay {
         let Some(lease) = &mut self.lease else { return Ok(()) };
         if lease.link.session_unknown {
             if let Err(error) = lease.link.learn_session().await {
-                return Err(self.server_query_failed(error));
+                return Err(restore_failed(error));
             }
         }
         let Some(lease) = &mut self.lease else { return Ok(()) };
@@ -835,10 +864,27 @@ impl Relay {
         let link = &lease.link;
         let Some(sql) = self.params.sync_query(&link.params, &link.session, &link.baseline) else {
             lease.link.matches_client = Some(self.params.clone());
+            self.params_confirmed = true;
             return Ok(());
         };
+        if self.params_confirmed
+            && self.mode != PoolMode::Session
+            && lease.link.session == self.params.session()
+        {
+            // Only reported parameters differ, with values a server took before, which stay
+            // valid (a time zone, an application_name): sent ahead of the client's messages in
+            // the same write, with no round trip of their own (asyncpg's RESET ALL on every
+            // release makes this once per transaction); their answers are swallowed in
+            // server_input. Unreported ones can stop being valid (a dropped text search
+            // configuration) and are set first, so that no client query runs without them.
+            postgres_protocol::message::frontend::query(&sql, &mut lease.to_server)
+                .map_err(|e| Ending::Error(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())))?;
+            lease.pending_syncs += 1;
+            lease.link.matches_client = Some(self.params.clone());
+            return Ok(());
+        }
         if let Err(error) = lease.link.run(&sql).await {
-            return Err(self.server_query_failed(error));
+            return Err(restore_failed(error));
         }
         let Some(lease) = &mut self.lease else { return Ok(()) };
         // The server's normalised spelling becomes what the client is compared with.
@@ -850,6 +896,7 @@ impl Relay {
         lease.link.session = self.params.session().to_vec();
         lease.link.session_unknown = false;
         lease.link.matches_client = Some(self.params.clone());
+        self.params_confirmed = true;
         Ok(())
     }
 
@@ -877,6 +924,18 @@ impl Relay {
     pub fn set_params(&mut self, params: TrackedParams) {
         self.initial_params = params.clone();
         self.params = params;
+        self.params_confirmed = false;
+    }
+}
+
+/// The client's session parameters could not be put on its server: the client cannot go on
+/// with values it did not choose.
+fn restore_failed(error: BackendLoginError) -> Ending {
+    match error {
+        BackendLoginError::Server { code, message, .. } => {
+            Ending::Error(PgError::fatal(&code, format!("could not restore session parameters: {message}")))
+        }
+        _ => Ending::ServerLost,
     }
 }
 

@@ -241,3 +241,31 @@ fn options_that_no_server_could_honour_are_refused() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "4MB");
 }
+
+#[tokio::test]
+async fn reported_values_follow_clients_that_reset_after_every_transaction() {
+    // asyncpg's pattern: every release ends in RESET ALL, so each lease must put the client's
+    // application_name and TimeZone back on the server, ahead of whatever the client sends,
+    // simple or extended, failing or not.
+    let pg = Postgres::shared();
+    let db = pg.create_database("sp_reported");
+    let pooler = pooler(pg, &db, 1, "", "");
+    let tokyo = client(&pooler, &db, "application_name=alpha options='-c TimeZone=Asia/Tokyo'").await;
+    let plain = client(&pooler, &db, "application_name=beta").await;
+    let default_zone = show(&plain, "TimeZone").await;
+    assert_ne!(default_zone, "Asia/Tokyo");
+    for _ in 0..5 {
+        tokyo.batch_execute("RESET ALL").await.unwrap();
+        plain.batch_execute("RESET ALL").await.unwrap();
+        assert_eq!(show(&tokyo, "application_name").await, "alpha");
+        assert_eq!(show(&tokyo, "TimeZone").await, "Asia/Tokyo");
+        let failed = plain.simple_query("SELECT 1/0").await.unwrap_err();
+        assert_eq!(failed.code().map(|c| c.code()), Some("22012"), "{failed}");
+        let row = tokyo.query_one("SELECT current_setting('TimeZone'), $1::text", &[&"x"]).await.unwrap();
+        assert_eq!(row.get::<_, String>(0), "Asia/Tokyo");
+        assert_eq!(show(&plain, "application_name").await, "beta");
+        assert_eq!(show(&plain, "TimeZone").await, default_zone);
+        assert_eq!(backend_pid(&tokyo).await, backend_pid(&plain).await, "one server for both");
+    }
+    assert_eq!(backend_count(pg, &db), 1);
+}

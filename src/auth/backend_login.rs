@@ -461,7 +461,7 @@ fn parameter_status(body: &[u8]) -> Result<(String, String), BackendLoginError> 
 /// Turns an ErrorResponse body into `BackendLoginError::Server`. A body that
 /// cannot be parsed is still a refusal, so it is reported as one with what
 /// could be read rather than as a protocol error that hides it.
-fn server_error(body: &[u8]) -> BackendLoginError {
+pub fn server_error(body: &[u8]) -> BackendLoginError {
     let mut severity = None;
     let mut localized_severity = None;
     let mut code = String::new();

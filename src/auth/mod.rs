@@ -11,7 +11,9 @@ mod scram;
 mod scram_client;
 mod secret;
 
-pub use backend_login::{login, query_rows, run_simple_query, BackendLoginError, LoginOutcome, LoginRequest};
+pub use backend_login::{
+    login, query_rows, run_simple_query, server_error, BackendLoginError, LoginOutcome, LoginRequest,
+};
 pub use error::{AuthError, ScramClientError};
 pub use md5::{md5_secret, md5_verify};
 pub use scram::{verify_plaintext, ScramServer, SCRAM_SHA_256, SCRAM_SHA_256_PLUS};
