@@ -637,10 +637,8 @@ impl Relay {
                     b'E' => return Err(restore_failed(server_error(body))),
                     _ => {}
                 }
-                let before = lease.from_server.split_to(end);
-                self.pool.stats.sent(self.worker, before.len());
-                append(&mut self.to_client, before);
-                lease.from_server.advance(frame.len);
+                let forwarded = take_frame(&mut lease.from_server, end, frame.len, &mut self.to_client);
+                self.pool.stats.sent(self.worker, forwarded);
                 end = 0;
                 continue;
             }
@@ -652,14 +650,11 @@ impl Relay {
                 let verdict =
                     self.rewriter.server_message(message, &mut self.statements, &mut lease.link.statements);
                 if verdict != ServerVerdict::Forward {
-                    let before = lease.from_server.split_to(end);
-                    self.pool.stats.sent(self.worker, before.len());
-                    append(&mut self.to_client, before);
-                    let message = lease.from_server.split_to(frame.len);
+                    let forwarded = take_frame(&mut lease.from_server, end, frame.len, &mut self.to_client);
+                    self.pool.stats.sent(self.worker, forwarded);
                     if let ServerVerdict::Replace(renamed) = verdict {
                         self.to_client.extend_from_slice(&renamed);
                     }
-                    drop(message);
                     end = 0;
                     continue;
                 }
@@ -958,6 +953,14 @@ pub async fn send_cancel(target: &CancelTarget) -> io::Result<()> {
 }
 
 /// Appends without copying when the destination is empty (the common case: one batch per read).
+/// Moves the server messages before `end` to the client and drops the `len`-byte one at `end`
+/// (an answer pgcorral swallows or replaces). Returns how many bytes were forwarded.
+fn take_frame(from_server: &mut BytesMut, end: usize, len: usize, to_client: &mut BytesMut) -> usize {
+    append(to_client, from_server.split_to(end));
+    from_server.advance(len);
+    end
+}
+
 fn append(dst: &mut BytesMut, chunk: BytesMut) {
     if dst.is_empty() {
         *dst = chunk;
