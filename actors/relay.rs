@@ -27,7 +27,7 @@ use tokio::io::AsyncWrite;
 use tokio::sync::oneshot;
 
 use crate::actors::census::ClientEntry;
-use crate::actors::messages::{Checkin, Checkout, Return};
+use crate::actors::messages::{Checkin, Checkout, Return, ServerOffer};
 use crate::actors::pool::{PoolMember, PoolSettings, PoolShared, Welcome};
 use crate::actors::router::{live_router, worker_index, Router};
 use crate::actors::server::{AfterLease, ServerConnection, ServerLink};
@@ -39,7 +39,10 @@ use crate::net::{ServerAddr, Socket};
 use crate::params::{ends_with_full_reset, is_full_reset_tag, TrackedParams};
 use crate::protocol::backend::{parameter_status, parse_parameter_status, ready_for_query};
 use crate::protocol::error::sqlstate;
-use crate::protocol::prepared::{deallocate_target, ClientStatements, Rewriter, Rewritten, ServerVerdict};
+use crate::protocol::prepared::{
+    deallocate_target, BooksAfter, ClientStatements, Rewriter, Rewritten, ServerVerdict,
+};
+use crate::protocol::tracker::MAX_BACKLOG;
 use crate::protocol::{frame_at, PgError, TxnTracker};
 
 /// Stop reading a side while this much is queued for the other: backpressure, and a bound on
@@ -48,6 +51,9 @@ const HIGH_WATER: usize = 256 * 1024;
 const READ_CHUNK: usize = 8 * 1024;
 /// PostgreSQL's own messages are trusted, but a corrupt length must not allocate gigabytes.
 const MAX_SERVER_MESSAGE: usize = 1 << 30;
+
+/// The Router's answer to a Checkout, or news that it went away.
+type RouterAnswer = Result<Result<ServerOffer, PgError>, oneshot::error::RecvError>;
 
 /// Instructions from the ClientSession actor to its relay loop.
 #[derive(Debug)]
@@ -158,6 +164,9 @@ pub struct Relay {
     control: LocalReceiver<Control>,
     max_packet: usize,
     release_deferred: bool,
+    /// The client sent Terminate after messages the server has not answered yet: PostgreSQL
+    /// would run them before closing, so the relay sees them through, then ends.
+    terminating: bool,
     /// The pool's settings (with their version) as of this client's last lease: the shared
     /// copy sits behind a lock every worker reads, so it is only re-read when it changed.
     settings: (usize, Arc<PoolSettings>),
@@ -180,6 +189,10 @@ pub struct Relay {
     statements: ClientStatements,
     /// Which of the current lease's responses answer messages pgcorral added.
     rewriter: Rewriter,
+    /// The current lease ran SQL-level PREPARE or DEALLOCATE in transaction or statement mode:
+    /// its server may hold forged statements under pgcorral's names, and is closed when it
+    /// comes back instead of serving another client.
+    books_untrusted: bool,
 }
 
 impl Relay {
@@ -217,6 +230,7 @@ impl Relay {
             control,
             max_packet,
             release_deferred: false,
+            terminating: false,
             settings,
             timer: None,
             transaction_timer: None,
@@ -227,6 +241,7 @@ impl Relay {
             xact_started: None,
             statements: ClientStatements::default(),
             rewriter: Rewriter::default(),
+            books_untrusted: false,
         }
     }
 
@@ -355,6 +370,9 @@ impl Relay {
         let configuration_changed =
             || Ending::Error(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "database configuration changed"));
         loop {
+            if self.terminating && self.lease.as_ref().is_none_or(|_| !self.tracker.busy()) {
+                return Ending::Terminated;
+            }
             self.arm_timer();
             if self.fast_close_due() {
                 return configuration_changed();
@@ -445,7 +463,12 @@ impl Relay {
     /// Flushes what is queued both ways, then reports the first thing that needs attention.
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
         if flush(&mut self.client, &mut self.to_client, cx).is_ready_err() {
-            return Poll::Ready(Event::ClientGone);
+            if !self.terminating {
+                return Poll::Ready(Event::ClientGone);
+            }
+            // A client that said goodbye may close before reading its last answers, as it may
+            // with PostgreSQL itself; its server still finishes what it was sent.
+            self.to_client = BytesMut::new();
         }
         if let Some(lease) = &mut self.lease {
             if flush(&mut lease.link.socket, &mut lease.to_server, cx).is_ready_err() {
@@ -465,7 +488,7 @@ impl Relay {
                 return Poll::Ready(Event::TransactionTimeout);
             }
         }
-        if self.to_client.len() < HIGH_WATER {
+        if self.to_client.len() < HIGH_WATER || self.terminating {
             if let Some(lease) = &mut self.lease {
                 match read_some(&mut lease.link.socket, &mut lease.from_server, cx) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::ServerGone),
@@ -479,7 +502,11 @@ impl Relay {
         // millisecond between the two, enough for the client's next query to start and be hit.
         // That next query waits until the cancel has been delivered (the postmaster hung up).
         let cancel_landing = self.cancel.in_flight.get() > 0 && self.tracker.idle();
-        if !cancel_landing && self.lease.as_ref().is_none_or(|l| l.to_server.len() < HIGH_WATER) {
+        // A client far ahead of its server waits: what it sent is buffered (to_server), and so
+        // is the tracker's record of what is unanswered.
+        let backlogged = self.lease.as_ref().is_some_and(|l| l.to_server.len() >= HIGH_WATER)
+            || self.tracker.backlog() >= MAX_BACKLOG;
+        if !cancel_landing && !backlogged && !self.terminating {
             match read_some(&mut self.client, &mut self.from_client, cx) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::ClientGone),
                 Poll::Ready(Ok(_)) => return Poll::Ready(Event::ClientData),
@@ -499,8 +526,10 @@ impl Relay {
                 Err(e) => return Err(Ending::Error(e.to_pg())),
             };
             if frame.tag == b'X' {
-                self.forward_to_server(end);
-                return Err(Ending::Terminated);
+                // PostgreSQL reads nothing after Terminate.
+                self.from_client.truncate(end);
+                self.terminating = true;
+                break;
             }
 
             if self.lease.is_none() {
@@ -512,14 +541,16 @@ impl Relay {
                 Box::pin(self.acquire()).await?;
             }
             self.tracker.client_sent(frame.tag);
+            let ignored_syncs = self.tracker.take_ignored_syncs();
             self.query_resets_all = frame.tag == b'Q' && self.mode != PoolMode::Session && {
                 let body = &self.from_client[end + 5..end + frame.len];
                 ends_with_full_reset(std::str::from_utf8(&body[..body.len().saturating_sub(1)]).unwrap_or(""))
             };
-            if self.rewrites_statements()
+            let rewritten = self.rewrites_statements()
                 && matches!(frame.tag, b'P' | b'B' | b'D' | b'C' | b'Q' | b'S' | b'F')
-                && self.rewrite_client_message(end, frame.len)?
-            {
+                && self.rewrite_client_message(end, frame.len)?;
+            self.rewriter.syncs_ignored(ignored_syncs);
+            if rewritten {
                 end = 0;
                 continue;
             }
@@ -653,6 +684,7 @@ impl Relay {
                     let forwarded = take_frame(&mut lease.from_server, end, frame.len, &mut self.to_client);
                     self.pool.stats.sent(self.worker, forwarded);
                     if let ServerVerdict::Replace(renamed) = verdict {
+                        self.tracker.server_sent(b'E', None);
                         self.to_client.extend_from_slice(&renamed);
                     }
                     end = 0;
@@ -660,9 +692,10 @@ impl Relay {
                 }
             }
             let body = frame.body(&lease.from_server[end..]);
+            self.tracker.server_sent(frame.tag, body.first().copied());
             match frame.tag {
+                b'G' | b'W' => self.rewriter.syncs_ignored(self.tracker.take_ignored_syncs()),
                 b'Z' => {
-                    self.tracker.server_sent(b'Z', body.first().copied());
                     let now = Instant::now();
                     let stats = &self.pool.stats;
                     if let Some(start) = self.query_started.take() {
@@ -688,6 +721,15 @@ impl Relay {
                 b'C' => {
                     let tag = body.strip_suffix(b"\0").unwrap_or(body);
                     self.answer_was_reset = is_full_reset_tag(tag);
+                    if rewriting
+                        && self.rewriter.command_complete(
+                            tag,
+                            &mut self.statements,
+                            &mut lease.link.statements,
+                        ) == BooksAfter::Untrusted
+                    {
+                        self.books_untrusted = true;
+                    }
                     if changes_session(tag) {
                         lease.link.session_unknown = true;
                         lease.link.matches_client = None;
@@ -775,7 +817,11 @@ impl Relay {
     fn give_back(&mut self, lease: Lease, after: AfterLease) {
         // Statements pgcorral added whose fate is unknown: the server's books cannot be
         // trusted, so neither can the server.
-        let after = if self.rewriter.settled() { after } else { AfterLease::Close };
+        let after = if self.rewriter.settled() && !std::mem::take(&mut self.books_untrusted) {
+            after
+        } else {
+            AfterLease::Close
+        };
         if after == AfterLease::Reuse && !self.settings.1.reset_query_always {
             let router = live_router(&mut self.router, &self.pool);
             router.do_send(Checkin { server: lease.server, link: lease.link, fresh: false });
@@ -794,26 +840,9 @@ impl Relay {
         self.entry.waits(census.clock.stamp(asked));
         live_router(&mut self.router, &self.pool).do_send(Checkout { reply });
         let notify = self.settings.1.query_wait_notify;
-        let answer = match notify.is_zero() {
-            true => answer.await,
-            false => match tokio::time::timeout(notify, &mut answer).await {
-                Ok(answer) => answer,
-                Err(_) => {
-                    // query_wait_notify: tell the client why nothing happens, then keep waiting.
-                    PgError {
-                        severity: "NOTICE".into(),
-                        code: "00000".into(),
-                        message: format!(
-                            "No server connection available in pool {}, client being queued",
-                            self.pool.key
-                        ),
-                    }
-                    .encode_notice(&mut self.to_client);
-                    let _ = poll_fn(|cx| flush(&mut self.client, &mut self.to_client, cx)).await;
-                    answer.await
-                }
-            },
-        };
+        let mut notice = (!notify.is_zero()).then(|| Box::pin(tokio::time::sleep(notify)));
+        let mut said_goodbye = false;
+        let answer = poll_fn(|cx| self.poll_wait(&mut answer, &mut notice, &mut said_goodbye, cx)).await?;
         let (server, link) = match answer {
             Ok(Ok(offer)) => offer.claim(),
             Ok(Err(error)) => return Err(Ending::Error(error)),
@@ -842,6 +871,61 @@ impl Relay {
         });
         self.rewriter = Rewriter::default();
         self.sync_params().await
+    }
+
+    /// Waits for the Router's answer while watching the client: a client that vanishes or is
+    /// killed while queued leaves the queue (dropping `answer` tells the Router), and nothing it
+    /// sent reaches PostgreSQL. What it sends meanwhile is kept for when a server comes. A
+    /// client that closes after a Terminate said goodbye on purpose: what it sent before the
+    /// Terminate runs, as PostgreSQL runs it.
+    fn poll_wait(
+        &mut self,
+        answer: &mut oneshot::Receiver<Result<ServerOffer, PgError>>,
+        notice: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+        said_goodbye: &mut bool,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<RouterAnswer, Ending>> {
+        if let Poll::Ready(reply) = Pin::new(answer).poll(cx) {
+            return Poll::Ready(Ok(reply));
+        }
+        while let Poll::Ready(control) = self.control.poll_recv(cx) {
+            if let Control::Kill(error) = control {
+                return Poll::Ready(Err(Ending::Error(error)));
+            }
+        }
+        if notice.as_mut().is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready()) {
+            *notice = None;
+            // query_wait_notify: tell the client why nothing happens, then keep waiting.
+            PgError {
+                severity: "NOTICE".into(),
+                code: "00000".into(),
+                message: format!(
+                    "No server connection available in pool {}, client being queued",
+                    self.pool.key
+                ),
+            }
+            .encode_notice(&mut self.to_client);
+        }
+        if *said_goodbye {
+            return Poll::Pending;
+        }
+        if flush(&mut self.client, &mut self.to_client, cx).is_ready_err() {
+            return Poll::Ready(Err(Ending::ClientLeft));
+        }
+        while self.from_client.len() < HIGH_WATER {
+            match read_some(&mut self.client, &mut self.from_client, cx) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                    if !holds_terminate(&self.from_client, self.max_packet) {
+                        return Poll::Ready(Err(Ending::ClientLeft));
+                    }
+                    *said_goodbye = true;
+                    break;
+                }
+                Poll::Ready(Ok(_)) => continue,
+                Poll::Pending => break,
+            }
+        }
+        Poll::Pending
     }
 
     /// Sends what makes the leased server's session parameters match what this client believes.
@@ -994,6 +1078,18 @@ fn flush(socket: &mut Socket, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<
     }
     *buf = BytesMut::new();
     Poll::Ready(Ok(()))
+}
+
+/// Whether the whole messages at the front of `buf` include a Terminate.
+fn holds_terminate(buf: &[u8], max_packet: usize) -> bool {
+    let mut at = 0;
+    while let Ok(Some(frame)) = frame_at(&buf[at..], max_packet) {
+        if frame.tag == b'X' {
+            return true;
+        }
+        at += frame.len;
+    }
+    false
 }
 
 /// Parse messages in a run of whole messages pgcorral wrote.

@@ -155,6 +155,33 @@ struct CloseSent {
     swallow: bool,
 }
 
+/// A client's `DEALLOCATE name` sent as `DEALLOCATE pgcorral_…`: the books change only once
+/// PostgreSQL confirms it (it fails in an aborted transaction, and the statement stays).
+#[derive(Debug)]
+struct DeallocateSent {
+    batch: u64,
+    client_name: String,
+    server_name: String,
+}
+
+/// A Bind or Describe of a reserved name the client never prepared, sent as [`NOTHING`]: the
+/// client's own spelling goes back into PostgreSQL's `does not exist` error.
+#[derive(Debug)]
+struct UnknownSent {
+    batch: u64,
+    client_name: String,
+}
+
+/// What a CommandComplete did to the statement books.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BooksAfter {
+    Exact,
+    /// SQL-level PREPARE or DEALLOCATE that pgcorral did not write: the server may now hold
+    /// statements under pgcorral's names that pgcorral did not prepare, or lack ones it did. It
+    /// must not serve another client.
+    Untrusted,
+}
+
 /// What a client message became.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Rewritten {
@@ -183,12 +210,32 @@ pub struct Rewriter {
     batches_done: u64,
     parses: VecDeque<ParseSent>,
     closes: VecDeque<CloseSent>,
+    deallocates: VecDeque<DeallocateSent>,
+    unknown: VecDeque<UnknownSent>,
 }
 
 impl Rewriter {
     /// Nothing pgcorral added is still waiting for its answer.
     pub fn settled(&self) -> bool {
-        self.parses.is_empty() && self.closes.is_empty()
+        self.parses.is_empty() && self.closes.is_empty() && self.deallocates.is_empty()
+    }
+
+    /// `n` Syncs sent were taken by a COPY reader and will never be answered: the batches
+    /// after them are numbered as PostgreSQL will answer them.
+    pub fn syncs_ignored(&mut self, n: u32) {
+        if n == 0 {
+            return;
+        }
+        let n = u64::from(n);
+        self.batches_sent = self.batches_sent.saturating_sub(n).max(self.batches_done);
+        let done = self.batches_done;
+        let renumber = |batch: &mut u64| {
+            if *batch > done {
+                *batch = batch.saturating_sub(n).max(done);
+            }
+        };
+        self.parses.iter_mut().for_each(|p| renumber(&mut p.batch));
+        self.closes.iter_mut().for_each(|c| renumber(&mut c.batch));
     }
 
     /// Rewrites one client message (`frame`: tag, length and body). `capacity` is
@@ -207,12 +254,8 @@ impl Rewriter {
             b'Q' => {
                 self.batches_sent += 1;
                 let (query, _) = cstr(body, "Query")?;
-                if is_discard_all(query) {
-                    // DISCARD ALL and DEALLOCATE ALL drop every statement on the server too.
-                    client.clear();
-                    server.clear();
-                    return Ok(Rewritten::Unchanged);
-                }
+                // DISCARD ALL and DEALLOCATE ALL are judged by their CommandComplete
+                // ([`Rewriter::command_complete`]): inside a transaction block they fail.
                 let Some(Some(name)) = deallocate_target(query) else { return Ok(Rewritten::Unchanged) };
                 let Some(def) = client.get(&name).cloned() else { return Ok(Rewritten::Unchanged) };
                 if !server.present.iter().any(|n| *n == def.server_name) {
@@ -222,9 +265,12 @@ impl Rewriter {
                     // which the relay answers without a server.
                     return Ok(Rewritten::Unchanged);
                 }
-                client.by_name.remove(&name);
-                server.present.retain(|n| *n != def.server_name);
                 let sql = format!("DEALLOCATE {}", def.server_name);
+                self.deallocates.push_back(DeallocateSent {
+                    batch,
+                    client_name: name,
+                    server_name: def.server_name.clone(),
+                });
                 let mut out = BytesMut::new();
                 out.put_u8(b'Q');
                 out.put_i32((4 + sql.len() + 1) as i32);
@@ -288,15 +334,17 @@ impl Rewriter {
             }
             b'B' => {
                 let (portal, statement, rest) = read_bind(body)?;
-                let Some(def) = client.get(statement).cloned() else { return Ok(Rewritten::Unchanged) };
                 let mut out = BytesMut::new();
+                let Some(def) = client.get(statement).cloned() else {
+                    if !is_reserved(statement) {
+                        return Ok(Rewritten::Unchanged);
+                    }
+                    self.unknown.push_back(UnknownSent { batch, client_name: statement.to_string() });
+                    write_bind(&mut out, portal, NOTHING, rest);
+                    return Ok(Rewritten::Replaced(out));
+                };
                 self.ensure(&def, server, capacity, batch, &mut out);
-                let len = 4 + portal.len() + 1 + def.server_name.len() + 1 + rest.len();
-                out.put_u8(b'B');
-                out.put_i32(len as i32);
-                put_cstr(&mut out, portal);
-                put_cstr(&mut out, &def.server_name);
-                out.extend_from_slice(rest);
+                write_bind(&mut out, portal, &def.server_name, rest);
                 out
             }
             b'D' | b'C' => {
@@ -307,6 +355,9 @@ impl Rewriter {
                             client.by_name.remove(name);
                             NOTHING
                         }
+                        // Closing a statement one never prepared is a no-op in PostgreSQL;
+                        // under a reserved name it would close pgcorral's.
+                        None if kind == b'S' && is_reserved(name) => NOTHING,
                         _ => {
                             self.closes.push_back(CloseSent { batch, swallow: false });
                             return Ok(Rewritten::Unchanged);
@@ -317,17 +368,17 @@ impl Rewriter {
                     write_close(&mut out, kind, forwarded_name);
                     out
                 } else {
-                    let Some(def) = client.get(name).cloned().filter(|_| kind == b'S') else {
-                        return Ok(Rewritten::Unchanged);
-                    };
                     let mut out = BytesMut::new();
+                    let Some(def) = client.get(name).cloned().filter(|_| kind == b'S') else {
+                        if kind != b'S' || !is_reserved(name) {
+                            return Ok(Rewritten::Unchanged);
+                        }
+                        self.unknown.push_back(UnknownSent { batch, client_name: name.to_string() });
+                        write_describe(&mut out, kind, NOTHING);
+                        return Ok(Rewritten::Replaced(out));
+                    };
                     self.ensure(&def, server, capacity, batch, &mut out);
-                    let mut message = BytesMut::new();
-                    message.put_u8(kind);
-                    put_cstr(&mut message, &def.server_name);
-                    out.put_u8(b'D');
-                    out.put_i32(4 + message.len() as i32);
-                    out.extend_from_slice(&message);
+                    write_describe(&mut out, kind, &def.server_name);
                     out
                 }
             }
@@ -394,6 +445,10 @@ impl Rewriter {
             },
             b'Z' => {
                 self.batches_done += 1;
+                let done = self.batches_done;
+                while self.unknown.front().is_some_and(|u| u.batch < done) {
+                    self.unknown.pop_front();
+                }
                 ServerVerdict::Forward
             }
             b'E' => {
@@ -412,12 +467,57 @@ impl Rewriter {
                 while self.closes.front().is_some_and(|c| c.batch == current) {
                     self.closes.pop_front();
                 }
-                rename_in_error(frame, client).map_or(ServerVerdict::Forward, ServerVerdict::Replace)
+                while self.deallocates.front().is_some_and(|d| d.batch == current) {
+                    self.deallocates.pop_front();
+                }
+                let unknown = match self.unknown.front() {
+                    Some(u) if u.batch == current => self.unknown.pop_front().map(|u| u.client_name),
+                    _ => None,
+                };
+                rename_in_error(frame, client, unknown.as_deref())
+                    .map_or(ServerVerdict::Forward, ServerVerdict::Replace)
             }
             _ => ServerVerdict::Forward,
         }
     }
 }
+
+impl Rewriter {
+    /// Judges a CommandComplete tag (without its NUL) for what it did to prepared statements.
+    pub fn command_complete(
+        &mut self,
+        tag: &[u8],
+        client: &mut ClientStatements,
+        server: &mut ServerStatements,
+    ) -> BooksAfter {
+        match tag {
+            b"DISCARD ALL" | b"DEALLOCATE ALL" => {
+                client.clear();
+                server.clear();
+                BooksAfter::Exact
+            }
+            b"DEALLOCATE" => match self.deallocates.pop_front() {
+                Some(sent) => {
+                    client.by_name.remove(&sent.client_name);
+                    server.present.retain(|n| *n != sent.server_name);
+                    BooksAfter::Exact
+                }
+                None => BooksAfter::Untrusted,
+            },
+            b"PREPARE" => BooksAfter::Untrusted,
+            _ => BooksAfter::Exact,
+        }
+    }
+}
+
+/// A name in pgcorral's own namespace on servers. Clients may use such names for their own
+/// statements (they are mapped like any other), but one the client never prepared must not
+/// reach a server, where it could be pgcorral's.
+fn is_reserved(name: &str) -> bool {
+    name.starts_with(SERVER_PREFIX)
+}
+
+const SERVER_PREFIX: &str = "pgcorral_";
 
 /// The statement a `DEALLOCATE [PREPARE] name` query names (`Some(None)` for `ALL`), as
 /// PostgreSQL reads it: unquoted names fold to lower case. None for any other query.
@@ -449,42 +549,55 @@ fn strip_keyword<'a>(text: &'a str, keyword: &str) -> Option<&'a str> {
     (head.eq_ignore_ascii_case(keyword) && rest.starts_with(char::is_whitespace)).then(|| rest.trim_start())
 }
 
-/// An ErrorResponse whose fields mention a `pgcorral_` statement name the client knows by
-/// another name, rewritten with the client's name.
-fn rename_in_error(frame: &[u8], client: &ClientStatements) -> Option<BytesMut> {
-    let text = &frame[5..];
-    if !text.windows(9).any(|w| w == b"pgcorral_") {
+/// An ErrorResponse whose fields mention a `pgcorral_` statement name, rewritten with the
+/// client's name for it (`unknown`: the client's spelling of a name sent as [`NOTHING`]).
+/// Each field is scanned once, left to right: a client's name may itself start with
+/// `pgcorral_` (one pgcorral behind another), and is never searched again.
+fn rename_in_error(frame: &[u8], client: &ClientStatements, unknown: Option<&str>) -> Option<BytesMut> {
+    let text = frame.get(5..)?;
+    if !text.windows(SERVER_PREFIX.len()).any(|w| w == SERVER_PREFIX.as_bytes()) {
         return None;
     }
-    let mut fields = Vec::new();
+    let mut body = BytesMut::with_capacity(text.len());
     let mut rest = text;
+    let mut renamed = false;
     while let Some((&code, tail)) = rest.split_first() {
         if code == 0 {
             break;
         }
         let end = tail.iter().position(|&b| b == 0)?;
-        let mut value = String::from_utf8_lossy(&tail[..end]).into_owned();
-        while let Some(at) = value.find("pgcorral_") {
-            let name_end = value[at..]
+        let value = String::from_utf8_lossy(&tail[..end]);
+        let mut out = String::with_capacity(value.len());
+        let mut scan = value.as_ref();
+        while let Some(at) = scan.find(SERVER_PREFIX) {
+            out.push_str(&scan[..at]);
+            let name_len = scan[at..]
                 .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .map_or(value.len(), |n| at + n);
-            let client_name = client.client_name(&value[at..name_end])?;
-            value.replace_range(at..name_end, client_name);
+                .unwrap_or(scan.len() - at);
+            let name = &scan[at..at + name_len];
+            let replacement = match client.client_name(name) {
+                Some(client_name) => Some(client_name),
+                None if name == NOTHING => unknown,
+                None => None,
+            };
+            renamed |= replacement.is_some();
+            out.push_str(replacement.unwrap_or(name));
+            scan = &scan[at + name_len..];
         }
-        fields.push((code, value));
+        out.push_str(scan);
+        body.put_u8(code);
+        put_cstr(&mut body, &out);
         rest = &tail[end + 1..];
     }
-    let mut body = BytesMut::new();
-    for (code, value) in fields {
-        body.put_u8(code);
-        put_cstr(&mut body, &value);
+    if !renamed {
+        return None;
     }
     body.put_u8(0);
-    let mut out = BytesMut::with_capacity(body.len() + 5);
-    out.put_u8(b'E');
-    out.put_i32(4 + body.len() as i32);
-    out.extend_from_slice(&body);
-    Some(out)
+    let mut message = BytesMut::with_capacity(body.len() + 5);
+    message.put_u8(b'E');
+    message.put_i32(4 + body.len() as i32);
+    message.extend_from_slice(&body);
+    Some(message)
 }
 
 fn malformed(what: &'static str) -> ProtocolError {
@@ -536,6 +649,22 @@ fn write_parse(out: &mut BytesMut, name: &str, query: &str, types: &[u8]) {
     put_cstr(out, query);
     out.put_i16((types.len() / 4) as i16);
     out.extend_from_slice(types);
+}
+
+fn write_bind(out: &mut BytesMut, portal: &str, statement: &str, rest: &[u8]) {
+    let len = 4 + portal.len() + 1 + statement.len() + 1 + rest.len();
+    out.put_u8(b'B');
+    out.put_i32(len as i32);
+    put_cstr(out, portal);
+    put_cstr(out, statement);
+    out.extend_from_slice(rest);
+}
+
+fn write_describe(out: &mut BytesMut, kind: u8, name: &str) {
+    out.put_u8(b'D');
+    out.put_i32((4 + 1 + name.len() + 1) as i32);
+    out.put_u8(kind);
+    put_cstr(out, name);
 }
 
 fn write_close(out: &mut BytesMut, kind: u8, name: &str) {
@@ -771,27 +900,119 @@ mod tests {
         assert!(!is_discard_all("DISCARD PLANS"));
     }
 
+    fn query(sql: &str) -> BytesMut {
+        msg(|b| frontend::query(sql, b).unwrap())
+    }
+
+    fn error_naming(code: &str, text: &str) -> BytesMut {
+        msg(|b| {
+            let mut body = BytesMut::new();
+            body.put_u8(b'C');
+            put_cstr(&mut body, code);
+            body.put_u8(b'M');
+            put_cstr(&mut body, text);
+            body.put_u8(0);
+            b.put_u8(b'E');
+            b.put_i32(4 + body.len() as i32);
+            b.extend_from_slice(&body);
+        })
+    }
+
     #[test]
-    fn deallocate_and_discard_keep_the_books() {
+    fn deallocate_and_discard_keep_the_books_once_postgres_confirms() {
         let (mut c, mut s) = (ClientStatements::default(), ServerStatements::default());
         let mut rw = Rewriter::default();
         sent(&mut rw, &parse("s1", "SELECT 1"), &mut c, &mut s);
         server(&mut rw, b'1', &mut c, &mut s);
         let sname = c.get("s1").unwrap().server_name.clone();
-        let query = |sql: &str| msg(|b| frontend::query(sql, b).unwrap());
         let Rewritten::Replaced(out) = rw.client_message(&query("DEALLOCATE s1"), &mut c, &mut s, 2).unwrap()
         else {
             panic!("not rewritten")
         };
         assert!(String::from_utf8_lossy(&out).contains(&format!("DEALLOCATE {sname}")));
-        assert!(c.is_empty() && s.is_empty());
+        assert!(!rw.settled() && c.len() == 1, "nothing changes before PostgreSQL answers");
+        assert_eq!(rw.command_complete(b"DEALLOCATE", &mut c, &mut s), BooksAfter::Exact);
+        server(&mut rw, b'Z', &mut c, &mut s);
+        assert!(rw.settled() && c.is_empty() && s.is_empty());
+
         sent(&mut rw, &parse("s2", "SELECT 2"), &mut c, &mut s);
         server(&mut rw, b'1', &mut c, &mut s);
         assert_eq!(
             rw.client_message(&query("DISCARD ALL"), &mut c, &mut s, 2).unwrap(),
             Rewritten::Unchanged
         );
+        assert_eq!(c.len(), 1, "DISCARD ALL fails inside a transaction block: wait for its answer");
+        assert_eq!(rw.command_complete(b"DISCARD ALL", &mut c, &mut s), BooksAfter::Exact);
         assert!(c.is_empty() && s.is_empty());
+    }
+
+    #[test]
+    fn a_failing_deallocate_keeps_the_statement() {
+        let (mut c, mut s) = (ClientStatements::default(), ServerStatements::default());
+        let mut rw = Rewriter::default();
+        sent(&mut rw, &parse("s1", "SELECT 1"), &mut c, &mut s);
+        sent(&mut rw, &sync(), &mut c, &mut s);
+        server(&mut rw, b'1', &mut c, &mut s);
+        server(&mut rw, b'Z', &mut c, &mut s);
+        rw.client_message(&query("DEALLOCATE s1"), &mut c, &mut s, 2).unwrap();
+        let aborted = error_naming("25P02", "current transaction is aborted");
+        assert_eq!(rw.server_message(&aborted, &mut c, &mut s), ServerVerdict::Forward);
+        server(&mut rw, b'Z', &mut c, &mut s);
+        assert!(rw.settled() && c.len() == 1 && s.len() == 1);
+    }
+
+    #[test]
+    fn sql_prepare_and_foreign_deallocate_make_the_books_untrusted() {
+        let (mut c, mut s) = (ClientStatements::default(), ServerStatements::default());
+        let mut rw = Rewriter::default();
+        assert_eq!(rw.command_complete(b"PREPARE", &mut c, &mut s), BooksAfter::Untrusted);
+        assert_eq!(rw.command_complete(b"DEALLOCATE", &mut c, &mut s), BooksAfter::Untrusted);
+        assert_eq!(rw.command_complete(b"SELECT 1", &mut c, &mut s), BooksAfter::Exact);
+    }
+
+    #[test]
+    fn a_client_name_in_pgcorrals_namespace_is_renamed_once() {
+        // A client (or a pgcorral in front of this one) names its statement exactly as
+        // pgcorral names statements on servers, and reuses it: the error names it once.
+        let (mut c, mut s) = (ClientStatements::default(), ServerStatements::default());
+        let mut rw = Rewriter::default();
+        let own = StatementDef::new("SELECT 1".into(), 23u32.to_be_bytes().to_vec()).server_name;
+        sent(&mut rw, &parse(&own, "SELECT 1"), &mut c, &mut s);
+        server(&mut rw, b'1', &mut c, &mut s);
+        let sname = c.get(&own).unwrap().server_name.clone();
+        sent(&mut rw, &parse(&own, "SELECT 1"), &mut c, &mut s);
+        let error = error_naming("42P05", &format!("prepared statement \"{sname}\" already exists"));
+        let ServerVerdict::Replace(renamed) = rw.server_message(&error, &mut c, &mut s) else {
+            panic!("not renamed")
+        };
+        let renamed = String::from_utf8_lossy(&renamed).into_owned();
+        assert!(renamed.contains(&format!("prepared statement \"{own}\" already exists")), "{renamed}");
+    }
+
+    #[test]
+    fn reserved_names_the_client_never_prepared_never_reach_a_server() {
+        let (mut a, mut b, mut s) =
+            (ClientStatements::default(), ClientStatements::default(), ServerStatements::default());
+        let mut rw = Rewriter::default();
+        sent(&mut rw, &parse("mine", "SELECT 1"), &mut a, &mut s);
+        server(&mut rw, b'1', &mut a, &mut s);
+        let victim = a.get("mine").unwrap().server_name.clone();
+        // Client b guesses a's server name: Bind, Describe and Close go to a name that exists
+        // nowhere, and the error speaks of b's own spelling.
+        assert_eq!(sent(&mut rw, &bind(&victim), &mut b, &mut s), [(b'B', NOTHING.into())]);
+        let describe = msg(|m| frontend::describe(b'S', &victim, m).unwrap());
+        assert_eq!(sent(&mut rw, &describe, &mut b, &mut s), [(b'D', NOTHING.into())]);
+        let close = msg(|m| frontend::close(b'S', &victim, m).unwrap());
+        assert_eq!(sent(&mut rw, &close, &mut b, &mut s), [(b'C', NOTHING.into())]);
+        let error = error_naming("26000", &format!("prepared statement \"{NOTHING}\" does not exist"));
+        let ServerVerdict::Replace(renamed) = rw.server_message(&error, &mut b, &mut s) else {
+            panic!("not renamed")
+        };
+        let renamed = String::from_utf8_lossy(&renamed).into_owned();
+        assert!(renamed.contains(&format!("\"{victim}\" does not exist")), "{renamed}");
+        assert_eq!(s.len(), 1, "a's statement stays");
+        // Other unknown names still reach PostgreSQL as they are, for its own error.
+        assert_eq!(rw.client_message(&bind("nope"), &mut b, &mut s, 2).unwrap(), Rewritten::Unchanged);
     }
 
     #[test]

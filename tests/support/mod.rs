@@ -12,6 +12,7 @@ mod node;
 mod pooler;
 mod postgres;
 mod python;
+pub mod wire;
 
 pub use certs::Certs;
 pub use java::{run_java, PGJDBC_JAR};
