@@ -5,13 +5,18 @@
 //! root) duplicates each of its socket descriptors into the test, where `getsockopt` answers
 //! for the very socket pgcorral set up. `ss -tno`, which is what an operator would look at,
 //! must show the keepalive timer on the same connections.
+//!
+//! Last, the point of it all: a client whose network vanishes without a FIN or RST is ended.
+//! pgcorral runs in a network namespace of the test's own, the client in another, joined by a
+//! veth pair the test then takes down.
 
 mod support;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::process::Command;
+use std::process::{Child, Command};
+use std::str::FromStr;
 use std::time::Duration;
 
 use support::*;
@@ -270,4 +275,175 @@ async fn a_reload_applies_to_connections_made_after_it() {
     }
     // At least the second client and its server.
     assert!(new >= 2, "{new} new sockets: {clients:?} {servers:?}");
+}
+
+/// Runs `ip` with the words of `args`, panicking with its output if it fails.
+fn ip(args: &str) {
+    let out = Command::new("ip").args(args.split_whitespace()).output().expect("run ip");
+    assert!(out.status.success(), "ip {args}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A network namespace made by this test, deleted on drop. Names carry the test's pid, so
+/// that ones left by a killed run can be recognised and removed.
+struct Netns(String);
+
+const NETNS_PREFIX: &str = "pgcorral-ka-";
+
+impl Netns {
+    fn new(role: &str) -> Netns {
+        let name = format!("{NETNS_PREFIX}{role}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        ip(&format!("netns add {name}"));
+        ip(&format!("-n {name} link set lo up"));
+        Netns(name)
+    }
+
+    /// Namespaces of earlier runs whose process is gone.
+    fn sweep_stale() {
+        let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            let Some(pid) = name.strip_prefix(NETNS_PREFIX).and_then(|rest| rest.rsplit('-').next()) else {
+                continue;
+            };
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = Command::new("ip").args(["netns", "del", name]).output();
+            }
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// A pgcorral process run inside a namespace; killed on drop.
+struct Daemon {
+    child: Child,
+    dir: std::path::PathBuf,
+}
+
+impl Daemon {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- pgcorral in a namespace ---\n{}", self.log());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Connects to `addr` from inside the namespace `netns`: a socket belongs to the namespace of
+/// the thread that made it, so a thread of its own joins the namespace for the connect.
+fn connect_in(netns: &Netns, addr: SocketAddr) -> std::net::TcpStream {
+    let path = format!("/run/netns/{}", netns.0);
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        let joined = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(joined, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect across the veth")
+    })
+    .join()
+    .expect("connecting thread")
+}
+
+/// The client addresses `SHOW CLIENTS` lists, over pgcorral's Unix socket in `dir`.
+async fn client_addrs(dir: &std::path::Path, port: u16) -> Vec<String> {
+    let url =
+        format!("host={} port={port} user={ADMIN} password={ADMIN_PASSWORD} dbname=pgbouncer", dir.display());
+    let console = connect_plain(&url).await.expect("console over pgcorral's Unix socket");
+    let mut addrs = Vec::new();
+    for message in console.simple_query("SHOW CLIENTS").await.expect("SHOW CLIENTS") {
+        if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
+            addrs.push(row.get("addr").unwrap_or("").to_string());
+        }
+    }
+    addrs
+}
+
+#[tokio::test]
+async fn a_client_whose_network_vanished_is_ended_by_keepalive() {
+    Netns::sweep_stale();
+    let pg = Postgres::shared();
+    let db = pg.create_database("keepalive_gone");
+    let (pooler_ns, client_ns) = (Netns::new("p"), Netns::new("c"));
+    // Interface names are limited to 15 bytes.
+    let id = std::process::id() % 100_000;
+    let (pooler_if, client_if) = (format!("kap{id}"), format!("kac{id}"));
+    let (p, c) = (&pooler_ns.0, &client_ns.0);
+    ip(&format!("-n {p} link add {pooler_if} type veth peer name {client_if} netns {c}"));
+    ip(&format!("-n {p} addr add 10.200.0.1/24 dev {pooler_if}"));
+    ip(&format!("-n {c} addr add 10.200.0.2/24 dev {client_if}"));
+    ip(&format!("-n {p} link set {pooler_if} up"));
+    ip(&format!("-n {c} link set {client_if} up"));
+
+    // PostgreSQL is reached over its Unix socket, which no network namespace hides.
+    let dir = std::env::temp_dir().join(format!("pgcorral-netns-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = 6432;
+    std::fs::write(dir.join("userlist.txt"), app_userlist() + &Pooler::userlist_line(ADMIN, ADMIN_PASSWORD))
+        .unwrap();
+    let ini = format!(
+        "[databases]\n{db} = host={socket} port={pg_port} dbname={db}\n\
+         [pgbouncer]\nlisten_addr = 10.200.0.1\nlisten_port = {port}\nunix_socket_dir = {d}\n\
+         auth_type = md5\nauth_file = {d}/userlist.txt\nadmin_users = {ADMIN}\npool_mode = transaction\n\
+         workers = 1\ntcp_keepidle = 1\ntcp_keepintvl = 1\ntcp_keepcnt = 3\ntcp_user_timeout = 5000\n",
+        socket = pg.socket_dir.display(),
+        pg_port = pg.port,
+        d = dir.display(),
+    );
+    std::fs::write(dir.join("pgcorral.ini"), ini).unwrap();
+    let stderr = std::fs::File::create(dir.join("stderr.log")).unwrap();
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &pooler_ns.0, env!("CARGO_BIN_EXE_pgcorral"), "-v"])
+        .arg(dir.join("pgcorral.ini"))
+        .stdout(stderr.try_clone().unwrap())
+        .stderr(stderr);
+    let daemon =
+        Daemon { child: spawn_supervised(cmd).expect("start pgcorral in its namespace"), dir: dir.clone() };
+    let socket = dir.join(format!(".s.PGSQL.{port}"));
+    assert!(
+        wait_until(Duration::from_secs(10), || socket.exists()),
+        "pgcorral did not start:\n{}",
+        daemon.log()
+    );
+
+    let stream = connect_in(&client_ns, SocketAddr::from(([10, 200, 0, 1], port)));
+    stream.set_nonblocking(true).unwrap();
+    let stream = tokio::net::TcpStream::from_std(stream).unwrap();
+    let config =
+        tokio_postgres::Config::from_str(&format!("user={APP_USER} password={APP_PASSWORD} dbname={db}"))
+            .unwrap();
+    let (client, connection) =
+        config.connect_raw(stream, tokio_postgres::NoTls).await.expect("login across the veth");
+    let connection = tokio::spawn(connection);
+    assert_eq!(first_value(&client, "SELECT 1").await.unwrap(), "1");
+    assert!(client_addrs(&dir, port).await.contains(&"10.200.0.2".to_string()), "the client is listed");
+
+    // The client's end of the link goes away: nothing is sent to pgcorral, not even a RST.
+    ip(&format!("-n {c} link set {client_if} down"));
+    let mut listed = Vec::new();
+    let mut gone = false;
+    for _ in 0..60 {
+        listed = client_addrs(&dir, port).await;
+        if !listed.contains(&"10.200.0.2".to_string()) {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // The system's keepalive would wait over two hours; a minute is only a liveness bound.
+    assert!(gone, "the vanished client is still listed after a minute: {listed:?}\n{}", daemon.log());
+    connection.abort();
 }
