@@ -72,7 +72,7 @@ fn config_rows(shared: &Shared) -> Vec<ConfigRow> {
         .map(|(key, default, changeable)| {
             let value = match *key {
                 "conffile" => Some(config.path.display().to_string()),
-                key => config.written(key).map(str::to_string).or_else(|| default.map(str::to_string)),
+                key => config.shown(key).or_else(|| default.map(str::to_string)),
             };
             ConfigRow { key, value, default: default.map(str::to_string), changeable: *changeable }
         })

@@ -5,7 +5,9 @@
 //! spread connections across workers), so accepting takes no cross-thread hop and a client's
 //! whole life stays on one worker. The Unix socket (`unix_socket_dir/.s.PGSQL.<port>`) has a
 //! single listener on the first worker. Takes [`StopAccepting`] (graceful shutdown): the
-//! listening socket closes, connections already accepted go on.
+//! listening socket closes, connections already accepted go on. An accepted TCP socket gets
+//! the keepalive and user timeout of the configuration live at that moment, so a reload
+//! applies to the connections that come after it.
 
 use std::sync::Arc;
 
@@ -48,8 +50,13 @@ impl Actor for Listener {
                     };
                     loop {
                         match listener.accept().await {
-                            Ok((stream, _)) => {
+                            Ok((stream, peer)) => {
                                 let _ = stream.set_nodelay(true);
+                                // As PgBouncer: a socket that cannot be set up is not served.
+                                if let Err(e) = shared.config().general.tcp.apply(&stream) {
+                                    log::warn!("closing the connection from {peer}: {e}");
+                                    continue;
+                                }
                                 ClientSession::new(shared.clone(), Socket::Tcp(stream)).start();
                             }
                             Err(e) => accept_failed(e).await,

@@ -20,7 +20,7 @@ use crate::actors::messages::{Grow, PermitFreed, ShedIdle};
 use crate::actors::router::Router;
 use crate::auth::{ScramKeys, Secret};
 use crate::config::PoolMode;
-use crate::net::ServerAddr;
+use crate::net::{ServerAddr, TcpSettings};
 use crate::params::SharedParams;
 use crate::protocol::PgError;
 use crate::stats::PoolStats;
@@ -54,6 +54,8 @@ pub struct PoolSettings {
     /// whether servers must reconnect.
     pub server_tls: Arc<ServerTls>,
     pub server_tls_settings: TlsSettings,
+    /// Socket options for servers opened from now on; not a reason to reconnect open ones.
+    pub tcp: TcpSettings,
     pub pool_mode: PoolMode,
     pub pool_size: usize,
     pub reserve_pool_size: usize,

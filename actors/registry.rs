@@ -137,6 +137,7 @@ impl Shared {
         let lookup = AuthQuery {
             addr: &ServerAddr::from_host(entry.host.as_deref(), entry.port),
             tls: &config.tls.server,
+            tcp: &general.tcp,
             auth_user,
             auth_secret: auth_secret.as_ref(),
             dbname,
@@ -380,6 +381,7 @@ pub fn resolve(config: &Config, database: &str, user: &str) -> Result<(PoolKey, 
         connect_query: entry.connect_query.clone(),
         server_tls: config.tls.server.clone(),
         server_tls_settings: general.server_tls.clone(),
+        tcp: general.tcp,
         max_prepared_statements: general.max_prepared_statements,
         pool_mode: user_entry.and_then(|u| u.pool_mode).or(entry.pool_mode).unwrap_or(general.pool_mode),
         pool_size: user_entry

@@ -317,7 +317,7 @@ async fn open(settings: Arc<PoolSettings>, entry: Arc<ServerEntry>) -> Result<Se
         crate::net::ServerAddr::Unix { .. } => "",
     };
     let connect = async {
-        let socket = addr.connect().await.map_err(|e| e.to_string())?;
+        let socket = addr.connect_with(&settings.tcp).await.map_err(|e| e.to_string())?;
         negotiate_server_tls(socket, &settings.server_tls, host).await
     };
     let mut socket = tokio::time::timeout(timeout, connect)

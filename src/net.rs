@@ -4,12 +4,15 @@
 //! Clients arrive over TCP or the `.s.PGSQL.<port>` socket; servers are reached over TCP or a
 //! Unix socket directory (a `host` starting with `/`). Either side may be wrapped in TLS once
 //! negotiated (see `crate::tls`). The relay and the login code are written once against
-//! [`Socket`].
+//! [`Socket`]. Every TCP socket, accepted or connected, gets the keepalive and user timeout of
+//! [`TcpSettings`] first, as PgBouncer's `tune_socket` does.
 
 use std::io;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
@@ -36,6 +39,74 @@ impl std::fmt::Debug for Socket {
             Socket::Moving => "moving",
         };
         write!(f, "Socket({kind}, {})", self.peer())
+    }
+}
+
+/// `tcp_keepalive`, `tcp_keepidle`, `tcp_keepintvl`, `tcp_keepcnt` and `tcp_user_timeout`:
+/// how a dead peer that sends no FIN or RST (a host that crashed, a cable pulled, a NAT or
+/// firewall that forgot the connection) is noticed. `None` keeps the operating system's value
+/// (PgBouncer's 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpSettings {
+    /// SO_KEEPALIVE. Off, the three timings below are not set either.
+    pub keepalive: bool,
+    /// TCP_KEEPIDLE: idle time before the first probe (whole seconds).
+    pub keepidle: Option<Duration>,
+    /// TCP_KEEPINTVL: time between unanswered probes (whole seconds).
+    pub keepintvl: Option<Duration>,
+    /// TCP_KEEPCNT: unanswered probes before the connection is dropped.
+    pub keepcnt: Option<u32>,
+    /// TCP_USER_TIMEOUT: how long sent data may stay unacknowledged before the connection is
+    /// dropped (milliseconds).
+    pub user_timeout: Option<Duration>,
+}
+
+impl Default for TcpSettings {
+    /// PgBouncer's defaults: keepalive on, with the system's timings.
+    fn default() -> Self {
+        TcpSettings { keepalive: true, keepidle: None, keepintvl: None, keepcnt: None, user_timeout: None }
+    }
+}
+
+/// A socket option the kernel refused.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set {option} on a TCP socket: {source}")]
+pub struct TcpOptionError {
+    pub option: &'static str,
+    #[source]
+    pub source: io::Error,
+}
+
+impl From<TcpOptionError> for io::Error {
+    fn from(e: TcpOptionError) -> io::Error {
+        io::Error::new(e.source.kind(), e)
+    }
+}
+
+impl TcpSettings {
+    /// Sets these options on a TCP socket.
+    pub fn apply(&self, socket: &impl AsFd) -> Result<(), TcpOptionError> {
+        let sock = socket2::SockRef::from(socket);
+        let failed = |option| move |source| TcpOptionError { option, source };
+        if self.keepalive {
+            let mut keepalive = socket2::TcpKeepalive::new();
+            if let Some(idle) = self.keepidle {
+                keepalive = keepalive.with_time(idle);
+            }
+            if let Some(interval) = self.keepintvl {
+                keepalive = keepalive.with_interval(interval);
+            }
+            if let Some(count) = self.keepcnt {
+                keepalive = keepalive.with_retries(count);
+            }
+            sock.set_tcp_keepalive(&keepalive).map_err(failed("TCP keepalive"))?;
+        } else {
+            sock.set_keepalive(false).map_err(failed("SO_KEEPALIVE"))?;
+        }
+        if let Some(timeout) = self.user_timeout {
+            sock.set_tcp_user_timeout(Some(timeout)).map_err(failed("TCP_USER_TIMEOUT"))?;
+        }
+        Ok(())
     }
 }
 
@@ -73,15 +144,23 @@ impl ServerAddr {
         }
     }
 
-    pub async fn connect(&self) -> io::Result<Socket> {
+    /// Connects; a TCP socket gets `tcp`'s options.
+    pub async fn connect_with(&self, tcp: &TcpSettings) -> io::Result<Socket> {
         match self {
             ServerAddr::Tcp { host, port } => {
                 let stream = TcpStream::connect((host.as_str(), *port)).await?;
                 stream.set_nodelay(true)?;
+                tcp.apply(&stream)?;
                 Ok(Socket::Tcp(stream))
             }
             ServerAddr::Unix { path } => Ok(Socket::Unix(UnixStream::connect(path).await?)),
         }
+    }
+
+    /// Connects with PgBouncer's default TCP options rather than the configured ones: for the
+    /// one-shot CancelRequest connection, whose caller has no configuration at hand.
+    pub async fn connect(&self) -> io::Result<Socket> {
+        self.connect_with(&TcpSettings::default()).await
     }
 }
 
@@ -300,5 +379,87 @@ impl AsyncWrite for Socket {
             Socket::ServerTls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Socket::Moving => Poll::Ready(Err(moving())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connected loopback socket, as the kernel makes it.
+    fn fresh_socket() -> (std::net::TcpStream, std::net::TcpListener) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        (stream, listener)
+    }
+
+    #[test]
+    fn configured_options_are_set() {
+        let (stream, _listener) = fresh_socket();
+        let tcp = TcpSettings {
+            keepalive: true,
+            keepidle: Some(Duration::from_secs(7)),
+            keepintvl: Some(Duration::from_secs(3)),
+            keepcnt: Some(4),
+            user_timeout: Some(Duration::from_millis(9000)),
+        };
+        tcp.apply(&stream).unwrap();
+        let sock = socket2::SockRef::from(&stream);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.keepalive_time().unwrap(), Duration::from_secs(7));
+        assert_eq!(sock.keepalive_interval().unwrap(), Duration::from_secs(3));
+        assert_eq!(sock.keepalive_retries().unwrap(), 4);
+        assert_eq!(sock.tcp_user_timeout().unwrap(), Some(Duration::from_millis(9000)));
+    }
+
+    #[test]
+    fn defaults_turn_keepalive_on_and_keep_the_system_timings() {
+        let (stream, _listener) = fresh_socket();
+        let untouched = socket2::SockRef::from(&stream);
+        let system = (
+            untouched.keepalive_time().unwrap(),
+            untouched.keepalive_interval().unwrap(),
+            untouched.keepalive_retries().unwrap(),
+        );
+        assert!(!untouched.keepalive().unwrap(), "the kernel leaves keepalive off");
+        TcpSettings::default().apply(&stream).unwrap();
+        let sock = socket2::SockRef::from(&stream);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(
+            (
+                sock.keepalive_time().unwrap(),
+                sock.keepalive_interval().unwrap(),
+                sock.keepalive_retries().unwrap()
+            ),
+            system
+        );
+        assert_eq!(sock.tcp_user_timeout().unwrap(), None);
+    }
+
+    #[test]
+    fn keepalive_off_still_sets_the_user_timeout() {
+        let (stream, _listener) = fresh_socket();
+        let system_idle = socket2::SockRef::from(&stream).keepalive_time().unwrap();
+        TcpSettings::default().apply(&stream).unwrap();
+        let off = TcpSettings {
+            keepalive: false,
+            keepidle: Some(system_idle + Duration::from_secs(1)),
+            user_timeout: Some(Duration::from_millis(1500)),
+            ..TcpSettings::default()
+        };
+        off.apply(&stream).unwrap();
+        let sock = socket2::SockRef::from(&stream);
+        assert!(!sock.keepalive().unwrap());
+        assert_eq!(sock.keepalive_time().unwrap(), system_idle, "timings are left alone when off");
+        assert_eq!(sock.tcp_user_timeout().unwrap(), Some(Duration::from_millis(1500)));
+    }
+
+    #[test]
+    fn a_refused_option_names_itself() {
+        let (stream, _listener) = fresh_socket();
+        let bad = TcpSettings { keepcnt: Some(100_000), ..TcpSettings::default() };
+        let err = bad.apply(&stream).unwrap_err();
+        assert_eq!(err.option, "TCP keepalive");
+        assert!(io::Error::from(err).to_string().starts_with("cannot set TCP keepalive on a TCP socket: "));
     }
 }

@@ -230,16 +230,16 @@ fn check_names_the_key_and_the_expected_form_of_a_bad_value() {
 
 #[test]
 fn check_warns_once_about_a_pgbouncer_key_not_implemented_yet() {
-    let setup = Setup::new("tcp_keepalive = 1\n");
+    let setup = Setup::new("tcp_socket_buffer = 1\n");
     let out = setup.check();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let err = stderr(&out);
-    let warnings: Vec<&str> = err.lines().filter(|l| l.contains("tcp_keepalive")).collect();
-    assert_eq!(warnings.len(), 1, "expected one warning naming tcp_keepalive:\n{err}");
+    let warnings: Vec<&str> = err.lines().filter(|l| l.contains("tcp_socket_buffer")).collect();
+    assert_eq!(warnings.len(), 1, "expected one warning naming tcp_socket_buffer:\n{err}");
     let expected = format!(
-        "{}:{}: tcp_keepalive: not implemented yet",
+        "{}:{}: tcp_socket_buffer: not implemented yet",
         setup.ini.display(),
-        setup.line_of("tcp_keepalive")
+        setup.line_of("tcp_socket_buffer")
     );
     assert!(
         warnings[0].contains("warning") && warnings[0].contains(&expected),

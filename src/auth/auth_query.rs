@@ -11,13 +11,14 @@ use std::time::Duration;
 
 use super::backend_login::{login, query_rows, BackendLoginError, LoginRequest};
 use super::secret::Secret;
-use crate::net::ServerAddr;
+use crate::net::{ServerAddr, TcpSettings};
 use crate::tls::{negotiate_server_tls, ServerTls};
 
 /// Where and how to run one lookup.
 pub struct AuthQuery<'a> {
     pub addr: &'a ServerAddr,
     pub tls: &'a ServerTls,
+    pub tcp: &'a TcpSettings,
     pub auth_user: &'a str,
     /// `auth_user`'s own secret from `auth_file`.
     pub auth_secret: Option<&'a Secret>,
@@ -53,7 +54,7 @@ impl AuthQuery<'_> {
             ServerAddr::Tcp { host, .. } => host.as_str(),
             ServerAddr::Unix { .. } => "",
         };
-        let socket = self.addr.connect().await.map_err(|e| connect_error(e.to_string()))?;
+        let socket = self.addr.connect_with(self.tcp).await.map_err(|e| connect_error(e.to_string()))?;
         let mut socket = negotiate_server_tls(socket, self.tls, host).await.map_err(connect_error)?;
         let query_error = |source| AuthQueryError::Query { user: self.auth_user.to_string(), source };
         let request = LoginRequest {

@@ -63,6 +63,13 @@ impl Config {
     pub fn written(&self, key: &str) -> Option<&str> {
         self.written.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
+
+    /// What `SHOW CONFIG` prints for a `[pgbouncer]` key: the value in effect for keys whose
+    /// written form pgcorral normalises (the `tcp_*` socket options), else the value as
+    /// written; None when not written (the default applies).
+    pub fn shown(&self, key: &str) -> Option<String> {
+        settings::in_effect(&self.general, key).or_else(|| self.written(key).map(str::to_string))
+    }
 }
 
 /// Puts `item` in place of the element with the same name, or appends it, so
@@ -332,9 +339,9 @@ batch = pool_mode=session max_user_connections=5
     #[test]
     fn last_duplicate_wins() {
         let (config, warnings) = parse(
-            "[pgbouncer]\nlisten_port = 1111\ntcp_keepalive = 1\n\
+            "[pgbouncer]\nlisten_port = 1111\ntcp_socket_buffer = 1\n\
              [databases]\na = host=first\nb = host=b\n\
-             [PGBOUNCER]\nLISTEN_PORT = 2222\ntcp_keepalive = 2\n\
+             [PGBOUNCER]\nLISTEN_PORT = 2222\ntcp_socket_buffer = 2\n\
              [databases]\na = host=second target_session_attrs=any\n\
              [users]\nu = pool_size=1\nu = pool_size=2\n",
         )
@@ -348,7 +355,7 @@ batch = pool_mode=session max_user_connections=5
         assert_eq!(
             shown(&warnings),
             [
-                "pgbouncer.ini:9: tcp_keepalive: not implemented yet by pgcorral; ignored",
+                "pgbouncer.ini:9: tcp_socket_buffer: not implemented yet by pgcorral; ignored",
                 "pgbouncer.ini:11: a: target_session_attrs: not implemented yet by pgcorral; ignored",
             ]
         );
@@ -429,8 +436,8 @@ batch = pool_mode=session max_user_connections=5
     #[test]
     fn not_implemented_warns_once_per_key() {
         let (config, warnings) = parse(
-            "[pgbouncer]\ntcp_keepalive = 3600\ndns_max_ttl = 600\n\
-             client_tls_dheparams = auto\ntcp_keepalive = 10\n\
+            "[pgbouncer]\ntcp_socket_buffer = 3600\ndns_max_ttl = 600\n\
+             client_tls_dheparams = auto\ntcp_socket_buffer = 10\n\
              [databases]\nd = host=a load_balance_hosts=random target_session_attrs=any\n\
              [users]\nu = query_timeout=5 pool_size=3\n[peers]\n1 = host=/tmp/p1\n",
         )
@@ -438,7 +445,7 @@ batch = pool_mode=session max_user_connections=5
         assert_eq!(
             shown(&warnings),
             [
-                "pgbouncer.ini:5: tcp_keepalive: not implemented yet by pgcorral; ignored",
+                "pgbouncer.ini:5: tcp_socket_buffer: not implemented yet by pgcorral; ignored",
                 "pgbouncer.ini:3: dns_max_ttl: not implemented yet by pgcorral; ignored",
                 "pgbouncer.ini:4: client_tls_dheparams: not implemented yet by pgcorral; ignored",
                 "pgbouncer.ini:7: d: load_balance_hosts: not implemented yet by pgcorral; ignored",
@@ -470,7 +477,7 @@ batch = pool_mode=session max_user_connections=5
         .unwrap();
         std::fs::write(
             dir.join("conf.d/tuning.ini"),
-            "[pgbouncer]\ndefault_pool_size = 7\ntcp_keepalive = 1\n",
+            "[pgbouncer]\ndefault_pool_size = 7\ntcp_socket_buffer = 1\n",
         )
         .unwrap();
         let main = dir.join("pgbouncer.ini");
@@ -544,7 +551,7 @@ batch = pool_mode=session max_user_connections=5
             &[
                 ("PGCORRAL_ADMIN_USERS", "root, ops"),
                 ("PGCORRAL_POOL_MODE", "transaction"),
-                ("PGCORRAL_TCP_KEEPALIVE", "1"),
+                ("PGCORRAL_TCP_SOCKET_BUFFER", "1"),
                 ("PGCORRAL_WORKERS", "3"),
             ],
         )
@@ -555,7 +562,7 @@ batch = pool_mode=session max_user_connections=5
         assert_eq!(config.general.workers, 3);
         assert_eq!(
             shown(&warnings),
-            ["environment:PGCORRAL_TCP_KEEPALIVE: tcp_keepalive: not implemented yet by pgcorral; ignored"]
+            ["environment:PGCORRAL_TCP_SOCKET_BUFFER: tcp_socket_buffer: not implemented yet by pgcorral; ignored"]
         );
 
         let e = parse_with_env(text, path, &[("PGCORRAL_LISTEN_PORT", "seven")]).unwrap_err().to_string();
@@ -590,6 +597,56 @@ batch = pool_mode=session max_user_connections=5
         assert_eq!(config.user("batch").unwrap().pool_mode, Some(PoolMode::Session));
         assert_eq!(config.user("report").unwrap().pool_mode, Some(PoolMode::Transaction));
         assert!(err("[users]\nx = pool_mode=never\n").contains("x: pool_mode: expected one of"));
+    }
+
+    #[test]
+    fn tcp_socket_options() {
+        let (config, warnings) = parse("").unwrap();
+        assert!(warnings.is_empty());
+        assert_eq!(config.general.tcp, crate::net::TcpSettings::default());
+        let shown: Vec<Option<String>> =
+            ["tcp_keepalive", "tcp_keepidle", "tcp_keepintvl", "tcp_keepcnt", "tcp_user_timeout"]
+                .iter()
+                .map(|key| config.shown(key))
+                .collect();
+        assert_eq!(shown, ["1", "0", "0", "0", "0"].map(|v| Some(v.to_string())));
+
+        let (config, warnings) = parse(
+            "[pgbouncer]\ntcp_keepalive = yes\ntcp_keepidle = 007\ntcp_keepintvl = 3\n\
+             tcp_keepcnt = 4\ntcp_user_timeout = 9000\nlisten_port = 6000\n",
+        )
+        .unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let tcp = config.general.tcp;
+        assert!(tcp.keepalive);
+        assert_eq!(tcp.keepidle, Some(Duration::from_secs(7)));
+        assert_eq!(tcp.keepintvl, Some(Duration::from_secs(3)));
+        assert_eq!(tcp.keepcnt, Some(4));
+        assert_eq!(tcp.user_timeout, Some(Duration::from_millis(9000)));
+        assert_eq!(config.shown("tcp_keepalive").as_deref(), Some("1"), "the value in effect, not \"yes\"");
+        assert_eq!(config.shown("tcp_keepidle").as_deref(), Some("7"));
+        assert_eq!(config.shown("tcp_user_timeout").as_deref(), Some("9000"));
+        assert_eq!(config.shown("listen_port").as_deref(), Some("6000"), "other keys as written");
+        assert_eq!(config.shown("default_pool_size"), None);
+
+        let (config, _) = parse("[pgbouncer]\ntcp_keepalive = 0\ntcp_keepidle = 0\n").unwrap();
+        assert!(!config.general.tcp.keepalive);
+        assert_eq!(config.general.tcp.keepidle, None);
+        assert_eq!(config.shown("tcp_keepalive").as_deref(), Some("0"));
+
+        assert_eq!(
+            err("[pgbouncer]\n\ntcp_keepidle = 1h\n"),
+            "pgbouncer.ini:3: tcp_keepidle: expected a whole number of seconds from 1 to 32767, \
+             or 0 for the system's default, got \"1h\""
+        );
+        assert!(err("[pgbouncer]\ntcp_keepalive = maybe\n")
+            .starts_with("pgbouncer.ini:2: tcp_keepalive: expected 1 (on) or 0 (off)"));
+
+        // SET on the console validates and applies like the file.
+        let set = config.with_setting("tcp_keepcnt", "9").unwrap();
+        assert_eq!(set.general.tcp.keepcnt, Some(9));
+        assert_eq!(set.shown("tcp_keepcnt").as_deref(), Some("9"));
+        assert!(config.with_setting("tcp_keepcnt", "128").unwrap_err().to_string().contains("from 1 to 127"));
     }
 
     #[test]

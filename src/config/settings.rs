@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use super::connstr;
 use super::error::{ConfigError, Location};
+use crate::net::TcpSettings;
 use crate::tls::{SslMode, TlsSettings};
 
 /// When a server connection goes back to the pool.
@@ -157,6 +158,9 @@ pub struct General {
     pub client_tls: TlsSettings,
     /// `server_tls_*`: TLS towards PostgreSQL.
     pub server_tls: TlsSettings,
+    /// `tcp_keepalive`, `tcp_keepidle`, `tcp_keepintvl`, `tcp_keepcnt`, `tcp_user_timeout`:
+    /// set on every TCP socket when it is accepted or connected.
+    pub tcp: TcpSettings,
 }
 
 impl Default for General {
@@ -221,6 +225,7 @@ impl Default for General {
             application_name_add_host: false,
             client_tls: TlsSettings::new(SslMode::Disable),
             server_tls: TlsSettings::new(SslMode::Prefer),
+            tcp: TcpSettings::default(),
         }
     }
 }
@@ -366,12 +371,7 @@ pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
     "syslog_facility",
     "syslog_ident",
     "tcp_defer_accept",
-    "tcp_keepalive",
-    "tcp_keepcnt",
-    "tcp_keepidle",
-    "tcp_keepintvl",
     "tcp_socket_buffer",
-    "tcp_user_timeout",
     "unix_socket_group",
     "unix_socket_mode",
     "user",
@@ -391,6 +391,11 @@ pub const USER_NOT_IMPLEMENTED: &[&str] = &[];
 
 /// `[pgbouncer]` keys pgcorral implements; kept for error messages.
 const PGBOUNCER_IMPLEMENTED: &[&str] = &[
+    "tcp_keepalive",
+    "tcp_keepcnt",
+    "tcp_keepidle",
+    "tcp_keepintvl",
+    "tcp_user_timeout",
     "max_prepared_statements",
     "scram_iterations",
     "auth_dbname",
@@ -504,6 +509,13 @@ const USER_IMPLEMENTED: &[&str] = &[
 const PEER_KEYS: &[&str] = &["host", "port", "pool_size"];
 
 const AUTH_TYPES_NOT_IMPLEMENTED: &[&str] = &["ldap", "pam"];
+
+/// Linux's ceilings for TCP_KEEPIDLE/TCP_KEEPINTVL (seconds) and TCP_KEEPCNT: the kernel
+/// refuses more, which PgBouncer finds out only when a connection arrives.
+const MAX_KEEPALIVE_SECONDS: u32 = 32_767;
+const MAX_KEEPALIVE_PROBES: u32 = 127;
+/// TCP_USER_TIMEOUT is a C int of milliseconds.
+const MAX_USER_TIMEOUT_MS: u32 = i32::MAX as u32;
 
 /// One value to validate, with where it came from.
 pub(crate) struct Setting<'a> {
@@ -633,11 +645,54 @@ impl Setting<'_> {
         }
     }
 
+    /// PgBouncer's `tcp_keepalive` is an integer where anything but 0 means on; the boolean
+    /// words other keys take are accepted too.
+    fn on_off(&self) -> Result<bool, ConfigError> {
+        match self.value.parse::<i64>() {
+            Ok(n) => Ok(n != 0),
+            Err(_) => self
+                .bool()
+                .map_err(|_| self.invalid(format!("expected 1 (on) or 0 (off), got {:?}", self.value))),
+        }
+    }
+
+    /// A whole number from 0 to `max`, 0 meaning the operating system's default.
+    fn system_or(&self, max: u32, unit: &str) -> Result<Option<u32>, ConfigError> {
+        match self.value.parse::<u32>() {
+            Ok(0) => Ok(None),
+            Ok(n) if n <= max => Ok(Some(n)),
+            _ => Err(self.invalid(format!(
+                "expected a whole number of {unit} from 1 to {max}, or 0 for the system's default, got {:?}",
+                self.value
+            ))),
+        }
+    }
+
     fn u8(&self) -> Result<u8, ConfigError> {
         self.value
             .parse()
             .map_err(|_| self.invalid(format!("expected an integer between 0 and 255, got {:?}", self.value)))
     }
+}
+
+fn secs(n: u32) -> Duration {
+    Duration::from_secs(n.into())
+}
+
+/// What `SHOW CONFIG` prints for `key` when pgcorral's value in effect can differ from what
+/// was written (`tcp_keepalive = on` is in effect as 1); None for every other key.
+pub(crate) fn in_effect(general: &General, key: &str) -> Option<String> {
+    let tcp = &general.tcp;
+    let seconds = |d: Option<Duration>| d.map_or(0, |d| d.as_secs());
+    let value = match key {
+        "tcp_keepalive" => u64::from(tcp.keepalive),
+        "tcp_keepidle" => seconds(tcp.keepidle),
+        "tcp_keepintvl" => seconds(tcp.keepintvl),
+        "tcp_keepcnt" => tcp.keepcnt.map_or(0, u64::from),
+        "tcp_user_timeout" => tcp.user_timeout.map_or(0, |d| d.as_millis() as u64),
+        _ => return None,
+    };
+    Some(value.to_string())
 }
 
 /// Splits a comma list, trimming spaces and dropping empty items.
@@ -731,6 +786,14 @@ pub(crate) fn apply_general(
         "server_tls_protocols" => general.server_tls.protocols = s.value.to_string(),
         "server_tls_ciphers" => general.server_tls.ciphers = s.value.to_string(),
         "server_tls13_ciphers" => general.server_tls.tls13_ciphers = s.value.to_string(),
+        "tcp_keepalive" => general.tcp.keepalive = s.on_off()?,
+        "tcp_keepidle" => general.tcp.keepidle = s.system_or(MAX_KEEPALIVE_SECONDS, "seconds")?.map(secs),
+        "tcp_keepintvl" => general.tcp.keepintvl = s.system_or(MAX_KEEPALIVE_SECONDS, "seconds")?.map(secs),
+        "tcp_keepcnt" => general.tcp.keepcnt = s.system_or(MAX_KEEPALIVE_PROBES, "probes")?,
+        "tcp_user_timeout" => {
+            general.tcp.user_timeout =
+                s.system_or(MAX_USER_TIMEOUT_MS, "milliseconds")?.map(|ms| Duration::from_millis(ms.into()))
+        }
         key if PGBOUNCER_NOT_IMPLEMENTED.contains(&key) => {
             return Ok(Some(s.warning(NOT_IMPLEMENTED)));
         }
@@ -999,6 +1062,40 @@ mod tests {
              supported: trust, plain, md5, scram-sha-256, cert, hba, any"
         );
         assert!(err("frobnicate", "1").starts_with("pgbouncer.ini:7: frobnicate: unknown setting"));
+    }
+
+    #[test]
+    fn tcp_values() {
+        let tcp = |key, value| apply(key, value).unwrap().0.tcp;
+        for (value, on) in
+            [("1", true), ("0", false), ("3600", true), ("-1", true), ("off", false), ("Yes", true)]
+        {
+            assert_eq!(tcp("tcp_keepalive", value).keepalive, on, "tcp_keepalive = {value}");
+        }
+        assert_eq!(tcp("tcp_keepidle", "32767").keepidle, Some(Duration::from_secs(32767)));
+        assert_eq!(tcp("tcp_keepidle", "0").keepidle, None);
+        assert_eq!(tcp("tcp_keepintvl", "1").keepintvl, Some(Duration::from_secs(1)));
+        assert_eq!(tcp("tcp_keepcnt", "127").keepcnt, Some(127));
+        assert_eq!(
+            tcp("tcp_user_timeout", "2147483647").user_timeout,
+            Some(Duration::from_millis(2_147_483_647))
+        );
+        assert_eq!(tcp("tcp_user_timeout", "0").user_timeout, None);
+
+        assert_eq!(
+            err("tcp_keepalive", "sometimes"),
+            "pgbouncer.ini:7: tcp_keepalive: expected 1 (on) or 0 (off), got \"sometimes\""
+        );
+        assert_eq!(
+            err("tcp_keepintvl", "32768"),
+            "pgbouncer.ini:7: tcp_keepintvl: expected a whole number of seconds from 1 to 32767, \
+             or 0 for the system's default, got \"32768\""
+        );
+        for bad in ["-1", "1.5", "", "10s"] {
+            assert!(err("tcp_keepidle", bad).contains("whole number of seconds"), "{bad:?}");
+        }
+        assert!(err("tcp_keepcnt", "128").contains("whole number of probes from 1 to 127"));
+        assert!(err("tcp_user_timeout", "2147483648").contains("milliseconds from 1 to 2147483647"));
     }
 
     #[test]
