@@ -23,7 +23,7 @@ use crate::actors::registry::Shared;
 use crate::actors::relay::{send_cancel, CancelState, Control, Relay};
 use crate::actors::router::local_router;
 use crate::local_queue::{local_queue, LocalReceiver, LocalSender};
-use crate::net::{Endpoint, Socket};
+use crate::net::{Endpoint, Socket, GOODBYE_DEADLINE};
 use crate::params::TrackedParams;
 use crate::protocol::backend;
 use crate::protocol::error::sqlstate;
@@ -338,7 +338,7 @@ impl Session {
     async fn refuse(&self, wire: &mut Wire, error: PgError) -> Option<String> {
         self.pooler_error(&error);
         error.encode(&mut wire.out);
-        let _ = wire.flush().await;
+        let _ = tokio::time::timeout(GOODBYE_DEADLINE, wire.flush()).await;
         Some(error.message)
     }
 

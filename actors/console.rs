@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::future::poll_fn;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -24,7 +25,7 @@ use crate::actors::relay::Control;
 use crate::admin::command::{self, Command};
 use crate::admin::resultset::{command_complete, notice, ResultSet};
 use crate::local_queue::LocalReceiver;
-use crate::net::Socket;
+use crate::net::{poll_flush_buf, Socket, GOODBYE_DEADLINE};
 use crate::protocol::backend::ready_for_query;
 use crate::protocol::error::sqlstate;
 use crate::protocol::extended::{parse_bind, parse_execute, parse_parse, parse_target};
@@ -121,29 +122,22 @@ impl Console {
 
     async fn serve(&mut self) {
         loop {
-            if self.socket.write_all(&self.out).await.is_err() {
-                return;
+            match self.deliver().await {
+                Ok(None) => {}
+                Ok(Some(error)) => return self.last_words(&error).await,
+                Err(_) => return,
             }
-            self.out.clear();
             match self.next_input().await {
                 Ok(Input::Data(0)) | Err(_) => return,
                 Ok(Input::Data(_)) => {}
-                Ok(Input::Control(Control::Kill(error))) => {
-                    error.encode(&mut self.out);
-                    let _ = self.socket.write_all(&self.out).await;
-                    return;
-                }
+                Ok(Input::Control(Control::Kill(error))) => return self.last_words(&error).await,
                 Ok(Input::Control(Control::CancelDelivered)) => continue,
             }
             loop {
                 let frame = match frame_at(&self.inbuf, MAX_CONSOLE_MESSAGE) {
                     Ok(Some(frame)) => frame,
                     Ok(None) => break,
-                    Err(e) => {
-                        e.to_pg().encode(&mut self.out);
-                        let _ = self.socket.write_all(&self.out).await;
-                        return;
-                    }
+                    Err(e) => return self.last_words(&e.to_pg()).await,
                 };
                 let message = self.inbuf.split_to(frame.len);
                 let body = &message[5..];
@@ -154,12 +148,36 @@ impl Console {
                     let fatal = error.is_fatal();
                     self.error(&error);
                     if fatal {
-                        let _ = self.socket.write_all(&self.out).await;
+                        let out = std::mem::take(&mut self.out);
+                        let _ = tokio::time::timeout(GOODBYE_DEADLINE, self.socket.write_all(&out)).await;
                         return;
                     }
                 }
             }
         }
+    }
+
+    /// Sends what is queued for the client. A Kill ends the wait: an admin who stopped reading
+    /// a long SHOW cannot hold the console (and the output) forever. Returns the Kill's error.
+    async fn deliver(&mut self) -> std::io::Result<Option<PgError>> {
+        let Console { socket, out, control, .. } = self;
+        poll_fn(|cx| {
+            while let Poll::Ready(message) = control.poll_recv(cx) {
+                if let Control::Kill(error) = message {
+                    return Poll::Ready(Ok(Some(error)));
+                }
+            }
+            poll_flush_buf(socket, out, cx).map_ok(|()| None)
+        })
+        .await
+    }
+
+    /// An error that ends the session, sent with what is still queued if the client takes it
+    /// within [`GOODBYE_DEADLINE`].
+    async fn last_words(&mut self, error: &PgError) {
+        error.encode(&mut self.out);
+        let out = std::mem::take(&mut self.out);
+        let _ = tokio::time::timeout(GOODBYE_DEADLINE, self.socket.write_all(&out)).await;
     }
 
     /// Sends an error, and logs it when `log_pooler_errors` is on, as PgBouncer does.

@@ -18,12 +18,11 @@ use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use bytes::{Buf, BytesMut};
-use tokio::io::AsyncWrite;
 use tokio::sync::oneshot;
 
 use crate::actors::census::ClientEntry;
@@ -35,20 +34,20 @@ use crate::admin::resultset::command_complete;
 use crate::auth::{server_error, BackendLoginError};
 use crate::config::PoolMode;
 use crate::local_queue::LocalReceiver;
-use crate::net::{ServerAddr, Socket};
+use crate::net::{poll_flush_buf, poll_read_some, ServerAddr, Socket, GOODBYE_DEADLINE};
 use crate::params::{ends_with_full_reset, is_full_reset_tag, TrackedParams};
 use crate::protocol::backend::{parameter_status, parse_parameter_status, ready_for_query};
 use crate::protocol::error::sqlstate;
 use crate::protocol::prepared::{
     deallocate_target, BooksAfter, ClientStatements, Rewriter, Rewritten, ServerVerdict,
 };
+use crate::protocol::streaming::{client_hold, server_holds_whole, Hold, MAX_HELD};
 use crate::protocol::tracker::MAX_BACKLOG;
-use crate::protocol::{frame_at, PgError, TxnTracker};
+use crate::protocol::{frame_at, header_at, Frame, PgError, TxnTracker};
 
 /// Stop reading a side while this much is queued for the other: backpressure, and a bound on
 /// what one client can make pgcorral buffer.
 const HIGH_WATER: usize = 256 * 1024;
-const READ_CHUNK: usize = 8 * 1024;
 /// PostgreSQL's own messages are trusted, but a corrupt length must not allocate gigabytes.
 const MAX_SERVER_MESSAGE: usize = 1 << 30;
 
@@ -89,6 +88,18 @@ struct Lease {
     /// pgcorral's own parameter-sync queries sent ahead of the client's messages whose answers
     /// have not all arrived: they are swallowed, and the server cannot go back before.
     pending_syncs: u8,
+    /// Bytes of the server message at the front still to stream to the client unread.
+    passthrough: usize,
+}
+
+impl Lease {
+    /// Nothing of either direction is buffered or half-forwarded.
+    fn wire_clean(&self) -> bool {
+        self.from_server.is_empty()
+            && self.to_server.is_empty()
+            && self.pending_syncs == 0
+            && self.passthrough == 0
+    }
 }
 
 /// The clock a client is on, by what it is doing; each has a timeout key (0 = off).
@@ -167,6 +178,8 @@ pub struct Relay {
     /// The client sent Terminate after messages the server has not answered yet: PostgreSQL
     /// would run them before closing, so the relay sees them through, then ends.
     terminating: bool,
+    /// Bytes of the client message at the front still to stream to the server unread.
+    client_passthrough: usize,
     /// The pool's settings (with their version) as of this client's last lease: the shared
     /// copy sits behind a lock every worker reads, so it is only re-read when it changed.
     settings: (usize, Arc<PoolSettings>),
@@ -231,6 +244,7 @@ impl Relay {
             max_packet,
             release_deferred: false,
             terminating: false,
+            client_passthrough: 0,
             settings,
             timer: None,
             transaction_timer: None,
@@ -279,14 +293,14 @@ impl Relay {
             log::warn!("{} pooler error: {}", self.entry.describe(), goodbye.message);
         }
         goodbye.encode(&mut self.to_client);
-        let _ = poll_fn(|cx| flush(&mut self.client, &mut self.to_client, cx)).await;
+        let goodbye_sent = poll_fn(|cx| poll_flush_buf(&mut self.client, &mut self.to_client, cx));
+        let _ = tokio::time::timeout(GOODBYE_DEADLINE, goodbye_sent).await;
         goodbye.message
     }
 
     fn after_lease_on_exit(&self) -> AfterLease {
         let Some(lease) = &self.lease else { return AfterLease::Close };
-        let clean_wire =
-            lease.from_server.is_empty() && lease.to_server.is_empty() && lease.pending_syncs == 0;
+        let clean_wire = lease.wire_clean() && self.client_passthrough == 0;
         // A cancel still on its way would hit whatever the next client runs there.
         if !clean_wire || !self.tracker.quiet() || self.cancel.in_flight.get() > 0 {
             AfterLease::Close
@@ -428,10 +442,7 @@ impl Relay {
         self.session_changed
             && self.mode != PoolMode::Session
             && self.cancel.in_flight.get() == 0
-            && self
-                .lease
-                .as_ref()
-                .is_some_and(|l| l.from_server.is_empty() && l.to_server.is_empty() && l.pending_syncs == 0)
+            && self.lease.as_ref().is_some_and(|l| l.wire_clean() && self.client_passthrough == 0)
             && self.tracker.idle()
     }
 
@@ -462,7 +473,7 @@ impl Relay {
 
     /// Flushes what is queued both ways, then reports the first thing that needs attention.
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
-        if flush(&mut self.client, &mut self.to_client, cx).is_ready_err() {
+        if poll_flush_buf(&mut self.client, &mut self.to_client, cx).is_ready_err() {
             if !self.terminating {
                 return Poll::Ready(Event::ClientGone);
             }
@@ -471,7 +482,7 @@ impl Relay {
             self.to_client = BytesMut::new();
         }
         if let Some(lease) = &mut self.lease {
-            if flush(&mut lease.link.socket, &mut lease.to_server, cx).is_ready_err() {
+            if poll_flush_buf(&mut lease.link.socket, &mut lease.to_server, cx).is_ready_err() {
                 return Poll::Ready(Event::ServerGone);
             }
         }
@@ -490,7 +501,7 @@ impl Relay {
         }
         if self.to_client.len() < HIGH_WATER || self.terminating {
             if let Some(lease) = &mut self.lease {
-                match read_some(&mut lease.link.socket, &mut lease.from_server, cx) {
+                match poll_read_some(&mut lease.link.socket, &mut lease.from_server, cx) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::ServerGone),
                     Poll::Ready(Ok(_)) => return Poll::Ready(Event::ServerData),
                     Poll::Pending => {}
@@ -505,9 +516,10 @@ impl Relay {
         // A client far ahead of its server waits: what it sent is buffered (to_server), and so
         // is the tracker's record of what is unanswered.
         let backlogged = self.lease.as_ref().is_some_and(|l| l.to_server.len() >= HIGH_WATER)
-            || self.tracker.backlog() >= MAX_BACKLOG;
+            || self.tracker.backlog() >= MAX_BACKLOG
+            || self.from_client.len() > MAX_HELD;
         if !cancel_landing && !backlogged && !self.terminating {
-            match read_some(&mut self.client, &mut self.from_client, cx) {
+            match poll_read_some(&mut self.client, &mut self.from_client, cx) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::ClientGone),
                 Poll::Ready(Ok(_)) => return Poll::Ready(Event::ClientData),
                 Poll::Pending => {}
@@ -520,11 +532,28 @@ impl Relay {
     async fn client_input(&mut self) -> Result<(), Ending> {
         let mut end = 0;
         loop {
-            let frame = match frame_at(&self.from_client[end..], self.max_packet) {
+            if self.client_passthrough > 0 {
+                // The rest of a message whose head has gone on: forwarded as it arrives.
+                let here = self.client_passthrough.min(self.from_client.len() - end);
+                self.client_passthrough -= here;
+                end += here;
+                if self.client_passthrough > 0 {
+                    break;
+                }
+                continue;
+            }
+            let frame = match header_at(&self.from_client[end..], self.max_packet) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
                 Err(e) => return Err(Ending::Error(e.to_pg())),
             };
+            let available = self.from_client.len() - end;
+            let head = match client_hold(frame, &self.from_client[end..], self.rewrites_statements()) {
+                Hold::Head(head) if available >= head => head,
+                Hold::Head(_) | Hold::More => break,
+                Hold::TooLarge => return Err(Ending::Error(too_large_to_read(frame))),
+            };
+            let whole = available >= frame.len;
             if frame.tag == b'X' {
                 // PostgreSQL reads nothing after Terminate.
                 self.from_client.truncate(end);
@@ -533,7 +562,11 @@ impl Relay {
             }
 
             if self.lease.is_none() {
-                if frame.tag == b'Q' && self.rewrites_statements() && self.deallocate_locally(frame.len) {
+                if frame.tag == b'Q'
+                    && whole
+                    && self.rewrites_statements()
+                    && self.deallocate_locally(frame.len)
+                {
                     continue;
                 }
                 // Only at a message boundary with nothing pending: `end` is 0 here. Boxed: the
@@ -542,19 +575,22 @@ impl Relay {
             }
             self.tracker.client_sent(frame.tag);
             let ignored_syncs = self.tracker.take_ignored_syncs();
-            self.query_resets_all = frame.tag == b'Q' && self.mode != PoolMode::Session && {
+            self.query_resets_all = frame.tag == b'Q' && whole && self.mode != PoolMode::Session && {
                 let body = &self.from_client[end + 5..end + frame.len];
                 ends_with_full_reset(std::str::from_utf8(&body[..body.len().saturating_sub(1)]).unwrap_or(""))
             };
             let rewritten = self.rewrites_statements()
                 && matches!(frame.tag, b'P' | b'B' | b'D' | b'C' | b'Q' | b'S' | b'F')
-                && self.rewrite_client_message(end, frame.len)?;
+                && self.rewrite_client_message(end, head.max(available.min(frame.len)))?;
             self.rewriter.syncs_ignored(ignored_syncs);
             if rewritten {
                 end = 0;
+                self.client_passthrough = frame.len - head.max(available.min(frame.len));
                 continue;
             }
-            end += frame.len;
+            let here = available.min(frame.len);
+            end += here;
+            self.client_passthrough = frame.len - here;
         }
         self.forward_to_server(end);
         Ok(())
@@ -646,7 +682,16 @@ impl Relay {
         let mut end = 0;
         let mut refused_block = false;
         loop {
-            let frame = match frame_at(&lease.from_server[end..], MAX_SERVER_MESSAGE) {
+            if lease.passthrough > 0 {
+                let here = lease.passthrough.min(lease.from_server.len() - end);
+                lease.passthrough -= here;
+                end += here;
+                if lease.passthrough > 0 {
+                    break;
+                }
+                continue;
+            }
+            let frame = match header_at(&lease.from_server[end..], MAX_SERVER_MESSAGE) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
                 Err(e) => {
@@ -654,6 +699,31 @@ impl Relay {
                     return Err(Ending::ServerLost);
                 }
             };
+            let available = lease.from_server.len() - end;
+            if available < frame.len {
+                if lease.pending_syncs > 0 || server_holds_whole(frame) {
+                    break;
+                }
+                // Streams to the client as it arrives: its tag is all the model needs.
+                if frame.tag == b'E' {
+                    self.answer_was_reset = false;
+                    if rewriting {
+                        let header = &lease.from_server[end..end + 5];
+                        self.rewriter.server_message(
+                            header,
+                            &mut self.statements,
+                            &mut lease.link.statements,
+                        );
+                    }
+                }
+                self.tracker.server_sent(frame.tag, None);
+                if matches!(frame.tag, b'G' | b'W') {
+                    self.rewriter.syncs_ignored(self.tracker.take_ignored_syncs());
+                }
+                lease.passthrough = frame.len - available;
+                end += available;
+                break;
+            }
             if lease.pending_syncs > 0 {
                 // The answers to a parameter sync come before the client's own.
                 let body = frame.body(&lease.from_server[end..]);
@@ -782,9 +852,8 @@ impl Relay {
         let Some(lease) = &self.lease else { return };
         if self.mode == PoolMode::Session
             || !self.tracker.idle()
-            || !lease.from_server.is_empty()
-            || !lease.to_server.is_empty()
-            || lease.pending_syncs > 0
+            || !lease.wire_clean()
+            || self.client_passthrough > 0
         {
             return;
         }
@@ -868,6 +937,7 @@ impl Relay {
             from_server: BytesMut::new(),
             to_server: BytesMut::new(),
             pending_syncs: 0,
+            passthrough: 0,
         });
         self.rewriter = Rewriter::default();
         self.sync_params().await
@@ -909,11 +979,11 @@ impl Relay {
         if *said_goodbye {
             return Poll::Pending;
         }
-        if flush(&mut self.client, &mut self.to_client, cx).is_ready_err() {
+        if poll_flush_buf(&mut self.client, &mut self.to_client, cx).is_ready_err() {
             return Poll::Ready(Err(Ending::ClientLeft));
         }
         while self.from_client.len() < HIGH_WATER {
-            match read_some(&mut self.client, &mut self.from_client, cx) {
+            match poll_read_some(&mut self.client, &mut self.from_client, cx) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                     if !holds_terminate(&self.from_client, self.max_packet) {
                         return Poll::Ready(Err(Ending::ClientLeft));
@@ -997,7 +1067,8 @@ impl Relay {
 
     /// Sends what is queued for the client and ends the session (a login that failed late).
     pub async fn run_closing(mut self) {
-        let _ = poll_fn(|cx| flush(&mut self.client, &mut self.to_client, cx)).await;
+        let sent = poll_fn(|cx| poll_flush_buf(&mut self.client, &mut self.to_client, cx));
+        let _ = tokio::time::timeout(GOODBYE_DEADLINE, sent).await;
     }
 
     pub fn set_params(&mut self, params: TrackedParams) {
@@ -1005,6 +1076,18 @@ impl Relay {
         self.params = params;
         self.params_confirmed = false;
     }
+}
+
+/// A message pgcorral must read whole to act on, above what it holds for one client.
+fn too_large_to_read(frame: Frame) -> PgError {
+    let what = match frame.tag {
+        b'P' => "a named Parse (prepared statement) in transaction pooling",
+        _ => "a protocol message pgcorral reads",
+    };
+    PgError::fatal(
+        sqlstate::PROGRAM_LIMIT_EXCEEDED,
+        format!("{what} of {} bytes is above pgcorral's limit of {MAX_HELD} bytes", frame.len),
+    )
 }
 
 /// The client's session parameters could not be put on its server: the client cannot go on
@@ -1063,23 +1146,6 @@ impl ReadyErr for Poll<io::Result<()>> {
     }
 }
 
-/// Writes as much of `buf` as the socket takes now; Ready(Ok) once it is empty. An emptied
-/// buffer lets go of its memory (usually a slice of a read buffer): idle clients hold none.
-fn flush(socket: &mut Socket, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-    if buf.is_empty() {
-        return Poll::Ready(Ok(()));
-    }
-    while !buf.is_empty() {
-        match ready!(Pin::new(&mut *socket).poll_write(cx, buf)) {
-            Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-            Ok(n) => buf.advance(n),
-            Err(e) => return Poll::Ready(Err(e)),
-        }
-    }
-    *buf = BytesMut::new();
-    Poll::Ready(Ok(()))
-}
-
 /// Whether the whole messages at the front of `buf` include a Terminate.
 fn holds_terminate(buf: &[u8], max_packet: usize) -> bool {
     let mut at = 0;
@@ -1101,16 +1167,4 @@ fn count_parses(bytes: &[u8]) -> u64 {
         at += frame.len;
     }
     parses
-}
-
-/// Reads what is available. An empty buffer is only allocated once the socket is readable, so
-/// that thousands of idle clients hold no read buffers.
-fn read_some(socket: &mut Socket, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-    if buf.capacity() == 0 {
-        ready!(socket.poll_read_ready(cx))?;
-    }
-    if buf.capacity() - buf.len() < READ_CHUNK / 2 {
-        buf.reserve(READ_CHUNK);
-    }
-    tokio_util::io::poll_read_buf(Pin::new(socket), cx, buf)
 }

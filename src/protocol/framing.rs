@@ -27,6 +27,15 @@ impl Frame {
 /// `Ok(None)` means more bytes are needed. A length below 4 or above `max_len` is an error, so a
 /// hostile peer cannot make pgcorral buffer an arbitrary amount.
 pub fn frame_at(buf: &[u8], max_len: usize) -> Result<Option<Frame>, ProtocolError> {
+    match header_at(buf, max_len)? {
+        Some(frame) if buf.len() >= frame.len => Ok(Some(frame)),
+        _ => Ok(None),
+    }
+}
+
+/// The tag and length of the message starting at `buf[0]`, as soon as its five header bytes
+/// are there: what a message that streams through needs (its body is forwarded as it comes).
+pub fn header_at(buf: &[u8], max_len: usize) -> Result<Option<Frame>, ProtocolError> {
     if buf.len() < 5 {
         return Ok(None);
     }
@@ -37,9 +46,6 @@ pub fn frame_at(buf: &[u8], max_len: usize) -> Result<Option<Frame>, ProtocolErr
     let len = declared as usize + 1;
     if len > max_len {
         return Err(ProtocolError::TooLarge { size: len, limit: max_len });
-    }
-    if buf.len() < len {
-        return Ok(None);
     }
     Ok(Some(Frame { tag: buf[0], len }))
 }
@@ -55,6 +61,8 @@ mod tests {
         assert_eq!(frame_at(&msg[..8], 100), Ok(None));
         assert_eq!(frame_at(&msg, 100), Ok(Some(Frame { tag: b'Q', len: 9 })));
         assert_eq!(Frame { tag: b'Q', len: 9 }.body(&msg), b"sel\0");
+        assert_eq!(header_at(&msg[..5], 100), Ok(Some(Frame { tag: b'Q', len: 9 })));
+        assert_eq!(header_at(&msg[..4], 100), Ok(None));
     }
 
     #[test]

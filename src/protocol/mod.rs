@@ -12,6 +12,7 @@
 //! - [`extended`]: the extended-protocol messages pgcorral answers itself (the console).
 //! - [`error`]: `PgError`, an ErrorResponse with its SQLSTATE, and the protocol's own errors.
 //! - [`prepared`]: named prepared statements across servers in transaction mode.
+//! - [`streaming`]: which messages stream through and which are held whole (bounded memory).
 //! - [`tracker`]: the transaction-boundary state machine that decides when a server can be released.
 
 pub mod backend;
@@ -22,8 +23,9 @@ pub mod frontend;
 pub mod options;
 pub mod prepared;
 pub mod startup;
+pub mod streaming;
 pub mod tracker;
 
 pub use error::{PgError, ProtocolError};
-pub use framing::{frame_at, Frame};
+pub use framing::{frame_at, header_at, Frame};
 pub use tracker::TxnTracker;

@@ -253,7 +253,8 @@ impl Rewriter {
         let out = match tag {
             b'Q' => {
                 self.batches_sent += 1;
-                let (query, _) = cstr(body, "Query")?;
+                // A Query too long to be a DEALLOCATE streams and arrives here unterminated.
+                let Ok((query, _)) = cstr(body, "Query") else { return Ok(Rewritten::Unchanged) };
                 // DISCARD ALL and DEALLOCATE ALL are judged by their CommandComplete
                 // ([`Rewriter::command_complete`]): inside a transaction block they fail.
                 let Some(Some(name)) = deallocate_target(query) else { return Ok(Rewritten::Unchanged) };
@@ -282,8 +283,8 @@ impl Rewriter {
                 return Ok(Rewritten::Unchanged);
             }
             b'P' => {
-                let (name, query, types) = read_parse(body)?;
-                if name.is_empty() {
+                // An unnamed Parse may arrive as its first byte only: its query streams.
+                if body.first() == Some(&0) {
                     self.parses.push_back(ParseSent {
                         batch,
                         swallow: false,
@@ -292,6 +293,7 @@ impl Rewriter {
                     });
                     return Ok(Rewritten::Unchanged);
                 }
+                let (name, query, types) = read_parse(body)?;
                 let mut out = BytesMut::new();
                 if let Some(existing) = client.get(&name).cloned() {
                     // A reused name: PostgreSQL itself refuses the second Parse of a name it
@@ -340,11 +342,11 @@ impl Rewriter {
                         return Ok(Rewritten::Unchanged);
                     }
                     self.unknown.push_back(UnknownSent { batch, client_name: statement.to_string() });
-                    write_bind(&mut out, portal, NOTHING, rest);
+                    write_bind(&mut out, portal, NOTHING, rest, declared_rest(frame, portal, statement));
                     return Ok(Rewritten::Replaced(out));
                 };
                 self.ensure(&def, server, capacity, batch, &mut out);
-                write_bind(&mut out, portal, &def.server_name, rest);
+                write_bind(&mut out, portal, &def.server_name, rest, declared_rest(frame, portal, statement));
                 out
             }
             b'D' | b'C' => {
@@ -651,8 +653,16 @@ fn write_parse(out: &mut BytesMut, name: &str, query: &str, types: &[u8]) {
     out.extend_from_slice(types);
 }
 
-fn write_bind(out: &mut BytesMut, portal: &str, statement: &str, rest: &[u8]) {
-    let len = 4 + portal.len() + 1 + statement.len() + 1 + rest.len();
+/// The length of what follows a Bind's statement name, from the length the client declared:
+/// a large Bind arrives with only its names, the rest streams behind the rewritten head.
+fn declared_rest(frame: &[u8], portal: &str, statement: &str) -> usize {
+    let declared = i32::from_be_bytes([frame[1], frame[2], frame[3], frame[4]]) as usize;
+    declared.saturating_sub(4 + portal.len() + 1 + statement.len() + 1)
+}
+
+/// A Bind of `statement`: its head, then `rest` (all or the first part of `rest_len` bytes).
+fn write_bind(out: &mut BytesMut, portal: &str, statement: &str, rest: &[u8], rest_len: usize) {
+    let len = 4 + portal.len() + 1 + statement.len() + 1 + rest_len;
     out.put_u8(b'B');
     out.put_i32(len as i32);
     put_cstr(out, portal);
