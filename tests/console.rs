@@ -116,12 +116,14 @@ async fn show_pools_clients_and_servers_under_fifty_clients_on_two_servers() {
     gate.simple_query("SELECT pg_advisory_lock(42)").await.unwrap();
     let tasks = clients_running(&pooler, &db, 50, "SELECT pg_advisory_xact_lock_shared(42)").await;
 
+    // Between its Parse round and its Bind round a client is briefly idle: wait for the still
+    // picture, two clients blocked on the two servers and the rest queued.
     let waiting = poll(async || {
         let pools = show(&console, "SHOW POOLS").await;
-        pools.number("database", &db, "cl_waiting") == 48
+        pools.number("database", &db, "cl_waiting") == 48 && pools.number("database", &db, "cl_active") == 2
     })
     .await;
-    assert!(waiting, "SHOW POOLS never showed 48 waiting clients");
+    assert!(waiting, "SHOW POOLS never showed 48 waiting clients behind 2 active ones");
     let pools = show(&console, "SHOW POOLS").await;
     let pool = pools.row("database", &db);
     assert_eq!(pool["user"], APP_USER);
