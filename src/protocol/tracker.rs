@@ -88,6 +88,10 @@ struct CopyReader {
     data_seen: bool,
     /// A Sync came after data: if the copy fails, whether it was consumed is unknowable.
     sync_after_data: bool,
+    /// The reader stops at a message that is not copy data, after data: if a row fails first,
+    /// that message is read as an ordinary one instead. It stays in the queue (counted as
+    /// answered later, which is never too early) and a failing copy pins the server.
+    stopped_after_data: bool,
 }
 
 impl CopyReader {
@@ -104,10 +108,17 @@ impl CopyReader {
         match kind {
             Pending::CopyData => self.data_seen = true,
             Pending::Sync => self.sync_after_data |= self.data_seen,
-            // CopyDone, CopyFail, and anything else (the server stops with an error there).
-            _ => {
+            // CopyDone and CopyFail end the copy; after a failing row they are dropped anyway.
+            Pending::CopyEnd => {
                 self.ended = true;
                 return 1;
+            }
+            // Anything else: the server stops the copy with an error there, unless a row
+            // failed before.
+            _ => {
+                self.ended = true;
+                self.stopped_after_data = self.data_seen;
+                return u32::from(!self.data_seen);
             }
         }
         n
@@ -304,7 +315,7 @@ impl TxnTracker {
 
     fn error(&mut self) {
         if let Some(reader) = self.copy.take() {
-            if reader.sync_after_data {
+            if reader.sync_after_data || reader.stopped_after_data {
                 self.lose_track();
             }
         } else {
@@ -515,6 +526,20 @@ mod tests {
         server(&mut t, b"2GE");
         ready(&mut t, b'I');
         assert!(t.idle());
+    }
+
+    #[test]
+    fn a_query_pipelined_after_copy_rows_is_never_counted_out_early() {
+        // Whether the copy reader fails on the Query or a row failed first (and the Query
+        // runs) depends on the rows: the Query stays counted, and the failing copy pins.
+        let mut t = TxnTracker::default();
+        client(&mut t, b"QdQ");
+        server(&mut t, b"GE");
+        ready(&mut t, b'I');
+        assert!(!t.quiet() && t.pinned());
+        server(&mut t, b"TDC");
+        ready(&mut t, b'I');
+        assert!(!t.quiet(), "a pinned server never goes back");
     }
 
     #[test]
