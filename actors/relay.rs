@@ -515,9 +515,12 @@ impl Relay {
         let cancel_landing = self.cancel.in_flight.get() > 0 && self.tracker.idle();
         // A client far ahead of its server waits: what it sent is buffered (to_server), and so
         // is the tracker's record of what is unanswered.
+        // So is one that does not read what it is sent: answers pgcorral writes itself (a local
+        // DEALLOCATE) would otherwise pile up without bound.
         let backlogged = self.lease.as_ref().is_some_and(|l| l.to_server.len() >= HIGH_WATER)
             || self.tracker.backlog() >= MAX_BACKLOG
-            || self.from_client.len() > MAX_HELD;
+            || self.from_client.len() > MAX_HELD
+            || self.to_client.len() >= HIGH_WATER;
         if !cancel_landing && !backlogged && !self.terminating {
             match poll_read_some(&mut self.client, &mut self.from_client, cx) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::ClientGone),
