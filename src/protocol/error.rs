@@ -100,12 +100,16 @@ pub enum ProtocolError {
     Malformed { what: &'static str },
     #[error("unsupported frontend protocol {major}.{minor}: server supports 3.0")]
     UnsupportedVersion { major: u16, minor: u16 },
+    #[error("this client's prepared statements exceed pgcorral's limit of {limit} bytes of statement text")]
+    TooManyStatements { limit: usize },
 }
 
 impl ProtocolError {
     pub fn to_pg(&self) -> PgError {
         let code = match self {
-            ProtocolError::TooLarge { .. } => sqlstate::PROGRAM_LIMIT_EXCEEDED,
+            ProtocolError::TooLarge { .. } | ProtocolError::TooManyStatements { .. } => {
+                sqlstate::PROGRAM_LIMIT_EXCEEDED
+            }
             ProtocolError::UnsupportedVersion { .. } => sqlstate::FEATURE_NOT_SUPPORTED,
             _ => sqlstate::PROTOCOL_VIOLATION,
         };

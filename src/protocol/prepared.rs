@@ -57,10 +57,22 @@ const NOTHING: &str = "pgcorral_nothing";
 /// Takes a Parse whose statement the server already has, and is closed right after.
 const SCRATCH: &str = "pgcorral_scratch";
 
+/// What one client's statement books may hold: their texts, names and a fixed overhead per
+/// statement. PostgreSQL sets no limit of its own; without one, a client could make pgcorral
+/// hold any amount of memory.
+pub const MAX_CLIENT_STATEMENT_BYTES: usize = 16 << 20;
+const STATEMENT_OVERHEAD: usize = 128;
+
 /// One client's named statements.
 #[derive(Debug, Default)]
 pub struct ClientStatements {
     by_name: HashMap<String, Arc<StatementDef>>,
+    /// What the books hold, as counted against [`MAX_CLIENT_STATEMENT_BYTES`].
+    bytes: usize,
+}
+
+fn weight(name: &str, def: &StatementDef) -> usize {
+    name.len() + def.query.len() + def.param_types.len() + def.server_name.len() + STATEMENT_OVERHEAD
 }
 
 impl ClientStatements {
@@ -78,12 +90,32 @@ impl ClientStatements {
 
     /// `DEALLOCATE name`: whether the client had it.
     pub fn remove(&mut self, name: &str) -> bool {
-        self.by_name.remove(name).is_some()
+        match self.by_name.remove_entry(name) {
+            Some((name, def)) => {
+                self.bytes -= weight(&name, &def);
+                true
+            }
+            None => false,
+        }
     }
 
     /// `DEALLOCATE ALL`, `DISCARD ALL`.
     pub fn clear(&mut self) {
         self.by_name.clear();
+        self.bytes = 0;
+    }
+
+    /// Records a new statement, within [`MAX_CLIENT_STATEMENT_BYTES`].
+    fn insert(&mut self, name: String, def: Arc<StatementDef>) -> Result<(), ProtocolError> {
+        let added = weight(&name, &def);
+        if self.bytes + added > MAX_CLIENT_STATEMENT_BYTES {
+            return Err(ProtocolError::TooManyStatements { limit: MAX_CLIENT_STATEMENT_BYTES });
+        }
+        self.bytes += added;
+        if let Some(old) = self.by_name.insert(name.clone(), def) {
+            self.bytes -= weight(&name, &old);
+        }
+        Ok(())
     }
 
     /// The client's name for a server name, to put back into PostgreSQL's error messages.
@@ -309,7 +341,7 @@ impl Rewriter {
                     return Ok(Rewritten::Replaced(out));
                 }
                 let def = Arc::new(StatementDef::new(query, types));
-                client.by_name.insert(name.clone(), def.clone());
+                client.insert(name.clone(), def.clone())?;
                 if server.has(&def.server_name) {
                     write_parse(&mut out, SCRATCH, &def.query, &def.param_types);
                     write_close(&mut out, b'S', SCRATCH);
@@ -354,7 +386,7 @@ impl Rewriter {
                 if tag == b'C' {
                     let forwarded_name = match client.get(name) {
                         Some(_) if kind == b'S' => {
-                            client.by_name.remove(name);
+                            client.remove(name);
                             NOTHING
                         }
                         // Closing a statement one never prepared is a no-op in PostgreSQL;
@@ -463,7 +495,7 @@ impl Rewriter {
                         server.forget_pending(name);
                     }
                     if let Some(name) = &sent.client_added {
-                        client.by_name.remove(name);
+                        client.remove(name);
                     }
                 }
                 while self.closes.front().is_some_and(|c| c.batch == current) {
@@ -500,7 +532,7 @@ impl Rewriter {
             }
             b"DEALLOCATE" => match self.deallocates.pop_front() {
                 Some(sent) => {
-                    client.by_name.remove(&sent.client_name);
+                    client.remove(&sent.client_name);
                     server.present.retain(|n| *n != sent.server_name);
                     BooksAfter::Exact
                 }
@@ -1023,6 +1055,30 @@ mod tests {
         assert_eq!(s.len(), 1, "a's statement stays");
         // Other unknown names still reach PostgreSQL as they are, for its own error.
         assert_eq!(rw.client_message(&bind("nope"), &mut b, &mut s, 2).unwrap(), Rewritten::Unchanged);
+    }
+
+    #[test]
+    fn a_clients_books_are_bounded() {
+        let (mut c, mut s) = (ClientStatements::default(), ServerStatements::default());
+        let mut rw = Rewriter::default();
+        let text = "x".repeat(1 << 20);
+        let mut refused = None;
+        for i in 0..40 {
+            match rw.client_message(&parse(&format!("s{i}"), &format!("SELECT '{text}'")), &mut c, &mut s, 0)
+            {
+                Ok(_) => server(&mut rw, b'1', &mut c, &mut s),
+                Err(e) => {
+                    refused = Some((i, e));
+                    break;
+                }
+            };
+        }
+        let (at, error) = refused.expect("the books stop growing");
+        assert!(at >= 15 && c.len() == at, "16 MiB of statements fit, then no more ({at})");
+        assert_eq!(error.to_pg().code, "54000");
+        // What is deallocated makes room again.
+        assert!(c.remove("s0"));
+        assert!(rw.client_message(&parse("again", &format!("SELECT '{text}'")), &mut c, &mut s, 0).is_ok());
     }
 
     #[test]

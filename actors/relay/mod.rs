@@ -1,0 +1,423 @@
+//! The data path of one client: a single loop that moves bytes between the client socket and
+//! the socket of the server it leases, with no mailbox hop per message.
+//!
+//! The loop reads whatever is available on either side, frames it (tag + length only), forwards
+//! runs of messages as slices of the read buffer, and writes both directions concurrently so
+//! that neither peer can block the other. Messages pgcorral does not read stream through as
+//! they arrive; the protocol model ([`TxnTracker`]) decides when a server goes back to the pool.
+//!
+//! Leasing is a conversation with this worker's Router: [`Checkout`] brings a server and its
+//! socket, [`Checkin`] gives them back at the end of the transaction (or session); a server that
+//! needs cleaning first goes to its ServerConnection instead ([`Return`]). Control reaches the
+//! loop through a channel from the ClientSession actor: a Kill, or news that a cancel it sent has
+//! been delivered.
+//!
+//! This file holds the loop and its state; `client_side` and `server_side` handle each
+//! direction's messages, `lease` the checkout and release, `clocks` the timeouts and `cancel`
+//! the cancel requests.
+
+use std::cell::{Cell, RefCell};
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use bytes::{Buf, BytesMut};
+use tokio::sync::oneshot;
+
+use crate::actors::census::ClientEntry;
+use crate::actors::messages::{Checkin, Checkout, Return, ServerOffer};
+use crate::actors::pool::{PoolMember, PoolSettings, PoolShared, Welcome};
+use crate::actors::router::{live_router, worker_index, Router};
+use crate::actors::server::{AfterLease, ServerConnection, ServerLink};
+use crate::admin::resultset::command_complete;
+use crate::auth::{server_error, BackendLoginError};
+use crate::config::PoolMode;
+use crate::local_queue::LocalReceiver;
+use crate::net::{poll_flush_buf, poll_read_some, ServerAddr, Socket, GOODBYE_DEADLINE};
+use crate::params::{ends_with_full_reset, is_full_reset_tag, TrackedParams};
+use crate::protocol::backend::{parameter_status, parse_parameter_status, ready_for_query};
+use crate::protocol::error::sqlstate;
+use crate::protocol::prepared::{
+    deallocate_target, BooksAfter, ClientStatements, Rewriter, Rewritten, ServerVerdict,
+};
+use crate::protocol::streaming::{client_hold, server_holds_whole, Hold, MAX_HELD};
+use crate::protocol::tracker::MAX_BACKLOG;
+use crate::protocol::{frame_at, header_at, Frame, PgError, TxnTracker};
+
+mod cancel;
+mod client_side;
+mod clocks;
+mod lease;
+mod server_side;
+
+pub use cancel::{send_cancel, CancelState, CancelTarget};
+use clocks::Clock;
+
+/// Stop reading a side while this much is queued for the other: backpressure, and a bound on
+/// what one client can make pgcorral buffer.
+const HIGH_WATER: usize = 256 * 1024;
+/// PostgreSQL's own messages are trusted, but a corrupt length must not allocate gigabytes.
+const MAX_SERVER_MESSAGE: usize = 1 << 30;
+
+/// Instructions from the ClientSession actor to its relay loop.
+#[derive(Debug)]
+pub enum Control {
+    Kill(PgError),
+    /// A cancel request for this client has been delivered to PostgreSQL.
+    CancelDelivered,
+}
+
+struct Lease {
+    server: Addr<ServerConnection>,
+    link: ServerLink,
+    from_server: BytesMut,
+    to_server: BytesMut,
+    /// pgcorral's own parameter-sync queries sent ahead of the client's messages whose answers
+    /// have not all arrived: they are swallowed, and the server cannot go back before.
+    pending_syncs: u8,
+    /// Bytes of the server message at the front still to stream to the client unread.
+    passthrough: usize,
+}
+
+impl Lease {
+    /// Nothing of either direction is buffered or half-forwarded.
+    fn wire_clean(&self) -> bool {
+        self.from_server.is_empty()
+            && self.to_server.is_empty()
+            && self.pending_syncs == 0
+            && self.passthrough == 0
+    }
+}
+
+enum Event {
+    Timeout,
+    TransactionTimeout,
+    ClientData,
+    ServerData,
+    ClientGone,
+    ServerGone,
+    Control(Control),
+}
+
+/// Why the loop ended; decides what is sent to the client and what happens to a leased server.
+enum Ending {
+    /// The client sent Terminate.
+    Terminated,
+    /// The client's connection ended without a Terminate.
+    ClientLeft,
+    /// Tell the client, then close it.
+    Error(PgError),
+    ServerLost,
+}
+
+pub struct Relay {
+    client: Socket,
+    from_client: BytesMut,
+    to_client: BytesMut,
+    lease: Option<Lease>,
+    tracker: TxnTracker,
+    pool: Arc<PoolShared>,
+    router: Addr<Router>,
+    mode: PoolMode,
+    params: TrackedParams,
+    /// The values this client logged in with: where its `RESET` takes it back to.
+    initial_params: TrackedParams,
+    /// The current lease ran `SET`, `RESET` or `DISCARD`: before the server goes back, pgcorral
+    /// reads what the session now holds ([`Relay::settle_session`]).
+    session_changed: bool,
+    /// The last message forwarded was a simple query ending in `RESET ALL` or `DISCARD ALL`
+    /// ([`ends_with_full_reset`]), and the last thing the server answered was that reset: the
+    /// session is back at its defaults, and pgcorral need not read it back (asyncpg's pool
+    /// release, once per transaction).
+    query_resets_all: bool,
+    answer_was_reset: bool,
+    /// Every value this client believes in has been accepted by a server once (set there, or
+    /// read back from one), so setting them again cannot fail and may go ahead of its messages.
+    params_confirmed: bool,
+    cancel: Rc<CancelState>,
+    control: LocalReceiver<Control>,
+    max_packet: usize,
+    release_deferred: bool,
+    /// The client sent Terminate after messages the server has not answered yet: PostgreSQL
+    /// would run them before closing, so the relay sees them through, then ends.
+    terminating: bool,
+    /// Bytes of the client message at the front still to stream to the server unread.
+    client_passthrough: usize,
+    /// The pool's settings (with their version) as of this client's last lease: the shared
+    /// copy sits behind a lock every worker reads, so it is only re-read when it changed.
+    settings: (usize, Arc<PoolSettings>),
+    /// Armed only when a timeout key applies to the current state: no timer work otherwise.
+    timer: Option<(Clock, Pin<Box<tokio::time::Sleep>>)>,
+    /// Counts this client in its pool for as long as the relay lives (`min_pool_size` is kept
+    /// only while a pool has clients).
+    _member: PoolMember,
+    /// `transaction_timeout`, which runs alongside the other clocks from a transaction's
+    /// start to its end; armed only while one is open and the key is set.
+    transaction_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// This client in the census, kept current for SHOW CLIENTS.
+    entry: Arc<ClientEntry>,
+    /// This worker's slot in the pool's statistics.
+    worker: usize,
+    /// When the query (up to its ReadyForQuery) and the transaction being served began.
+    query_started: Option<Instant>,
+    xact_started: Option<Instant>,
+    /// This client's named prepared statements, kept across servers in transaction mode.
+    statements: ClientStatements,
+    /// Which of the current lease's responses answer messages pgcorral added.
+    rewriter: Rewriter,
+    /// The current lease ran SQL-level PREPARE or DEALLOCATE in transaction or statement mode:
+    /// its server may hold forged statements under pgcorral's names, and is closed when it
+    /// comes back instead of serving another client.
+    books_untrusted: bool,
+}
+
+impl Relay {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: Socket,
+        from_client: BytesMut,
+        pool: Arc<PoolShared>,
+        router: Addr<Router>,
+        params: TrackedParams,
+        cancel: Rc<CancelState>,
+        control: LocalReceiver<Control>,
+        max_packet: usize,
+        entry: Arc<ClientEntry>,
+    ) -> Relay {
+        let settings = (usize::MAX, pool.settings());
+        let mode = settings.1.pool_mode;
+        let member = pool.member();
+        Relay {
+            client,
+            from_client,
+            to_client: BytesMut::new(),
+            lease: None,
+            tracker: TxnTracker::default(),
+            pool,
+            router,
+            mode,
+            initial_params: params.clone(),
+            params,
+            session_changed: false,
+            query_resets_all: false,
+            answer_was_reset: false,
+            params_confirmed: false,
+            cancel,
+            control,
+            max_packet,
+            release_deferred: false,
+            terminating: false,
+            client_passthrough: 0,
+            settings,
+            timer: None,
+            transaction_timer: None,
+            _member: member,
+            entry,
+            worker: worker_index(),
+            query_started: None,
+            xact_started: None,
+            statements: ClientStatements::default(),
+            rewriter: Rewriter::default(),
+            books_untrusted: false,
+        }
+    }
+
+    /// Whether statement names are rewritten: transaction and statement mode, unless
+    /// `max_prepared_statements = 0`. Session mode keeps one server, and its names.
+    fn rewrites_statements(&self) -> bool {
+        self.mode != PoolMode::Session && self.settings.1.max_prepared_statements > 0
+    }
+
+    /// Queues bytes for the client (the login phase's welcome messages).
+    pub fn queue_to_client(&mut self, bytes: &[u8]) {
+        self.to_client.extend_from_slice(bytes);
+    }
+
+    /// Runs until the client leaves or is disconnected; the leased server, if any, goes back
+    /// to its actor in a state that is safe for the next client.
+    /// Returns why the session ended, in PgBouncer's words for its log.
+    pub async fn run(mut self) -> String {
+        let ending = self.serve().await;
+        let after = match &ending {
+            Ending::ServerLost => AfterLease::Close,
+            _ => self.after_lease_on_exit(),
+        };
+        if let Some(lease) = self.lease.take() {
+            self.cancel.target.replace(None);
+            self.give_back(lease, after);
+        }
+        let goodbye = match ending {
+            Ending::Terminated => return "client close request".into(),
+            Ending::ClientLeft => return "client unexpected eof".into(),
+            Ending::Error(e) => e,
+            Ending::ServerLost => PgError::fatal(sqlstate::CONNECTION_FAILURE, "server conn crashed?"),
+        };
+        if self.settings.1.log_pooler_errors {
+            log::warn!("{} pooler error: {}", self.entry.describe(), goodbye.message);
+        }
+        goodbye.encode(&mut self.to_client);
+        let goodbye_sent = poll_fn(|cx| poll_flush_buf(&mut self.client, &mut self.to_client, cx));
+        let _ = tokio::time::timeout(GOODBYE_DEADLINE, goodbye_sent).await;
+        goodbye.message
+    }
+
+    async fn serve(&mut self) -> Ending {
+        let configuration_changed =
+            || Ending::Error(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "database configuration changed"));
+        loop {
+            if self.terminating && self.lease.as_ref().is_none_or(|_| !self.tracker.busy()) {
+                return Ending::Terminated;
+            }
+            self.arm_timer();
+            if self.fast_close_due() {
+                return configuration_changed();
+            }
+            let event = poll_fn(|cx| self.poll_event(cx)).await;
+            if matches!(event, Event::ClientData) && self.fast_close_due() {
+                return configuration_changed();
+            }
+            let step = match event {
+                Event::Timeout => match &self.timer {
+                    Some((clock, _)) => {
+                        if *clock == Clock::Query {
+                            self.cancel_running_query();
+                        }
+                        return Ending::Error(clock.expired());
+                    }
+                    None => Ok(()),
+                },
+                Event::TransactionTimeout => {
+                    if self.tracker.busy() {
+                        self.cancel_running_query();
+                    }
+                    return Ending::Error(PgError::fatal(
+                        sqlstate::PROTOCOL_VIOLATION,
+                        "transaction timeout",
+                    ));
+                }
+                Event::ClientData => self.client_input().await,
+                Event::ServerData => self.server_input(),
+                Event::ClientGone => return Ending::ClientLeft,
+                Event::ServerGone => return Ending::ServerLost,
+                Event::Control(Control::Kill(error)) => return Ending::Error(error),
+                Event::Control(Control::CancelDelivered) => {
+                    self.maybe_release();
+                    Ok(())
+                }
+            };
+            if let Err(ending) = step {
+                return ending;
+            }
+            if self.settle_due() {
+                if let Err(ending) = self.settle_session().await {
+                    return ending;
+                }
+                self.maybe_release();
+            }
+        }
+    }
+
+    /// Flushes what is queued both ways, then reports the first thing that needs attention.
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        if poll_flush_buf(&mut self.client, &mut self.to_client, cx).is_ready_err() {
+            if !self.terminating {
+                return Poll::Ready(Event::ClientGone);
+            }
+            // A client that said goodbye may close before reading its last answers, as it may
+            // with PostgreSQL itself; its server still finishes what it was sent.
+            self.to_client = BytesMut::new();
+        }
+        if let Some(lease) = &mut self.lease {
+            if poll_flush_buf(&mut lease.link.socket, &mut lease.to_server, cx).is_ready_err() {
+                return Poll::Ready(Event::ServerGone);
+            }
+        }
+        if let Poll::Ready(control) = self.control.poll_recv(cx) {
+            return Poll::Ready(Event::Control(control));
+        }
+        if let Some((_, sleep)) = &mut self.timer {
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Timeout);
+            }
+        }
+        if let Some(sleep) = &mut self.transaction_timer {
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::TransactionTimeout);
+            }
+        }
+        if self.to_client.len() < HIGH_WATER || self.terminating {
+            if let Some(lease) = &mut self.lease {
+                match poll_read_some(&mut lease.link.socket, &mut lease.from_server, cx) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::ServerGone),
+                    Poll::Ready(Ok(_)) => return Poll::Ready(Event::ServerData),
+                    Poll::Pending => {}
+                }
+            }
+        }
+        // A cancel on its way can land after the query it was for has ended: PostgreSQL signals
+        // the backend twice (its pid, then its process group), and a busy machine can put a
+        // millisecond between the two, enough for the client's next query to start and be hit.
+        // That next query waits until the cancel has been delivered (the postmaster hung up).
+        let cancel_landing = self.cancel.in_flight.get() > 0 && self.tracker.idle();
+        // A client far ahead of its server waits: what it sent is buffered (to_server), and so
+        // is the tracker's record of what is unanswered.
+        // So is one that does not read what it is sent: answers pgcorral writes itself (a local
+        // DEALLOCATE) would otherwise pile up without bound.
+        let backlogged = self.lease.as_ref().is_some_and(|l| l.to_server.len() >= HIGH_WATER)
+            || self.tracker.backlog() >= MAX_BACKLOG
+            || self.from_client.len() > MAX_HELD
+            || self.to_client.len() >= HIGH_WATER;
+        if !cancel_landing && !backlogged && !self.terminating {
+            match poll_read_some(&mut self.client, &mut self.from_client, cx) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::ClientGone),
+                Poll::Ready(Ok(_)) => return Poll::Ready(Event::ClientData),
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Sends what is queued for the client and ends the session (a login that failed late).
+    pub async fn run_closing(mut self) {
+        let sent = poll_fn(|cx| poll_flush_buf(&mut self.client, &mut self.to_client, cx));
+        let _ = tokio::time::timeout(GOODBYE_DEADLINE, sent).await;
+    }
+
+    pub fn set_params(&mut self, params: TrackedParams) {
+        self.initial_params = params.clone();
+        self.params = params;
+        self.params_confirmed = false;
+    }
+}
+
+/// Appends without copying when the destination is empty (the common case: one batch per read).
+/// Moves the server messages before `end` to the client and drops the `len`-byte one at `end`
+/// (an answer pgcorral swallows or replaces). Returns how many bytes were forwarded.
+fn take_frame(from_server: &mut BytesMut, end: usize, len: usize, to_client: &mut BytesMut) -> usize {
+    append(to_client, from_server.split_to(end));
+    from_server.advance(len);
+    end
+}
+
+fn append(dst: &mut BytesMut, chunk: BytesMut) {
+    if dst.is_empty() {
+        *dst = chunk;
+    } else {
+        dst.extend_from_slice(&chunk);
+    }
+}
+
+trait ReadyErr {
+    fn is_ready_err(&self) -> bool;
+}
+
+impl ReadyErr for Poll<io::Result<()>> {
+    fn is_ready_err(&self) -> bool {
+        matches!(self, Poll::Ready(Err(_)))
+    }
+}
