@@ -254,20 +254,7 @@ impl DetachedLink {
     }
 }
 
-/// What must happen to a server when its lease ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AfterLease {
-    /// Clean: straight back to idle.
-    Reuse,
-    /// Session over: run `server_reset_query` first.
-    Reset,
-    /// The client left inside a transaction block with nothing in flight: roll back, then reset.
-    Rollback,
-    /// The protocol state is unknown (client left mid-query, I/O error): never lend it again.
-    Close,
-    /// Idle past `server_check_delay`: run `server_check_query` before lending it again.
-    Check,
-}
+pub use crate::session::AfterLease;
 
 pub struct ServerConnection {
     pool: Arc<PoolShared>,

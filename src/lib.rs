@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod net;
 pub mod params;
 pub mod protocol;
+pub mod session;
 pub mod stats;
 pub mod tls;
 pub mod version;

@@ -70,7 +70,7 @@ impl Relay {
             if frame.tag == b'X' {
                 // PostgreSQL reads nothing after Terminate.
                 self.from_client.truncate(end);
-                self.terminating = true;
+                self.session.terminate();
                 break;
             }
 
@@ -86,12 +86,11 @@ impl Relay {
                 // checkout's state would otherwise sit in every idle client's future.
                 Box::pin(self.acquire()).await?;
             }
-            self.tracker.client_sent(frame.tag);
-            let ignored_syncs = self.tracker.take_ignored_syncs();
-            self.query_resets_all = frame.tag == b'Q' && whole && self.mode != PoolMode::Session && {
-                let body = &self.from_client[end + 5..end + frame.len];
-                ends_with_full_reset(std::str::from_utf8(&body[..body.len().saturating_sub(1)]).unwrap_or(""))
-            };
+            let query = (frame.tag == b'Q' && whole)
+                .then(|| &self.from_client[end + 5..end + frame.len - 1])
+                .and_then(|text| std::str::from_utf8(text).ok());
+            self.session.client_message(frame.tag, query);
+            let ignored_syncs = self.session.take_ignored_syncs();
             let rewritten = self.rewrites_statements()
                 && matches!(frame.tag, b'P' | b'B' | b'D' | b'C' | b'Q' | b'S' | b'F')
                 && self.rewrite_client_message(end, head.max(available.min(frame.len)))?;

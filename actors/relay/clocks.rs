@@ -3,18 +3,8 @@
 //! when the key is set.
 
 use super::*;
-
-/// The clock a client is on, by what it is doing; each has a timeout key (0 = off).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Clock {
-    /// No server held: `client_idle_timeout`, restarted by any activity.
-    ClientIdle,
-    /// A query running: `query_timeout`, from its start.
-    Query,
-    /// Inside a transaction block, nothing running: `idle_transaction_timeout`, restarted by
-    /// any activity.
-    IdleInTransaction,
-}
+pub(super) use crate::session::Clock;
+use crate::session::Timeouts;
 
 impl Clock {
     /// PgBouncer's words for each, as the client sees them.
@@ -32,15 +22,13 @@ impl Relay {
     /// Which clock applies now and its timeout, if that timeout is set.
     pub(super) fn clock(&self) -> Option<(Clock, Duration)> {
         let settings = &self.settings.1;
-        let (clock, timeout) = match &self.lease {
-            None => (Clock::ClientIdle, settings.client_idle_timeout),
-            Some(_) if self.tracker.busy() => (Clock::Query, settings.query_timeout),
-            Some(_) if self.tracker.quiet() && self.tracker.status() != b'I' => {
-                (Clock::IdleInTransaction, settings.idle_transaction_timeout)
-            }
-            Some(_) => return None,
+        let timeouts = Timeouts {
+            client_idle: settings.client_idle_timeout,
+            query: settings.query_timeout,
+            idle_transaction: settings.idle_transaction_timeout,
+            transaction: settings.transaction_timeout,
         };
-        (!timeout.is_zero()).then_some((clock, timeout))
+        self.session.clock(self.lease.is_some(), &timeouts)
     }
 
     /// Called after every event: idle clocks restart on activity, the query clock runs from the
@@ -59,9 +47,7 @@ impl Relay {
         }
         let limit = self.settings.1.transaction_timeout;
         // The key is usually off: then nothing else is looked at.
-        let armed = !limit.is_zero()
-            && self.lease.is_some()
-            && (self.tracker.busy() || self.tracker.status() != b'I');
+        let armed = !limit.is_zero() && self.session.in_transaction(self.lease.is_some());
         match (armed, &self.transaction_timer) {
             (true, None) => self.transaction_timer = Some(Box::pin(tokio::time::sleep(limit))),
             (false, Some(_)) => self.transaction_timer = None,

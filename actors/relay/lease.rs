@@ -21,25 +21,10 @@ pub(super) fn restore_failed(error: BackendLoginError) -> Ending {
 }
 
 impl Relay {
-    pub(super) fn after_lease_on_exit(&self) -> AfterLease {
-        let Some(lease) = &self.lease else { return AfterLease::Close };
-        let clean_wire = lease.wire_clean() && self.client_passthrough == 0;
-        // A cancel still on its way would hit whatever the next client runs there.
-        if !clean_wire || !self.tracker.quiet() || self.cancel.in_flight.get() > 0 {
-            AfterLease::Close
-        } else if self.tracker.status() != b'I' {
-            AfterLease::Rollback
-        } else if self.mode == PoolMode::Session {
-            AfterLease::Reset
-        } else {
-            AfterLease::Reuse
-        }
-    }
-
     /// Session mode with `server_fast_close`: the server held for the whole session was opened
     /// before a reload changed the connection settings, and no transaction is open on it.
     pub(super) fn fast_close_due(&mut self) -> bool {
-        if self.mode != PoolMode::Session {
+        if self.session.mode() != PoolMode::Session {
             return false;
         }
         let Some(lease) = &self.lease else { return false };
@@ -48,19 +33,9 @@ impl Relay {
         }
         self.pool.refresh_settings(&mut self.settings);
         self.settings.1.server_fast_close
-            && self.tracker.idle()
+            && self.session.tracker().idle()
             && lease.from_server.is_empty()
             && lease.to_server.is_empty()
-    }
-
-    /// The transaction that changed session parameters is over and the server about to go
-    /// back: the moment to learn what the client's session now holds.
-    pub(super) fn settle_due(&self) -> bool {
-        self.session_changed
-            && self.mode != PoolMode::Session
-            && self.cancel.in_flight.get() == 0
-            && self.lease.as_ref().is_some_and(|l| l.wire_clean() && self.client_passthrough == 0)
-            && self.tracker.idle()
     }
 
     /// Learns the session parameters now set on the leased server (read back, unless the
@@ -68,9 +43,9 @@ impl Relay {
     /// would have them: a `RESET` goes back to the client's startup values. The server goes
     /// back with its session known; the next lease sets what its client needs.
     pub(super) async fn settle_session(&mut self) -> Result<(), Ending> {
-        self.session_changed = false;
+        self.session.settled();
         let Some(lease) = &mut self.lease else { return Ok(()) };
-        let set_now = if self.query_resets_all && self.answer_was_reset {
+        let set_now = if self.session.ends_in_full_reset() {
             lease.link.session_was_reset();
             Vec::new()
         } else {
@@ -91,31 +66,19 @@ impl Relay {
     /// Transaction and statement modes: the server goes back as soon as the transaction is
     /// over and nothing is in flight, unless a cancel for it is still on its way.
     pub(super) fn maybe_release(&mut self) {
-        let Some(lease) = &self.lease else { return };
-        if self.mode == PoolMode::Session
-            || !self.tracker.idle()
-            || !lease.wire_clean()
-            || self.client_passthrough > 0
-        {
-            return;
+        // Once a cancel is delivered (CancelDelivered) or the session learned (settle_session),
+        // the relay asks again.
+        if let Release::Now(after) = self.session.release(self.wire()) {
+            self.release(after);
         }
-        if self.cancel.in_flight.get() > 0 {
-            self.release_deferred = true;
-            return;
-        }
-        if self.session_changed {
-            return;
-        }
-        self.release(AfterLease::Reuse);
     }
 
     pub(super) fn release(&mut self, after: AfterLease) {
-        self.release_deferred = false;
-        self.session_changed = false;
         if let Some(lease) = self.lease.take() {
             self.cancel.target.replace(None);
             self.give_back(lease, after);
         }
+        self.session.released();
         self.entry.holds(0);
         // An idle client should hold no buffer memory.
         if self.from_client.is_empty() {
@@ -128,11 +91,7 @@ impl Relay {
     pub(super) fn give_back(&mut self, lease: Lease, after: AfterLease) {
         // Statements pgcorral added whose fate is unknown: the server's books cannot be
         // trusted, so neither can the server.
-        let after = if self.rewriter.settled() && !std::mem::take(&mut self.books_untrusted) {
-            after
-        } else {
-            AfterLease::Close
-        };
+        let after = if self.rewriter.settled() { self.session.vetted(after) } else { AfterLease::Close };
         if after == AfterLease::Reuse && !self.settings.1.reset_query_always {
             let router = live_router(&mut self.router, &self.pool);
             router.do_send(Checkin { server: lease.server, link: lease.link, fresh: false });
@@ -182,6 +141,7 @@ impl Relay {
             passthrough: 0,
         });
         self.rewriter = Rewriter::default();
+        self.session.leased();
         self.sync_params().await
     }
 
@@ -259,7 +219,7 @@ impl Relay {
             return Ok(());
         };
         if self.params_confirmed
-            && self.mode != PoolMode::Session
+            && self.session.mode() != PoolMode::Session
             && lease.link.session == self.params.session()
         {
             // Only reported parameters differ, with values a server took before, which stay

@@ -39,7 +39,7 @@ use crate::auth::{server_error, BackendLoginError};
 use crate::config::PoolMode;
 use crate::local_queue::LocalReceiver;
 use crate::net::{poll_flush_buf, poll_read_some, ServerAddr, Socket, GOODBYE_DEADLINE};
-use crate::params::{ends_with_full_reset, is_full_reset_tag, TrackedParams};
+use crate::params::TrackedParams;
 use crate::protocol::backend::{parameter_status, parse_parameter_status, ready_for_query};
 use crate::protocol::error::sqlstate;
 use crate::protocol::prepared::{
@@ -47,7 +47,8 @@ use crate::protocol::prepared::{
 };
 use crate::protocol::streaming::{client_hold, server_holds_whole, Hold, MAX_HELD};
 use crate::protocol::tracker::MAX_BACKLOG;
-use crate::protocol::{frame_at, header_at, Frame, PgError, TxnTracker};
+use crate::protocol::{frame_at, header_at, Frame, PgError};
+use crate::session::{Phase, Release, Session, Wire};
 
 mod cancel;
 mod client_side;
@@ -120,32 +121,19 @@ pub struct Relay {
     from_client: BytesMut,
     to_client: BytesMut,
     lease: Option<Lease>,
-    tracker: TxnTracker,
+    /// Every decision about the lease, the clocks and the protocol state (no I/O).
+    session: Session,
     pool: Arc<PoolShared>,
     router: Addr<Router>,
-    mode: PoolMode,
     params: TrackedParams,
     /// The values this client logged in with: where its `RESET` takes it back to.
     initial_params: TrackedParams,
-    /// The current lease ran `SET`, `RESET` or `DISCARD`: before the server goes back, pgcorral
-    /// reads what the session now holds ([`Relay::settle_session`]).
-    session_changed: bool,
-    /// The last message forwarded was a simple query ending in `RESET ALL` or `DISCARD ALL`
-    /// ([`ends_with_full_reset`]), and the last thing the server answered was that reset: the
-    /// session is back at its defaults, and pgcorral need not read it back (asyncpg's pool
-    /// release, once per transaction).
-    query_resets_all: bool,
-    answer_was_reset: bool,
     /// Every value this client believes in has been accepted by a server once (set there, or
     /// read back from one), so setting them again cannot fail and may go ahead of its messages.
     params_confirmed: bool,
     cancel: Rc<CancelState>,
     control: LocalReceiver<Control>,
     max_packet: usize,
-    release_deferred: bool,
-    /// The client sent Terminate after messages the server has not answered yet: PostgreSQL
-    /// would run them before closing, so the relay sees them through, then ends.
-    terminating: bool,
     /// Bytes of the client message at the front still to stream to the server unread.
     client_passthrough: usize,
     /// The pool's settings (with their version) as of this client's last lease: the shared
@@ -170,10 +158,6 @@ pub struct Relay {
     statements: ClientStatements,
     /// Which of the current lease's responses answer messages pgcorral added.
     rewriter: Rewriter,
-    /// The current lease ran SQL-level PREPARE or DEALLOCATE in transaction or statement mode:
-    /// its server may hold forged statements under pgcorral's names, and is closed when it
-    /// comes back instead of serving another client.
-    books_untrusted: bool,
 }
 
 impl Relay {
@@ -197,21 +181,15 @@ impl Relay {
             from_client,
             to_client: BytesMut::new(),
             lease: None,
-            tracker: TxnTracker::default(),
+            session: Session::new(mode),
             pool,
             router,
-            mode,
             initial_params: params.clone(),
             params,
-            session_changed: false,
-            query_resets_all: false,
-            answer_was_reset: false,
             params_confirmed: false,
             cancel,
             control,
             max_packet,
-            release_deferred: false,
-            terminating: false,
             client_passthrough: 0,
             settings,
             timer: None,
@@ -223,14 +201,25 @@ impl Relay {
             xact_started: None,
             statements: ClientStatements::default(),
             rewriter: Rewriter::default(),
-            books_untrusted: false,
         }
     }
 
     /// Whether statement names are rewritten: transaction and statement mode, unless
     /// `max_prepared_statements = 0`. Session mode keeps one server, and its names.
     fn rewrites_statements(&self) -> bool {
-        self.mode != PoolMode::Session && self.settings.1.max_prepared_statements > 0
+        self.session.mode() != PoolMode::Session && self.settings.1.max_prepared_statements > 0
+    }
+
+    fn terminating(&self) -> bool {
+        self.session.phase() == Phase::Terminating
+    }
+
+    /// What the buffers say about the lease, for the session machine.
+    fn wire(&self) -> Wire {
+        Wire {
+            clean: self.lease.as_ref().is_none_or(Lease::wire_clean) && self.client_passthrough == 0,
+            cancel_in_flight: self.cancel.in_flight.get() > 0,
+        }
     }
 
     /// Queues bytes for the client (the login phase's welcome messages).
@@ -243,10 +232,7 @@ impl Relay {
     /// Returns why the session ended, in PgBouncer's words for its log.
     pub async fn run(mut self) -> String {
         let ending = self.serve().await;
-        let after = match &ending {
-            Ending::ServerLost => AfterLease::Close,
-            _ => self.after_lease_on_exit(),
-        };
+        let after = self.session.on_exit(self.wire(), matches!(ending, Ending::ServerLost));
         if let Some(lease) = self.lease.take() {
             self.cancel.target.replace(None);
             self.give_back(lease, after);
@@ -270,7 +256,7 @@ impl Relay {
         let configuration_changed =
             || Ending::Error(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "database configuration changed"));
         loop {
-            if self.terminating && self.lease.as_ref().is_none_or(|_| !self.tracker.busy()) {
+            if self.session.finished(self.lease.is_some()) {
                 return Ending::Terminated;
             }
             self.arm_timer();
@@ -292,7 +278,7 @@ impl Relay {
                     None => Ok(()),
                 },
                 Event::TransactionTimeout => {
-                    if self.tracker.busy() {
+                    if self.session.tracker().busy() {
                         self.cancel_running_query();
                     }
                     return Ending::Error(PgError::fatal(
@@ -313,7 +299,7 @@ impl Relay {
             if let Err(ending) = step {
                 return ending;
             }
-            if self.settle_due() {
+            if self.session.settle_due(self.wire()) {
                 if let Err(ending) = self.settle_session().await {
                     return ending;
                 }
@@ -325,7 +311,7 @@ impl Relay {
     /// Flushes what is queued both ways, then reports the first thing that needs attention.
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
         if poll_flush_buf(&mut self.client, &mut self.to_client, cx).is_ready_err() {
-            if !self.terminating {
+            if !self.terminating() {
                 return Poll::Ready(Event::ClientGone);
             }
             // A client that said goodbye may close before reading its last answers, as it may
@@ -350,7 +336,7 @@ impl Relay {
                 return Poll::Ready(Event::TransactionTimeout);
             }
         }
-        if self.to_client.len() < HIGH_WATER || self.terminating {
+        if self.to_client.len() < HIGH_WATER || self.terminating() {
             if let Some(lease) = &mut self.lease {
                 match poll_read_some(&mut lease.link.socket, &mut lease.from_server, cx) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::ServerGone),
@@ -363,16 +349,16 @@ impl Relay {
         // the backend twice (its pid, then its process group), and a busy machine can put a
         // millisecond between the two, enough for the client's next query to start and be hit.
         // That next query waits until the cancel has been delivered (the postmaster hung up).
-        let cancel_landing = self.cancel.in_flight.get() > 0 && self.tracker.idle();
+        let cancel_landing = self.cancel.in_flight.get() > 0 && self.session.tracker().idle();
         // A client far ahead of its server waits: what it sent is buffered (to_server), and so
         // is the tracker's record of what is unanswered.
         // So is one that does not read what it is sent: answers pgcorral writes itself (a local
         // DEALLOCATE) would otherwise pile up without bound.
         let backlogged = self.lease.as_ref().is_some_and(|l| l.to_server.len() >= HIGH_WATER)
-            || self.tracker.backlog() >= MAX_BACKLOG
+            || self.session.tracker().backlog() >= MAX_BACKLOG
             || self.from_client.len() > MAX_HELD
             || self.to_client.len() >= HIGH_WATER;
-        if !cancel_landing && !backlogged && !self.terminating {
+        if !cancel_landing && !backlogged && !self.terminating() {
             match poll_read_some(&mut self.client, &mut self.from_client, cx) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::ClientGone),
                 Poll::Ready(Ok(_)) => return Poll::Ready(Event::ClientData),

@@ -6,11 +6,6 @@
 use super::lease::restore_failed;
 use super::*;
 
-/// A CommandComplete tag (without its NUL) whose command may have changed session parameters.
-pub(super) fn changes_session(tag: &[u8]) -> bool {
-    tag == b"SET" || tag == b"RESET" || tag.starts_with(b"DISCARD")
-}
-
 impl Relay {
     /// Forwards every complete server message, watching transaction boundaries and parameters.
     pub(super) fn server_input(&mut self) -> Result<(), Ending> {
@@ -42,20 +37,13 @@ impl Relay {
                     break;
                 }
                 // Streams to the client as it arrives: its tag is all the model needs.
-                if frame.tag == b'E' {
-                    self.answer_was_reset = false;
-                    if rewriting {
-                        let header = &lease.from_server[end..end + 5];
-                        self.rewriter.server_message(
-                            header,
-                            &mut self.statements,
-                            &mut lease.link.statements,
-                        );
-                    }
+                if frame.tag == b'E' && rewriting {
+                    let header = &lease.from_server[end..end + 5];
+                    self.rewriter.server_message(header, &mut self.statements, &mut lease.link.statements);
                 }
-                self.tracker.server_sent(frame.tag, None);
+                self.session.server_message(frame.tag, None);
                 if matches!(frame.tag, b'G' | b'W') {
-                    self.rewriter.syncs_ignored(self.tracker.take_ignored_syncs());
+                    self.rewriter.syncs_ignored(self.session.take_ignored_syncs());
                 }
                 lease.passthrough = frame.len - available;
                 end += available;
@@ -80,9 +68,6 @@ impl Relay {
                 end = 0;
                 continue;
             }
-            if frame.tag == b'E' {
-                self.answer_was_reset = false;
-            }
             if rewriting && matches!(frame.tag, b'1' | b'3' | b'E' | b'Z') {
                 let message = &lease.from_server[end..end + frame.len];
                 let verdict =
@@ -91,7 +76,7 @@ impl Relay {
                     let forwarded = take_frame(&mut lease.from_server, end, frame.len, &mut self.to_client);
                     self.pool.stats.sent(self.worker, forwarded);
                     if let ServerVerdict::Replace(renamed) = verdict {
-                        self.tracker.server_sent(b'E', None);
+                        self.session.server_message(b'E', None);
                         self.to_client.extend_from_slice(&renamed);
                     }
                     end = 0;
@@ -99,9 +84,9 @@ impl Relay {
                 }
             }
             let body = frame.body(&lease.from_server[end..]);
-            self.tracker.server_sent(frame.tag, body.first().copied());
+            self.session.server_message(frame.tag, body.first().copied());
             match frame.tag {
-                b'G' | b'W' => self.rewriter.syncs_ignored(self.tracker.take_ignored_syncs()),
+                b'G' | b'W' => self.rewriter.syncs_ignored(self.session.take_ignored_syncs()),
                 b'Z' => {
                     let now = Instant::now();
                     let stats = &self.pool.stats;
@@ -109,25 +94,22 @@ impl Relay {
                         stats.query(self.worker, now - start);
                     }
                     // Pipelined queries: the next one's time runs from this one's end.
-                    if self.tracker.busy() {
+                    if self.session.tracker().busy() {
                         self.query_started = Some(now);
                     }
-                    if self.tracker.quiet() && self.tracker.status() == b'I' {
+                    if self.session.transaction_over() {
                         if let Some(start) = self.xact_started.take() {
                             stats.transaction(self.worker, now - start);
                         }
                     }
-                    if self.mode == PoolMode::Statement
-                        && self.tracker.quiet()
-                        && self.tracker.status() != b'I'
-                    {
+                    if self.session.opened_block() {
                         refused_block = true;
                         break;
                     }
                 }
                 b'C' => {
                     let tag = body.strip_suffix(b"\0").unwrap_or(body);
-                    self.answer_was_reset = is_full_reset_tag(tag);
+                    self.session.command_complete(tag);
                     if rewriting
                         && self.rewriter.command_complete(
                             tag,
@@ -135,12 +117,11 @@ impl Relay {
                             &mut lease.link.statements,
                         ) == BooksAfter::Untrusted
                     {
-                        self.books_untrusted = true;
+                        self.session.distrust_books();
                     }
-                    if changes_session(tag) {
+                    if crate::session::changes_session(tag) {
                         lease.link.session_unknown = true;
                         lease.link.matches_client = None;
-                        self.session_changed = true;
                     }
                 }
                 b'S' => {
@@ -178,7 +159,7 @@ impl Relay {
         )
         .encode(&mut self.to_client);
         ready_for_query(&mut self.to_client, b'I');
-        self.tracker = TxnTracker::default();
+        self.session.refused_block();
         self.release(AfterLease::Rollback);
         Ok(())
     }
