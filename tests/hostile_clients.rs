@@ -279,3 +279,53 @@ fn a_query_sent_with_terminate_in_the_same_write_runs_before_the_goodbye() {
     assert_eq!(values(&later.simple("SELECT count(*) FROM t")), ["1"]);
     assert_eq!(values(&later.simple("SELECT 'server free'")), ["server free"]);
 }
+
+#[test]
+fn a_client_that_stops_reading_is_ended_by_query_timeout_and_gone_soon_after() {
+    let db = Postgres::shared().create_database("hostile_stalled");
+    let pooler = start(&db, "query_timeout = 2");
+    let mut stalled = client(&pooler, &db);
+    // About 200 MB of result that the client never reads: pgcorral stops reading the server,
+    // the query stalls, query_timeout ends it, and the goodbye cannot be delivered.
+    stalled.send(&query("SELECT repeat('x', 1000000) FROM generate_series(1, 200)"));
+    let clients = |pooler: &Pooler| {
+        let out = pooler.psql(APP_USER, APP_PASSWORD, "pgbouncer", "SHOW CLIENTS");
+        String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(&db)).count()
+    };
+    assert!(wait_until(Duration::from_secs(5), || clients(&pooler) == 1), "the stalled client is listed");
+    let gone = wait_until(Duration::from_secs(20), || clients(&pooler) == 0);
+    assert!(gone, "a client that reads nothing is dropped once its query timed out");
+    let mut next = client(&pooler, &db);
+    assert_eq!(values(&next.simple("SELECT 'served'")), ["served"]);
+    drop(stalled);
+}
+
+#[test]
+fn answers_pgcorral_writes_itself_stop_when_the_client_does_not_read() {
+    let db = Postgres::shared().create_database("hostile_flood");
+    let pooler = start(&db, "");
+    let mut flooder = client(&pooler, &db);
+    let pid = pooler.pid();
+    let rss = || -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap();
+        kib.split_whitespace().next().unwrap().parse::<u64>().unwrap() * 1024
+    };
+    let before = rss();
+    // DEALLOCATE ALL with no server leased is answered by pgcorral itself. 100 MiB of them,
+    // never reading an answer: pgcorral must stop reading rather than queue 130 MiB of answers.
+    flooder.stream.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+    let block: Vec<u8> = std::iter::repeat_n(query("DEALLOCATE ALL").to_vec(), 32 * 1024).flatten().collect();
+    let mut sent = 0usize;
+    while sent < 100 << 20 {
+        match std::io::Write::write(&mut flooder.stream, &block) {
+            Ok(n) if n > 0 => sent += n,
+            _ => break,
+        }
+    }
+    assert!(sent < 100 << 20, "pgcorral kept reading a client that read nothing ({} MiB)", sent >> 20);
+    let grown = rss().saturating_sub(before);
+    assert!(grown < 64 << 20, "pgcorral grew by {} MiB", grown >> 20);
+    let mut other = client(&pooler, &db);
+    assert_eq!(values(&other.simple("SELECT 'unharmed'")), ["unharmed"]);
+}
