@@ -158,8 +158,7 @@ impl ServerAddr {
         }
     }
 
-    /// Connects with PgBouncer's default TCP options rather than the configured ones: for the
-    /// one-shot CancelRequest connection, whose caller has no configuration at hand.
+    /// Connects with PgBouncer's default TCP options rather than configured ones.
     pub async fn connect(&self) -> io::Result<Socket> {
         self.connect_with(&TcpSettings::default()).await
     }

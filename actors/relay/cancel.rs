@@ -2,6 +2,7 @@
 //! holds at that moment, with that server's real key), and sending it over a new connection.
 
 use super::*;
+use crate::net::TcpSettings;
 
 /// Where to send a cancel for the query this client is running now, if any.
 #[derive(Debug, Clone)]
@@ -9,6 +10,8 @@ pub struct CancelTarget {
     pub addr: ServerAddr,
     pub process_id: i32,
     pub secret_key: i32,
+    /// The pool's socket options (tcp_keepalive, tcp_user_timeout, ...), as for its servers.
+    pub tcp: TcpSettings,
 }
 
 /// Shared between the ClientSession actor (which handles CancelQuery) and its relay loop, on
@@ -25,7 +28,7 @@ pub struct CancelState {
 /// waits until the postmaster closes it (by then the backend has been signalled).
 pub async fn send_cancel(target: &CancelTarget) -> io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut socket = target.addr.connect().await?;
+    let mut socket = target.addr.connect_with(&target.tcp).await?;
     let mut request = BytesMut::new();
     postgres_protocol::message::frontend::cancel_request(target.process_id, target.secret_key, &mut request);
     socket.write_all(&request).await?;

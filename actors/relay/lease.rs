@@ -131,6 +131,7 @@ impl Relay {
             addr: link.addr.clone(),
             process_id: link.process_id,
             secret_key: link.secret_key,
+            tcp: self.settings.1.tcp,
         }));
         self.lease = Some(Lease {
             server,
