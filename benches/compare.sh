@@ -5,12 +5,15 @@
 #
 #   benches/compare.sh                       # RUNS=3 DURATION=10 SCALE=10
 #   PGCORRAL=/path/to/pgcorral RUNS=5 benches/compare.sh
+#   BASELINE=/path/to/older/pgcorral benches/compare.sh   # old and new build in one sitting
 #
 # Env: RUNS, DURATION (s per pgbench run), SCALE, PGCORRAL (binary; default:
 # cargo build --release), AUTH (md5|trust, default md5), ONLY (regex on
 # workload names), RAW (file to append per-run results to), PG_BIN, SCRAPE (1:
 # while pgbench runs, scrape each pooler every second as monitoring would:
-# pgcorral's /metrics, PgBouncer's console SHOW POOLS and SHOW STATS).
+# pgcorral's /metrics, PgBouncer's console SHOW POOLS and SHOW STATS), BASELINE (a
+# second pgcorral binary run beside the first on every pgcorral row, with a
+# pgcorral/baseline column: a change's cost measured in the same sitting).
 set -euo pipefail
 
 # One line per table row: "name|pgbench args|targets[|conninfo]". -T, -n and the
@@ -26,6 +29,8 @@ WORKLOADS=(
   "select-only, prepared|-M prepared -S -c 50 -j 2|direct pgbouncer pgcorral"
   # Client TLS: both poolers serve the same certificate; the server side stays plaintext.
   "select-only, client TLS|-S -c 50 -j 2|pgbouncer pgcorral|sslmode=require"
+  # Large results: four 10 MB rows (stored uncompressed), selected at random by 4 clients.
+  "select 10 MB rows|-f @BIGROWS@ -c 4 -j 2|direct pgbouncer pgcorral"
 )
 
 RUNS=${RUNS:-3}
@@ -35,6 +40,7 @@ AUTH=${AUTH:-md5}
 ONLY=${ONLY:-}
 RAW=${RAW:-}
 SCRAPE=${SCRAPE:-0}
+BASELINE=${BASELINE:-}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BENCH_USER=bench
 BENCH_PASSWORD=bench-pass
@@ -152,6 +158,13 @@ su_sql "CREATE DATABASE bench OWNER $BENCH_USER"
 export PGPASSWORD=$BENCH_PASSWORD
 pgbench -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" -U "$BENCH_USER" bench >"$WORK/pgbench-init.log" 2>&1 ||
   { cat "$WORK/pgbench-init.log" >&2; exit 1; }
+psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U "$BENCH_USER" -d bench >/dev/null <<'SQL'
+CREATE TABLE big_rows (id int PRIMARY KEY, data text);
+ALTER TABLE big_rows ALTER data SET STORAGE EXTERNAL;
+INSERT INTO big_rows SELECT g, repeat(md5(g::text), 10 * 1024 * 1024 / 32) FROM generate_series(1, 4) g;
+SQL
+printf '%s\n' '\set id random(1, 4)' 'SELECT data FROM big_rows WHERE id = :id;' >"$WORK/bigrows.sql"
+chmod 644 "$WORK/bigrows.sql"
 
 # --- poolers: one generated ini, differing only in port and file names -------
 # A plain-text password serves both md5 to the client and either method to
@@ -214,8 +227,14 @@ start_pooler() { # name binary
 }
 start_pooler pgbouncer "$PGBOUNCER"
 start_pooler pgcorral "$PGCORRAL"
+ALL_TARGETS="direct pgbouncer pgcorral"
+if [[ -n $BASELINE ]]; then
+  [[ -x $BASELINE ]] || die "BASELINE=$BASELINE is not an executable"
+  start_pooler baseline "$BASELINE"
+  ALL_TARGETS+=" baseline"
+fi
 
-for t in direct pgbouncer pgcorral; do
+for t in $ALL_TARGETS; do
   psql -X -At -h 127.0.0.1 -p "${PORT[$t]}" -U "$BENCH_USER" -d bench -c 'SELECT 1' >/dev/null 2>"$WORK/check.err" ||
     { log "$t does not answer SELECT 1:"; cat "$WORK/check.err" >&2; exit 1; }
 done
@@ -238,6 +257,7 @@ declare -A TPS LAT P99   # "workload|target" -> space-separated values, one per 
 run_pgbench() { # workload-index target
   local name args conninfo out tps lat rc=0
   IFS='|' read -r name args _ conninfo <<<"${WORKLOADS[$1]}"
+  args=${args//@BIGROWS@/$WORK/bigrows.sql}
   out="$WORK/run.out"
   # shellcheck disable=SC2086  # args is a word list by design
   rm -f "$WORK"/txlog.*
@@ -277,6 +297,7 @@ for ((round = 0; round < RUNS; round++)); do
   psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d bench -c 'TRUNCATE pgbench_history' -c 'VACUUM ANALYZE' >/dev/null
   for i in "${selected[@]}"; do
     IFS='|' read -r _ _ targets _ <<<"${WORKLOADS[$i]}"
+    [[ -n $BASELINE ]] && targets=${targets/pgcorral/pgcorral baseline}
     read -ra order <<<"$targets"
     # Rotate who goes first each round so warm-up and drift hit every target.
     n=${#order[@]}
@@ -296,12 +317,15 @@ echo
 echo "pgbench, median of $RUNS runs of ${DURATION}s, scale $SCALE, auth $AUTH, pool_mode transaction, default_pool_size 20$([[ $SCRAPE == 1 ]] && echo ', poolers scraped every second');"
 echo "$(nproc) cores; PgBouncer $("$PGBOUNCER" --version | head -1 | awk '{print $2}'); pgcorral $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?') ($PGCORRAL); $(date -u +%F)"
 echo
-echo "| workload | direct tps | PgBouncer tps | pgcorral tps | pgcorral/PgBouncer | pgcorral/direct | direct ms | PgBouncer ms | pgcorral ms | PgBouncer p99 ms | pgcorral p99 ms | p99 pgcorral/PgBouncer |"
-echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+[[ -n $BASELINE ]] && echo "baseline: $BASELINE"
+extra_head= extra_rule=
+if [[ -n $BASELINE ]]; then extra_head=" baseline tps | pgcorral/baseline | baseline p99 ms |"; extra_rule="---:|---:|---:|"; fi
+echo "| workload | direct tps | PgBouncer tps | pgcorral tps | pgcorral/PgBouncer | pgcorral/direct | direct ms | PgBouncer ms | pgcorral ms | PgBouncer p99 ms | pgcorral p99 ms | p99 pgcorral/PgBouncer |$extra_head"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|$extra_rule"
 for i in "${selected[@]}"; do
   IFS='|' read -r name args _ <<<"${WORKLOADS[$i]}"
   declare -A mt=() ml=() mp=()
-  for t in direct pgbouncer pgcorral; do
+  for t in $ALL_TARGETS; do
     # shellcheck disable=SC2086
     mt[$t]=$(median ${TPS["$i|$t"]:-})
     # shellcheck disable=SC2086
@@ -309,9 +333,13 @@ for i in "${selected[@]}"; do
     # shellcheck disable=SC2086
     mp[$t]=$(median ${P99["$i|$t"]:-})
   done
-  printf '| %s (`%s`) | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$name" "$args" \
+  extra=
+  if [[ -n $BASELINE ]]; then
+    extra=" $(fmt "${mt[baseline]}" 0) | $(ratio "${mt[pgcorral]}" "${mt[baseline]}") | $(fmt "${mp[baseline]}" 2) |"
+  fi
+  printf '| %s (`%s`) | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |%s\n' "$name" "${args//@BIGROWS@/bigrows.sql}" \
     "$(fmt "${mt[direct]}" 0)" "$(fmt "${mt[pgbouncer]}" 0)" "$(fmt "${mt[pgcorral]}" 0)" \
     "$(ratio "${mt[pgcorral]}" "${mt[pgbouncer]}")" "$(ratio "${mt[pgcorral]}" "${mt[direct]}")" \
     "$(fmt "${ml[direct]}" 2)" "$(fmt "${ml[pgbouncer]}" 2)" "$(fmt "${ml[pgcorral]}" 2)" \
-    "$(fmt "${mp[pgbouncer]}" 2)" "$(fmt "${mp[pgcorral]}" 2)" "$(ratio "${mp[pgcorral]}" "${mp[pgbouncer]}")"
+    "$(fmt "${mp[pgbouncer]}" 2)" "$(fmt "${mp[pgcorral]}" 2)" "$(ratio "${mp[pgcorral]}" "${mp[pgbouncer]}")" "$extra"
 done
