@@ -8,6 +8,8 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod daemon;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod local_queue;
 pub mod logging;
 pub mod metrics;

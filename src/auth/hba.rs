@@ -189,6 +189,16 @@ impl HbaFile {
     /// errors and is where relative `@file` names are resolved from; those
     /// files are read.
     pub fn parse(text: &str, path: &Path) -> Result<HbaFile, HbaError> {
+        HbaFile::parse_with(text, path, &mut |file| std::fs::read_to_string(file))
+    }
+
+    /// Like [`parse`](Self::parse), with `@file` lists read by `read_file` instead of from
+    /// disk, so the fuzz harness can serve them from memory.
+    pub(crate) fn parse_with(
+        text: &str,
+        path: &Path,
+        read_file: &mut dyn FnMut(&Path) -> std::io::Result<String>,
+    ) -> Result<HbaFile, HbaError> {
         let base = base_dir(path);
         let mut rules = Vec::new();
         for (line, record) in logical_lines(text) {
@@ -197,7 +207,7 @@ impl HbaFile {
             if fields.is_empty() {
                 continue;
             }
-            rules.push(parse_rule(fields, &at, base)?);
+            rules.push(parse_rule(fields, &at, base, read_file)?);
         }
         Ok(HbaFile { path: path.to_path_buf(), rules })
     }
@@ -453,7 +463,12 @@ fn single<'w>(field: &'w [Word], what: &str, at: &Pos<'_>) -> Result<&'w Word, H
     }
 }
 
-fn parse_rule(fields: Vec<Vec<Word>>, at: &Pos<'_>, base: &Path) -> Result<HbaRule, HbaError> {
+fn parse_rule(
+    fields: Vec<Vec<Word>>,
+    at: &Pos<'_>,
+    base: &Path,
+    read_file: &mut dyn FnMut(&Path) -> std::io::Result<String>,
+) -> Result<HbaRule, HbaError> {
     let mut fields = fields.into_iter();
     let type_field = fields.next().unwrap_or_default();
     let type_word = single(&type_field, "connection type", at)?;
@@ -478,11 +493,11 @@ fn parse_rule(fields: Vec<Vec<Word>>, at: &Pos<'_>, base: &Path) -> Result<HbaRu
 
     let db_field = fields.next().ok_or_else(|| at.err("missing database column"))?;
     let mut databases = Vec::new();
-    expand_names(&db_field, Column::Database, at, base, 0, &mut databases)?;
+    expand_names(&db_field, Column::Database, at, base, 0, &mut databases, read_file)?;
 
     let user_field = fields.next().ok_or_else(|| at.err("missing user column"))?;
     let mut users = Vec::new();
-    expand_names(&user_field, Column::User, at, base, 0, &mut users)?;
+    expand_names(&user_field, Column::User, at, base, 0, &mut users, read_file)?;
 
     let address = if conn_type == HbaConnType::Local {
         None
@@ -562,6 +577,7 @@ fn expand_names(
     base: &Path,
     depth: usize,
     out: &mut Vec<NamePattern>,
+    read_file: &mut dyn FnMut(&Path) -> std::io::Result<String>,
 ) -> Result<(), HbaError> {
     for word in words {
         if word.quoted {
@@ -578,7 +594,7 @@ fn expand_names(
                 )));
             }
             let path = base.join(file);
-            let text = std::fs::read_to_string(&path)
+            let text = read_file(&path)
                 .map_err(|e| at.err(format!("could not read @file {}: {e}", path.display())))?;
             for (line, record) in logical_lines(&text) {
                 let inner = Pos { path: &path, line };
@@ -586,7 +602,7 @@ fn expand_names(
                 // alike, so the column structure is flattened away.
                 let names: Vec<Word> =
                     split_fields(&record).map_err(|m| inner.err(m))?.into_iter().flatten().collect();
-                expand_names(&names, column, &inner, base_dir(&path), depth + 1, out)?;
+                expand_names(&names, column, &inner, base_dir(&path), depth + 1, out, read_file)?;
             }
             continue;
         }

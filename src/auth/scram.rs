@@ -102,7 +102,9 @@ impl ScramServer {
         ScramServer::new(plain_verifier(password, iterations.max(1)))
     }
 
-    fn with_server_nonce(secret: ScramSecret, server_nonce: String) -> ScramServer {
+    /// With a chosen server nonce instead of a random one: for tests and the fuzz harness,
+    /// which need a reproducible exchange.
+    pub(crate) fn with_server_nonce(secret: ScramSecret, server_nonce: String) -> ScramServer {
         ScramServer {
             secret,
             server_nonce,

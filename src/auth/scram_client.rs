@@ -112,6 +112,12 @@ impl ScramClient {
         ScramClient::start(Credentials::Keys(keys.clone()), random_nonce())
     }
 
+    /// As [`with_keys`](Self::with_keys) with a chosen client nonce instead of a random one,
+    /// for the fuzz harness, which needs a server-first-message that can extend it.
+    pub(crate) fn with_keys_and_nonce(keys: &ScramKeys, client_nonce: &str) -> ScramClient {
+        ScramClient::start(Credentials::Keys(keys.clone()), client_nonce.to_owned())
+    }
+
     fn start(credentials: Credentials, client_nonce: String) -> ScramClient {
         // The user name is left empty, as libpq does: PostgreSQL takes the
         // role from the StartupMessage and ignores this one.

@@ -59,7 +59,17 @@ pub(crate) fn lex_file(path: &Path) -> Result<Vec<Entry>, ConfigError> {
 /// Lexes `text` as if it were the contents of `path`; includes are still
 /// read from disk, relative to `path`'s directory.
 pub(crate) fn lex_str(text: &str, path: &Path) -> Result<Vec<Entry>, ConfigError> {
-    let mut lexer = Lexer { entries: Vec::new(), section: None, stack: Vec::new() };
+    lex_str_with(text, path, &mut read)
+}
+
+/// Like [`lex_str`], with `%include`d files read by `read_file` instead of from disk, so the
+/// fuzz harness can serve them from memory (and never open `/dev/zero`).
+pub(crate) fn lex_str_with(
+    text: &str,
+    path: &Path,
+    read_file: &mut dyn FnMut(&Path) -> Result<String, ConfigError>,
+) -> Result<Vec<Entry>, ConfigError> {
+    let mut lexer = Lexer { entries: Vec::new(), section: None, stack: Vec::new(), read_file };
     lexer.lex(text, path)?;
     Ok(lexer.entries)
 }
@@ -69,14 +79,15 @@ fn read(path: &Path) -> Result<String, ConfigError> {
         .map_err(|source| ConfigError::Io { path: path.display().to_string(), source })
 }
 
-struct Lexer {
+struct Lexer<'r> {
     entries: Vec<Entry>,
     section: Option<Section>,
     /// Files currently being lexed, outermost first, to catch include cycles.
     stack: Vec<PathBuf>,
+    read_file: &'r mut dyn FnMut(&Path) -> Result<String, ConfigError>,
 }
 
-impl Lexer {
+impl Lexer<'_> {
     fn lex(&mut self, text: &str, path: &Path) -> Result<(), ConfigError> {
         // A file that does not exist yet (parse_str) still gets an identity.
         let identity = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
@@ -155,7 +166,7 @@ impl Lexer {
             )));
         }
         log::debug!("{file}:{line}: including {}", target.display());
-        let text = read(&target)?;
+        let text = (self.read_file)(&target)?;
         self.lex(&text, &target)
     }
 }

@@ -14,13 +14,13 @@
 //! overrides it, because PgBouncer would also reject such a file.
 
 pub mod catalog;
-mod connstr;
+pub(crate) mod connstr;
 pub mod diff;
 mod env;
 mod error;
-mod ini;
-mod settings;
-mod userlist;
+pub(crate) mod ini;
+pub(crate) mod settings;
+pub(crate) mod userlist;
 
 use std::path::Path;
 
