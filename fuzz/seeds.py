@@ -289,7 +289,22 @@ def query():
     write("query", "user_name_quotes", "o'brien\\'; DROP TABLE x; --")
 
 
+def session():
+    # First byte: pool mode (1 statement, 2 transaction); then (how, tag) pairs: how % 4 is
+    # 0 client message, 1 server message, 2 CommandComplete tag, 3 ask for release.
+    def client(tags):
+        return bytes(x for t in tags for x in (0, ord(t)))
+
+    def server(tags):
+        return bytes(x for t in tags for x in (1, ord(t)))
+
+    release = bytes([3, 0])
+    write("session", "transaction", bytes([2]) + client("Q") + server("TDCZ") + release)
+    write("session", "copy_pipeline", bytes([2]) + client("PBES") + server("12G") + client("ddcS") + server("CZ") + release)
+    write("session", "statement_block", bytes([1]) + client("Q") + bytes([5, ord("Z")]) + release)
+
+
 if __name__ == "__main__":
     for make in [startup, framing, frontend, extended, backend, scram_server, scram_client, prepared, hba, ident,
-                 ini, connstr, userlist, options, admin_command, query]:
+                 ini, connstr, userlist, options, admin_command, query, session]:
         make()

@@ -60,6 +60,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("options", options),
     ("admin_command", admin_command),
     ("query", query),
+    ("session", session),
 ];
 
 /// The untagged first packet; the `options` parameter of a StartupMessage goes on to its parser.
@@ -314,12 +315,25 @@ pub fn prepared(data: &[u8]) {
         }
         let message = frame(*tag, body);
         if op & 1 == 0 {
-            if let Ok(Rewritten::Replaced(out)) =
-                rewriter.client_message(&message, &mut client, &mut server, capacity)
-            {
-                for tag in whole_frames(&out) {
-                    assert!(b"PBDCQ".contains(&tag), "the rewriter invented a {:?} message", tag as char);
+            // A name in pgcorral's namespace that this client never prepared must not reach a
+            // server: it could be a statement pgcorral keeps there for other clients.
+            let foreign = statement_named(&message)
+                .filter(|name| name.starts_with("pgcorral_") && client.get(name).is_none())
+                .map(str::to_owned);
+            match rewriter.client_message(&message, &mut client, &mut server, capacity) {
+                Ok(Rewritten::Replaced(out)) => {
+                    for tag in whole_frames(&out) {
+                        assert!(b"PBDCQ".contains(&tag), "the rewriter invented a {:?} message", tag as char);
+                    }
+                    if let Some(name) = foreign.filter(|n| n != "pgcorral_nothing") {
+                        let reached = out.windows(name.len()).any(|w| w == name.as_bytes());
+                        assert!(!reached, "a foreign reserved name reached the server: {name}");
+                    }
                 }
+                Ok(Rewritten::Unchanged) => {
+                    assert!(foreign.is_none(), "a foreign reserved name went through unchanged: {foreign:?}")
+                }
+                Err(_) => {}
             }
         } else if let ServerVerdict::Replace(out) =
             rewriter.server_message(&message, &mut client, &mut server)
@@ -327,6 +341,55 @@ pub fn prepared(data: &[u8]) {
             assert_eq!(whole_frames(&out), [b'E'], "a replaced server message is one ErrorResponse");
         }
     }
+}
+
+/// The session machine (with the protocol model inside) fed any sequence of client and server
+/// tags: it never panics, its backlog stays within what was sent, and a server it calls free
+/// owes nothing it was told about. Byte pairs: (direction and mode bits, tag).
+pub fn session(data: &[u8]) {
+    use crate::config::PoolMode;
+    use crate::session::{Release, Session, Wire};
+    let mode = match data.first().map(|b| b % 3) {
+        Some(0) => PoolMode::Session,
+        Some(1) => PoolMode::Statement,
+        _ => PoolMode::Transaction,
+    };
+    let mut session = Session::new(mode);
+    session.leased();
+    let wire = Wire { clean: true, cancel_in_flight: false };
+    let mut sent = 0usize;
+    for pair in data.get(1..).unwrap_or_default().chunks_exact(2) {
+        let (how, tag) = (pair[0], pair[1]);
+        match how % 4 {
+            0 => {
+                sent += 1;
+                session.client_message(tag, (how & 4 != 0).then_some("RESET ALL"));
+            }
+            1 => session.server_message(tag, Some(b"ITE"[usize::from(how >> 2) % 3])),
+            2 => session.command_complete(&[tag]),
+            _ => {
+                if let Release::Now(_) = session.release(wire) {
+                    assert!(session.tracker().idle(), "released with the protocol model not idle");
+                    session.released();
+                    session.leased();
+                }
+            }
+        }
+        assert!(session.tracker().backlog() <= sent, "more unanswered entries than messages sent");
+        let _ = session.clock(true, &Default::default());
+        let _ = session.on_exit(wire, how & 8 != 0);
+    }
+}
+
+/// The statement a Bind, or a Describe or Close of a statement, names.
+fn statement_named(message: &[u8]) -> Option<&str> {
+    let body = message.get(5..)?;
+    let rest = match message[0] {
+        b'B' => &body[body.iter().position(|&b| b == 0)? + 1..],
+        b'D' | b'C' if body.first() == Some(&b'S') => &body[1..],
+        _ => return None,
+    };
+    std::str::from_utf8(&rest[..rest.iter().position(|&b| b == 0)?]).ok()
 }
 
 /// Where the file-based harnesses pretend their files are: a directory that does not exist,
