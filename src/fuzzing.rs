@@ -326,8 +326,15 @@ pub fn prepared(data: &[u8]) {
                         assert!(b"PBDCQ".contains(&tag), "the rewriter invented a {:?} message", tag as char);
                     }
                     if let Some(name) = foreign.filter(|n| n != "pgcorral_nothing") {
-                        let reached = out.windows(name.len()).any(|w| w == name.as_bytes());
-                        assert!(!reached, "a foreign reserved name reached the server: {name}");
+                        let mut at = 0;
+                        while let Ok(Some(frame)) = frame_at(&out[at..], usize::MAX) {
+                            let named = statement_named(&out[at..at + frame.len]);
+                            assert!(
+                                named != Some(&name),
+                                "a foreign reserved name reached the server: {name}"
+                            );
+                            at += frame.len;
+                        }
                     }
                 }
                 Ok(Rewritten::Unchanged) => {
