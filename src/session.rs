@@ -152,10 +152,11 @@ impl Session {
     /// A client message goes to the server; `query` is a whole simple query's text.
     pub fn client_message(&mut self, tag: u8, query: Option<&str>) {
         self.tracker.client_sent(tag);
-        if tag == b'Q' {
-            self.query_resets_all =
-                self.mode != PoolMode::Session && query.is_some_and(crate::params::ends_with_full_reset);
-        }
+        // Any later message (an extended `RESET work_mem` has the same tag as `RESET ALL`)
+        // makes the outcome unknown again.
+        self.query_resets_all = tag == b'Q'
+            && self.mode != PoolMode::Session
+            && query.is_some_and(crate::params::ends_with_full_reset);
     }
 
     /// A server message goes to the client (tag, and the first body byte for ReadyForQuery).
@@ -355,6 +356,17 @@ mod tests {
         s.command_complete(b"SET");
         ready(&mut s, b'I');
         assert!(!s.settle_due(CLEAN), "session mode keeps its server and its settings");
+
+        // A full reset followed by anything else is no longer known to be one.
+        let mut s = leased(PoolMode::Transaction);
+        s.client_message(b'Q', Some("RESET ALL"));
+        s.command_complete(b"RESET");
+        ready(&mut s, b'I');
+        for tag in *b"PBES" {
+            s.client_message(tag, None);
+        }
+        s.command_complete(b"RESET");
+        assert!(!s.ends_in_full_reset(), "an extended RESET may be of one parameter");
     }
 
     #[test]
