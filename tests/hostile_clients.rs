@@ -329,3 +329,26 @@ fn answers_pgcorral_writes_itself_stop_when_the_client_does_not_read() {
     let mut other = client(&pooler, &db);
     assert_eq!(values(&other.simple("SELECT 'unharmed'")), ["unharmed"]);
 }
+
+#[test]
+fn a_named_parse_too_large_to_hold_ends_the_session_with_54000_and_harms_no_one() {
+    let db = Postgres::shared().create_database("hostile_big_parse");
+    let pooler = start(&db, "");
+    let mut c = client(&pooler, &db);
+    // pgcorral must hold a named Parse whole to map its name; above 4 MiB it refuses, as
+    // PostgreSQL refuses what is above its own limits.
+    let text = format!("SELECT '{}'", "x".repeat(5 << 20));
+    // Its head says enough: pgcorral answers before the rest is sent (sending it all into a
+    // closed connection would reset it before the answer could be read).
+    c.send(&batch(&[parse("big", &text)])[..64]);
+    let answer = c.read();
+    assert_eq!(answer.tag, b'E');
+    assert_eq!(answer.sqlstate().as_deref(), Some("54000"));
+    assert_eq!(answer.field(b'S').as_deref(), Some("FATAL"));
+    // An unnamed one of the same size streams through to PostgreSQL.
+    let mut d = client(&pooler, &db);
+    d.send(&batch(&[parse("", &text), bind("", &[]), execute(), sync()]));
+    let answer = d.until_ready();
+    assert_eq!(tags(&answer), "12DCZ");
+    assert_eq!(answer[2].columns()[0].as_ref().map(String::len), Some(5 << 20));
+}
