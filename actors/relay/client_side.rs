@@ -46,11 +46,7 @@ impl Relay {
         let mut end = 0;
         loop {
             if self.client_passthrough > 0 {
-                // The rest of a message whose head has gone on: forwarded as it arrives.
-                let here = self.client_passthrough.min(self.from_client.len() - end);
-                self.client_passthrough -= here;
-                end += here;
-                if self.client_passthrough > 0 {
+                if !pass_through(&mut self.client_passthrough, self.from_client.len(), &mut end) {
                     break;
                 }
                 continue;

@@ -390,6 +390,16 @@ fn take_frame(from_server: &mut BytesMut, end: usize, len: usize, to_client: &mu
     end
 }
 
+/// The rest of a message whose head has gone on already: it joins the run being forwarded as
+/// its bytes arrive. Moves `end` over what of it is in a buffer of `buffered` bytes, and takes
+/// that from `remaining`; true once the whole message has gone.
+fn pass_through(remaining: &mut usize, buffered: usize, end: &mut usize) -> bool {
+    let here = (*remaining).min(buffered - *end);
+    *remaining -= here;
+    *end += here;
+    *remaining == 0
+}
+
 fn append(dst: &mut BytesMut, chunk: BytesMut) {
     if dst.is_empty() {
         *dst = chunk;

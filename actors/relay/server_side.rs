@@ -15,10 +15,7 @@ impl Relay {
         let mut refused_block = false;
         loop {
             if lease.passthrough > 0 {
-                let here = lease.passthrough.min(lease.from_server.len() - end);
-                lease.passthrough -= here;
-                end += here;
-                if lease.passthrough > 0 {
+                if !pass_through(&mut lease.passthrough, lease.from_server.len(), &mut end) {
                     break;
                 }
                 continue;
