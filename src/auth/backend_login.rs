@@ -16,6 +16,7 @@ use super::md5::md5_challenge_response;
 use super::scram::SCRAM_SHA_256;
 use super::scram_client::{ScramClient, ScramKeys};
 use super::secret::Secret;
+use crate::protocol::PgError;
 
 /// Largest message accepted during login, and largest ErrorResponse,
 /// NoticeResponse or ParameterStatus kept while running a simple query.
@@ -462,25 +463,9 @@ fn parameter_status(body: &[u8]) -> Result<(String, String), BackendLoginError> 
 /// cannot be parsed is still a refusal, so it is reported as one with what
 /// could be read rather than as a protocol error that hides it.
 pub fn server_error(body: &[u8]) -> BackendLoginError {
-    let mut severity = None;
-    let mut localized_severity = None;
-    let mut code = String::new();
-    let mut message = String::new();
-    let mut r = Reader::new(body);
-    while let Ok(field) = r.u8() {
-        if field == 0 {
-            break;
-        }
-        let Ok(value) = r.cstr() else { break };
-        match field {
-            b'V' => severity = Some(value.to_owned()),
-            b'S' => localized_severity = Some(value.to_owned()),
-            b'C' => code = value.to_owned(),
-            b'M' => message = value.to_owned(),
-            _ => {}
-        }
-    }
-    BackendLoginError::Server { severity: severity.or(localized_severity).unwrap_or_default(), code, message }
+    // One ErrorResponse reader for the whole daemon: PgError's.
+    let PgError { severity, code, message } = PgError::parse_fields(body);
+    BackendLoginError::Server { severity, code, message }
 }
 
 /// Reads the fields of one message body.
@@ -491,12 +476,6 @@ struct Reader<'a> {
 impl<'a> Reader<'a> {
     fn new(buf: &'a [u8]) -> Self {
         Reader { buf }
-    }
-
-    fn u8(&mut self) -> Result<u8, BackendLoginError> {
-        let (&b, rest) = self.buf.split_first().ok_or_else(|| protocol("message truncated".into()))?;
-        self.buf = rest;
-        Ok(b)
     }
 
     fn i32(&mut self) -> Result<i32, BackendLoginError> {
