@@ -370,7 +370,7 @@ pub fn session(data: &[u8]) {
         match how % 4 {
             0 => {
                 sent += 1;
-                session.client_message(tag, (how & 4 != 0).then_some("RESET ALL"));
+                session.client_message(tag, (how & 4 != 0).then_some(&b"RESET ALL"[..]));
             }
             1 => session.server_message(tag, Some(b"ITE"[usize::from(how >> 2) % 3])),
             2 => session.command_complete(&[tag]),

@@ -150,13 +150,12 @@ impl Session {
     }
 
     /// A client message goes to the server; `query` is a whole simple query's text.
-    pub fn client_message(&mut self, tag: u8, query: Option<&str>) {
+    pub fn client_message(&mut self, tag: u8, query: Option<&[u8]>) {
         self.tracker.client_sent(tag);
         // Any later message (an extended `RESET work_mem` has the same tag as `RESET ALL`)
         // makes the outcome unknown again.
-        self.query_resets_all = tag == b'Q'
-            && self.mode != PoolMode::Session
-            && query.is_some_and(crate::params::ends_with_full_reset);
+        self.query_resets_all =
+            tag == b'Q' && self.mode != PoolMode::Session && query.is_some_and(resets_all);
     }
 
     /// A server message goes to the client (tag, and the first body byte for ReadyForQuery).
@@ -288,6 +287,15 @@ impl Session {
     }
 }
 
+/// Whether a query's text ends in `RESET ALL` or `DISCARD ALL`. Runs on every simple query:
+/// the text is only decoded when its last bytes say ALL.
+fn resets_all(query: &[u8]) -> bool {
+    let end = query.iter().rposition(|&b| b != b';' && !b.is_ascii_whitespace()).map_or(0, |at| at + 1);
+    end >= 3
+        && query[end - 3..end].eq_ignore_ascii_case(b"ALL")
+        && std::str::from_utf8(query).is_ok_and(crate::params::ends_with_full_reset)
+}
+
 /// A CommandComplete tag (without its NUL) whose command may have changed session parameters.
 pub fn changes_session(tag: &[u8]) -> bool {
     tag == b"SET" || tag == b"RESET" || tag.starts_with(b"DISCARD")
@@ -312,10 +320,10 @@ mod tests {
     #[test]
     fn a_transaction_gives_its_server_back_at_ready_for_query_idle() {
         let mut s = leased(PoolMode::Transaction);
-        s.client_message(b'Q', Some("BEGIN"));
+        s.client_message(b'Q', Some(b"BEGIN"));
         assert_eq!(s.release(CLEAN), Release::Keep);
         ready(&mut s, b'T');
-        s.client_message(b'Q', Some("COMMIT"));
+        s.client_message(b'Q', Some(b"COMMIT"));
         s.server_message(b'C', None);
         assert_eq!(s.release(CLEAN), Release::Keep, "COMMIT not answered yet");
         ready(&mut s, b'I');
@@ -337,7 +345,7 @@ mod tests {
     #[test]
     fn a_set_is_settled_before_release_unless_the_query_ended_in_a_full_reset() {
         let mut s = leased(PoolMode::Transaction);
-        s.client_message(b'Q', Some("SET search_path = x"));
+        s.client_message(b'Q', Some(b"SET search_path = x"));
         s.command_complete(b"SET");
         ready(&mut s, b'I');
         assert!(s.settle_due(CLEAN) && !s.ends_in_full_reset());
@@ -346,20 +354,20 @@ mod tests {
         assert_eq!(s.release(CLEAN), Release::Now(AfterLease::Reuse));
 
         let mut s = leased(PoolMode::Transaction);
-        s.client_message(b'Q', Some("SELECT 1; RESET ALL"));
+        s.client_message(b'Q', Some(b"SELECT 1; RESET ALL"));
         s.command_complete(b"SELECT 1");
         s.command_complete(b"RESET");
         ready(&mut s, b'I');
         assert!(s.settle_due(CLEAN) && s.ends_in_full_reset());
         let mut s = leased(PoolMode::Session);
-        s.client_message(b'Q', Some("SET x = 1"));
+        s.client_message(b'Q', Some(b"SET x = 1"));
         s.command_complete(b"SET");
         ready(&mut s, b'I');
         assert!(!s.settle_due(CLEAN), "session mode keeps its server and its settings");
 
         // A full reset followed by anything else is no longer known to be one.
         let mut s = leased(PoolMode::Transaction);
-        s.client_message(b'Q', Some("RESET ALL"));
+        s.client_message(b'Q', Some(b"RESET ALL"));
         s.command_complete(b"RESET");
         ready(&mut s, b'I');
         for tag in *b"PBES" {
@@ -367,6 +375,16 @@ mod tests {
         }
         s.command_complete(b"RESET");
         assert!(!s.ends_in_full_reset(), "an extended RESET may be of one parameter");
+    }
+
+    #[test]
+    fn a_full_reset_is_read_from_the_end_of_the_text() {
+        assert!(resets_all(b"SELECT pg_advisory_unlock_all(); RESET ALL; \n"));
+        assert!(resets_all(b"discard all"));
+        assert!(!resets_all(b"SELECT 1 -- RESET ALL"));
+        assert!(!resets_all(b"RESET work_mem"));
+        assert!(!resets_all(b"ALL") && !resets_all(b";;") && !resets_all(b""));
+        assert!(!resets_all(b"SELECT '\xff'; RESET ALL"), "not UTF-8: not read");
     }
 
     #[test]
@@ -384,7 +402,7 @@ mod tests {
     #[test]
     fn untrusted_books_close_the_server_whatever_else() {
         let mut s = leased(PoolMode::Transaction);
-        s.client_message(b'Q', Some("PREPARE p AS SELECT 1"));
+        s.client_message(b'Q', Some(b"PREPARE p AS SELECT 1"));
         s.distrust_books();
         ready(&mut s, b'I');
         assert_eq!(s.release(CLEAN), Release::Now(AfterLease::Close));
@@ -396,7 +414,7 @@ mod tests {
     #[test]
     fn terminate_sees_what_was_sent_before_through() {
         let mut s = leased(PoolMode::Transaction);
-        s.client_message(b'Q', Some("INSERT INTO t VALUES (1)"));
+        s.client_message(b'Q', Some(b"INSERT INTO t VALUES (1)"));
         s.terminate();
         assert!(!s.finished(true));
         ready(&mut s, b'I');
@@ -432,7 +450,7 @@ mod tests {
     #[test]
     fn statement_mode_notices_a_block_being_opened() {
         let mut s = leased(PoolMode::Statement);
-        s.client_message(b'Q', Some("BEGIN"));
+        s.client_message(b'Q', Some(b"BEGIN"));
         ready(&mut s, b'T');
         assert!(s.opened_block());
         s.refused_block();

@@ -82,9 +82,7 @@ impl Relay {
                 // checkout's state would otherwise sit in every idle client's future.
                 Box::pin(self.acquire()).await?;
             }
-            let query = (frame.tag == b'Q' && whole)
-                .then(|| &self.from_client[end + 5..end + frame.len - 1])
-                .and_then(|text| std::str::from_utf8(text).ok());
+            let query = (frame.tag == b'Q' && whole).then(|| &self.from_client[end + 5..end + frame.len - 1]);
             self.session.client_message(frame.tag, query);
             let ignored_syncs = self.session.take_ignored_syncs();
             let rewritten = self.rewrites_statements()
