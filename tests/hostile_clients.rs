@@ -207,13 +207,15 @@ fn hold_the_server(pooler: &Pooler, db: &str) -> RawClient {
     holder
 }
 
+/// Whether SHOW CLIENTS lists a client waiting for a server.
+fn has_waiter(pooler: &Pooler) -> bool {
+    let out = pooler.psql(APP_USER, APP_PASSWORD, "pgbouncer", "SHOW CLIENTS");
+    String::from_utf8_lossy(&out.stdout).lines().any(|l| l.split('|').nth(4) == Some("waiting"))
+}
+
 /// Waits until SHOW CLIENTS lists a client waiting for a server.
 fn wait_for_a_waiter(pooler: &Pooler) {
-    let waiting = wait_until(Duration::from_secs(10), || {
-        let out = pooler.psql(APP_USER, APP_PASSWORD, "pgbouncer", "SHOW CLIENTS");
-        String::from_utf8_lossy(&out.stdout).lines().any(|l| l.split('|').nth(4) == Some("waiting"))
-    });
-    assert!(waiting, "a client queued for the server");
+    assert!(wait_until(Duration::from_secs(10), || has_waiter(pooler)), "a client queued for the server");
 }
 
 #[test]
@@ -227,10 +229,7 @@ fn a_client_that_leaves_while_queued_has_nothing_run() {
     wait_for_a_waiter(&pooler);
     drop(leaver);
     // Until the queue has seen it leave, a freed server could still run its INSERT.
-    let gone = wait_until(Duration::from_secs(10), || {
-        let out = pooler.psql(APP_USER, APP_PASSWORD, "pgbouncer", "SHOW CLIENTS");
-        !String::from_utf8_lossy(&out.stdout).lines().any(|l| l.split('|').nth(4) == Some("waiting"))
-    });
+    let gone = wait_until(Duration::from_secs(10), || !has_waiter(&pooler));
     assert!(gone, "the client that left is no longer queued");
     holder.simple("COMMIT");
     // The freed server would serve the waiter at once: let a later client prove it is free.
