@@ -23,7 +23,7 @@ use crate::actors::registry::Shared;
 use crate::actors::relay::{send_cancel, CancelState, Control, Relay};
 use crate::actors::router::local_router;
 use crate::local_queue::{local_queue, LocalReceiver, LocalSender};
-use crate::net::{Endpoint, Socket, GOODBYE_DEADLINE};
+use crate::net::{Endpoint, Socket};
 use crate::params::TrackedParams;
 use crate::protocol::backend;
 use crate::protocol::error::sqlstate;
@@ -251,10 +251,10 @@ impl Session {
         }
         // The peer's address costs a system call: only asked for when it is logged.
         if log::log_enabled!(log::Level::Debug) {
-            log::debug!("client {}: login as {} to {}", wire.socket.peer(), login.user, login.database);
+            log::debug!("client {}: login as {} to {}", wire.conn.socket.peer(), login.user, login.database);
         }
         if let Err(error) = self.shared.admit_login(&login.database, &login.user) {
-            wire.out.clear();
+            wire.conn.outbox.clear();
             return Err(self.refuse(&mut wire, error).await);
         }
         self.counted.replace(Some((login.database.clone(), login.user.clone())));
@@ -276,10 +276,8 @@ impl Session {
         self.process_id.set(Some(process_id));
         let config = self.shared.config();
         let router = local_router(&login.pool);
-        let Wire { socket, inbuf, out, .. } = wire;
         let mut relay = Relay::new(
-            socket,
-            inbuf,
+            wire.conn,
             login.pool.clone(),
             router,
             TrackedParams::default(),
@@ -288,7 +286,6 @@ impl Session {
             config.general.max_packet_size,
             self.entry.clone(),
         );
-        relay.queue_to_client(&out);
         let welcome = match relay.welcome().await {
             Ok(welcome) => welcome,
             Err(error) => {
@@ -337,8 +334,8 @@ impl Session {
     /// Tells the client why it is refused; returns the reason for the log.
     async fn refuse(&self, wire: &mut Wire, error: PgError) -> Option<String> {
         self.pooler_error(&error);
-        error.encode(&mut wire.out);
-        let _ = tokio::time::timeout(GOODBYE_DEADLINE, wire.flush()).await;
+        error.encode(&mut wire.conn.outbox);
+        wire.conn.say_goodbye().await;
         Some(error.message)
     }
 
@@ -352,10 +349,10 @@ impl Session {
         role: Role,
     ) -> Result<Serve, Option<String>> {
         if let Err(error) = self.shared.admit_login(&database, &user) {
-            wire.out.clear();
+            wire.conn.outbox.clear();
             return Err(self.refuse(&mut wire, error).await);
         }
-        log::debug!("client {}: console login as {user} ({role:?})", wire.socket.peer());
+        log::debug!("client {}: console login as {user} ({role:?})", wire.conn.socket.peer());
         // Counted under the name PgBouncer lists the console as.
         let listed = ADMIN_DATABASES[0].to_string();
         self.counted.replace(Some((database.clone(), user.clone())));
@@ -366,18 +363,16 @@ impl Session {
         );
         let (process_id, secret_key) = self.shared.register_cancel_key(self.me.clone());
         self.process_id.set(Some(process_id));
-        let Wire { socket, inbuf, mut out, tls } = wire;
+        let Wire { mut conn, tls } = wire;
         if let Some(tls) = tls {
             self.entry.set_tls(tls.description);
         }
         for (name, value) in CONSOLE_PARAMETERS {
-            backend::parameter_status(&mut out, name, value);
+            backend::parameter_status(&mut conn.outbox, name, value);
         }
-        backend::backend_key_data(&mut out, process_id, secret_key);
-        backend::ready_for_query(&mut out, b'I');
-        let mut console =
-            Console::new(socket, inbuf, self.shared.clone(), role, control_rx, self.entry.clone());
-        console.queue(&out);
+        backend::backend_key_data(&mut conn.outbox, process_id, secret_key);
+        backend::ready_for_query(&mut conn.outbox, b'I');
+        let console = Console::new(conn, self.shared.clone(), role, control_rx, self.entry.clone());
         self.logged_in(ADMIN_DATABASES[0], &self.entry.login().map_or(String::new(), |l| l.user.clone()));
         Ok(Serve::Console(console))
     }

@@ -10,7 +10,6 @@ use std::io;
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::actors::console::Role;
 use crate::actors::control::is_admin_database;
@@ -19,13 +18,13 @@ use crate::actors::registry::Shared;
 use crate::auth::hba::{ConnKind, HbaMethod};
 use crate::auth::{md5_verify, verify_plaintext, ScramKeys, ScramServer, Secret};
 use crate::config::{AuthType, Config};
-use crate::net::Socket;
+use crate::net::{Framed, ReadError, Socket};
 use crate::protocol::backend;
 use crate::protocol::error::sqlstate;
 use crate::protocol::frontend::{parse_password, parse_sasl_initial};
 use crate::protocol::options::{is_parameter_name, parse_options};
 use crate::protocol::startup::{parse_startup, StartupPacket};
-use crate::protocol::{frame_at, PgError};
+use crate::protocol::{PgError, ProtocolError};
 use crate::tls::{ClientTls, ClientTlsInfo};
 
 /// Authentication messages are small; a larger one is an attack or a confused client.
@@ -55,6 +54,15 @@ impl From<io::Error> for LoginError {
     }
 }
 
+impl From<ReadError<ProtocolError>> for LoginError {
+    fn from(e: ReadError<ProtocolError>) -> Self {
+        match e {
+            ReadError::Malformed(e) => LoginError::Refused(e.to_pg()),
+            ReadError::Closed | ReadError::Io(_) => LoginError::Gone,
+        }
+    }
+}
+
 pub enum Accepted {
     Cancel {
         process_id: i32,
@@ -77,11 +85,10 @@ pub struct Login {
     pub pool: Arc<PoolShared>,
 }
 
-/// A client socket with its read buffer, for the request/response steps of the login.
+/// A client connection during its login: the framed socket, and what its TLS handshake
+/// negotiated.
 pub struct Wire {
-    pub socket: Socket,
-    pub inbuf: BytesMut,
-    pub out: BytesMut,
+    pub conn: Framed,
     /// Set once the client negotiated TLS.
     pub tls: Option<ClientTlsInfo>,
 }
@@ -91,16 +98,16 @@ const TLS_HANDSHAKE: u8 = 0x16;
 
 impl Wire {
     pub fn new(socket: Socket) -> Wire {
-        Wire { socket, inbuf: BytesMut::new(), out: BytesMut::new(), tls: None }
+        Wire { conn: Framed::new(socket), tls: None }
     }
 
     /// Runs the TLS handshake and carries on over the encrypted socket.
     async fn start_tls(&mut self, tls: &ClientTls, direct: bool) -> Result<(), LoginError> {
-        let plain = std::mem::replace(&mut self.socket, Socket::Moving);
+        let plain = std::mem::replace(&mut self.conn.socket, Socket::Moving);
         let peer = plain.peer();
         match tls.accept(plain).await {
             Ok((socket, info)) => {
-                self.socket = socket;
+                self.conn.socket = socket;
                 if direct && !info.alpn_postgresql {
                     // As PostgreSQL: direct TLS is only for clients that name the protocol.
                     return Err(PgError::fatal(
@@ -119,87 +126,63 @@ impl Wire {
         }
     }
 
-    async fn fill(&mut self) -> Result<(), LoginError> {
-        self.inbuf.reserve(1024);
-        match self.socket.read_buf(&mut self.inbuf).await? {
-            0 => Err(LoginError::Gone),
-            _ => Ok(()),
-        }
-    }
-
-    pub async fn flush(&mut self) -> io::Result<()> {
-        if !self.out.is_empty() {
-            self.socket.write_all(&self.out).await?;
-            self.out.clear();
-        }
-        Ok(())
-    }
-
     async fn read_startup(&mut self) -> Result<StartupPacket, LoginError> {
-        loop {
-            match parse_startup(&self.inbuf) {
-                Ok(Some((packet, len))) => {
-                    self.inbuf.advance(len);
-                    return Ok(packet);
-                }
-                Ok(None) => self.fill().await?,
-                Err(e) => return Err(e.to_pg().into()),
-            }
-        }
+        let packet = self.conn.read_until(|inbox| {
+            let found = parse_startup(inbox)?;
+            Ok::<_, ProtocolError>(found.map(|(packet, len)| {
+                inbox.advance(len);
+                packet
+            }))
+        });
+        Ok(packet.await?)
+    }
+
+    /// Answers an SSLRequest or GSSENCRequest: one byte, before any framing.
+    async fn answer(&mut self, byte: u8) -> io::Result<()> {
+        self.conn.outbox.extend_from_slice(&[byte]);
+        self.conn.send().await
     }
 
     /// Reads one `p` message body (password or SASL data).
     async fn read_password_message(&mut self) -> Result<BytesMut, LoginError> {
-        loop {
-            match frame_at(&self.inbuf, MAX_AUTH_MESSAGE) {
-                Ok(Some(frame)) if frame.tag == b'p' => {
-                    let mut message = self.inbuf.split_to(frame.len);
-                    message.advance(5);
-                    return Ok(message);
-                }
-                Ok(Some(_)) => {
-                    return Err(PgError::fatal(
-                        sqlstate::PROTOCOL_VIOLATION,
-                        "expected a password message during authentication",
-                    )
-                    .into())
-                }
-                Ok(None) => self.fill().await?,
-                Err(e) => return Err(e.to_pg().into()),
-            }
+        match self.conn.read_message(MAX_AUTH_MESSAGE).await? {
+            (b'p', body) => Ok(body),
+            _ => Err(PgError::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                "expected a password message during authentication",
+            )
+            .into()),
         }
     }
 }
 
-/// Runs the login up to and including AuthenticationOk (queued in `wire.out`, not yet sent).
+/// Runs the login up to and including AuthenticationOk (queued in `wire.conn.outbox`, not yet sent).
 pub async fn accept(wire: &mut Wire, shared: &Shared, admitted: &mut bool) -> Result<Accepted, LoginError> {
     let client_tls = shared.config().tls.client.clone();
     if let Some(tls) = &client_tls {
-        if wire.socket.peek_first_byte().await? == Some(TLS_HANDSHAKE) {
+        if wire.conn.socket.peek_first_byte().await? == Some(TLS_HANDSHAKE) {
             wire.start_tls(tls, true).await?;
         }
     }
     let params = loop {
         match wire.read_startup().await? {
             StartupPacket::Ssl => match &client_tls {
-                Some(tls) if wire.tls.is_none() && !wire.socket.is_unix() => {
+                Some(tls) if wire.tls.is_none() && !wire.conn.socket.is_unix() => {
                     // Bytes sent after the SSLRequest but before the handshake would be
                     // trusted as if they had been encrypted (CVE-2021-23222).
-                    if !wire.inbuf.is_empty() {
+                    if !wire.conn.inbox.is_empty() {
                         return Err(PgError::fatal(
                             sqlstate::PROTOCOL_VIOLATION,
                             "received unencrypted data after SSL request",
                         )
                         .into());
                     }
-                    wire.socket.write_all(b"S").await?;
+                    wire.answer(b'S').await?;
                     wire.start_tls(tls, false).await?;
                 }
-                _ => wire.socket.write_all(b"N").await?,
+                _ => wire.answer(b'N').await?,
             },
-            StartupPacket::GssEnc => {
-                wire.socket.write_all(b"N").await?;
-            }
+            StartupPacket::GssEnc => wire.answer(b'N').await?,
             StartupPacket::Cancel { process_id, secret_key } => {
                 return Ok(Accepted::Cancel { process_id, secret_key })
             }
@@ -210,7 +193,7 @@ pub async fn accept(wire: &mut Wire, shared: &Shared, admitted: &mut bool) -> Re
     // clients are local and never need TLS).
     if client_tls.as_ref().is_some_and(|tls| tls.sslmode().requires_tls())
         && wire.tls.is_none()
-        && !wire.socket.is_unix()
+        && !wire.conn.socket.is_unix()
     {
         return Err(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "SSL required").into());
     }
@@ -231,7 +214,7 @@ pub async fn accept(wire: &mut Wire, shared: &Shared, admitted: &mut bool) -> Re
     let settings = startup_settings(&params, &config)?;
     if is_admin_database(&database) {
         let role = console_login(wire, &config, &user).await?;
-        backend::authentication_ok(&mut wire.out);
+        backend::authentication_ok(&mut wire.conn.outbox);
         return Ok(Accepted::Console { user, database, startup: params, role });
     }
     let pool = shared.pool(&database, &user)?;
@@ -252,7 +235,7 @@ pub async fn accept(wire: &mut Wire, shared: &Shared, admitted: &mut bool) -> Re
         )
         .into());
     }
-    backend::authentication_ok(&mut wire.out);
+    backend::authentication_ok(&mut wire.conn.outbox);
     Ok(Accepted::Login(Login { user, database, startup: settings, pool }))
 }
 
@@ -261,7 +244,7 @@ pub async fn accept(wire: &mut Wire, shared: &Shared, admitted: &mut bool) -> Re
 /// runs as pgcorral's own OS user. Anyone else is told "not allowed".
 async fn console_login(wire: &mut Wire, config: &Config, user: &str) -> Result<Role, LoginError> {
     let own_uid = unsafe { libc::getuid() };
-    let peer_is_me = wire.socket.peer_credentials().is_some_and(|(uid, _)| uid == own_uid);
+    let peer_is_me = wire.conn.socket.peer_credentials().is_some_and(|(uid, _)| uid == own_uid);
     if user == "pgbouncer" && peer_is_me {
         return Ok(Role::Admin);
     }
@@ -341,8 +324,8 @@ enum Check {
 fn hba_check(wire: &Wire, config: &Config, user: &str, database: &str) -> Result<Check, LoginError> {
     let Some(hba) = &config.hba else { return Err(refused("auth_type = hba without auth_hba_file".into())) };
     let kind =
-        if wire.socket.is_unix() { ConnKind::Local } else { ConnKind::Host { ssl: wire.tls.is_some() } };
-    let addr = wire.socket.peer_ip();
+        if wire.conn.socket.is_unix() { ConnKind::Local } else { ConnKind::Host { ssl: wire.tls.is_some() } };
+    let addr = wire.conn.socket.peer_ip();
     let place = match addr {
         Some(ip) => format!(
             "host \"{ip}\", user \"{user}\", database \"{database}\", {}",
@@ -412,15 +395,15 @@ async fn authenticate(
             true
         }
         Check::Peer(map) => {
-            let os_user = wire.socket.peer_credentials().and_then(|(uid, _)| os_user_name(uid));
+            let os_user = wire.conn.socket.peer_credentials().and_then(|(uid, _)| os_user_name(uid));
             if !os_user.is_some_and(|name| name_maps(config, &map, &name, user)) {
                 return Err(refused(format!("peer authentication failed for user \"{user}\"")));
             }
             true
         }
         Check::Password => {
-            backend::authentication_cleartext(&mut wire.out);
-            wire.flush().await?;
+            backend::authentication_cleartext(&mut wire.conn.outbox);
+            wire.conn.send().await?;
             let message = wire.read_password_message().await?;
             let password = parse_password(&message).map_err(|e| LoginError::Refused(e.to_pg()))?;
             known && verify_plaintext(&secret, user, &password)
@@ -432,8 +415,8 @@ async fn authenticate(
         }
         Check::Md5 => {
             let salt: [u8; 4] = rand::random();
-            backend::authentication_md5(&mut wire.out, salt);
-            wire.flush().await?;
+            backend::authentication_md5(&mut wire.conn.outbox, salt);
+            wire.conn.send().await?;
             let message = wire.read_password_message().await?;
             let response = parse_password(&message).map_err(|e| LoginError::Refused(e.to_pg()))?;
             known && md5_verify(&secret, user, salt, &response)
@@ -491,19 +474,19 @@ async fn scram_exchange(
         Secret::Md5(_) => return Ok((false, None)),
     };
     let mut server = server.with_channel_binding(wire.tls.as_ref().map(|tls| tls.end_point.clone()));
-    backend::authentication_sasl(&mut wire.out, server.mechanisms());
-    wire.flush().await?;
+    backend::authentication_sasl(&mut wire.conn.outbox, server.mechanisms());
+    wire.conn.send().await?;
     let message = wire.read_password_message().await?;
     let (mechanism, first) = parse_sasl_initial(&message).map_err(|e| LoginError::Refused(e.to_pg()))?;
     let refuse = |e: crate::auth::AuthError| LoginError::Refused(PgError::fatal(e.sqlstate(), e.to_string()));
     server.select_mechanism(&mechanism).map_err(refuse)?;
     let server_first = server.client_first(&first).map_err(refuse)?;
-    backend::authentication_sasl_continue(&mut wire.out, &server_first);
-    wire.flush().await?;
+    backend::authentication_sasl_continue(&mut wire.conn.outbox, &server_first);
+    wire.conn.send().await?;
     let client_final = wire.read_password_message().await?;
     match server.client_final(&client_final) {
         Ok(server_final) => {
-            backend::authentication_sasl_final(&mut wire.out, &server_final);
+            backend::authentication_sasl_final(&mut wire.conn.outbox, &server_final);
             let keys = matches!(secret, Secret::Scram(_)).then(|| server.pass_through_keys()).flatten();
             Ok((true, keys))
         }

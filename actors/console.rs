@@ -14,9 +14,6 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 use crate::actors::census::ClientEntry;
 use crate::actors::control;
 use crate::actors::inspect;
@@ -25,7 +22,7 @@ use crate::actors::relay::Control;
 use crate::admin::command::{self, Command};
 use crate::admin::resultset::{command_complete, notice, ResultSet};
 use crate::local_queue::LocalReceiver;
-use crate::net::{poll_flush_buf, Socket, GOODBYE_DEADLINE};
+use crate::net::Framed;
 use crate::protocol::backend::ready_for_query;
 use crate::protocol::error::sqlstate;
 use crate::protocol::extended::{parse_bind, parse_execute, parse_parse, parse_target};
@@ -59,9 +56,7 @@ struct Portal {
 }
 
 pub struct Console {
-    socket: Socket,
-    inbuf: BytesMut,
-    out: BytesMut,
+    conn: Framed,
     shared: Arc<Shared>,
     role: Role,
     control: LocalReceiver<Control>,
@@ -84,17 +79,14 @@ enum Input {
 
 impl Console {
     pub fn new(
-        socket: Socket,
-        inbuf: BytesMut,
+        conn: Framed,
         shared: Arc<Shared>,
         role: Role,
         control: LocalReceiver<Control>,
         entry: Arc<ClientEntry>,
     ) -> Console {
         Console {
-            socket,
-            inbuf,
-            out: BytesMut::new(),
+            conn,
             shared,
             role,
             control,
@@ -104,11 +96,6 @@ impl Console {
             suspended_here: false,
             entry,
         }
-    }
-
-    /// Queues bytes for the client (the login's welcome).
-    pub fn queue(&mut self, bytes: &[u8]) {
-        self.out.extend_from_slice(bytes);
     }
 
     /// Serves the console until the client leaves or is killed.
@@ -134,12 +121,12 @@ impl Console {
                 Ok(Input::Control(Control::CancelDelivered)) => continue,
             }
             loop {
-                let frame = match frame_at(&self.inbuf, MAX_CONSOLE_MESSAGE) {
+                let frame = match frame_at(&self.conn.inbox, MAX_CONSOLE_MESSAGE) {
                     Ok(Some(frame)) => frame,
                     Ok(None) => break,
                     Err(e) => return self.last_words(&e.to_pg()).await,
                 };
-                let message = self.inbuf.split_to(frame.len);
+                let message = self.conn.inbox.split_to(frame.len);
                 let body = &message[5..];
                 if frame.tag == b'X' {
                     return;
@@ -148,8 +135,7 @@ impl Console {
                     let fatal = error.is_fatal();
                     self.error(&error);
                     if fatal {
-                        let out = std::mem::take(&mut self.out);
-                        let _ = tokio::time::timeout(GOODBYE_DEADLINE, self.socket.write_all(&out)).await;
+                        self.conn.say_goodbye().await;
                         return;
                     }
                 }
@@ -160,24 +146,23 @@ impl Console {
     /// Sends what is queued for the client. A Kill ends the wait: an admin who stopped reading
     /// a long SHOW cannot hold the console (and the output) forever. Returns the Kill's error.
     async fn deliver(&mut self) -> std::io::Result<Option<PgError>> {
-        let Console { socket, out, control, .. } = self;
+        let Console { conn, control, .. } = self;
         poll_fn(|cx| {
             while let Poll::Ready(message) = control.poll_recv(cx) {
                 if let Control::Kill(error) = message {
                     return Poll::Ready(Ok(Some(error)));
                 }
             }
-            poll_flush_buf(socket, out, cx).map_ok(|()| None)
+            conn.poll_send(cx).map_ok(|()| None)
         })
         .await
     }
 
     /// An error that ends the session, sent with what is still queued if the client takes it
-    /// within [`GOODBYE_DEADLINE`].
+    /// within [`crate::net::GOODBYE_DEADLINE`].
     async fn last_words(&mut self, error: &PgError) {
-        error.encode(&mut self.out);
-        let out = std::mem::take(&mut self.out);
-        let _ = tokio::time::timeout(GOODBYE_DEADLINE, self.socket.write_all(&out)).await;
+        error.encode(&mut self.conn.outbox);
+        self.conn.say_goodbye().await;
     }
 
     /// Sends an error, and logs it when `log_pooler_errors` is on, as PgBouncer does.
@@ -185,16 +170,18 @@ impl Console {
         if self.shared.config().general.log_pooler_errors {
             log::warn!("{} pooler error: {}", self.entry.describe(), error.message);
         }
-        error.encode(&mut self.out);
+        error.encode(&mut self.conn.outbox);
     }
 
     async fn next_input(&mut self) -> std::io::Result<Input> {
-        let Console { socket, inbuf, control, .. } = self;
-        inbuf.reserve(4096);
-        tokio::select! {
-            control = poll_fn(|cx| control.poll_recv(cx)) => Ok(Input::Control(control)),
-            read = socket.read_buf(inbuf) => read.map(Input::Data),
-        }
+        let Console { conn, control, .. } = self;
+        poll_fn(|cx| {
+            if let Poll::Ready(control) = control.poll_recv(cx) {
+                return Poll::Ready(Ok(Input::Control(control)));
+            }
+            conn.poll_fill(cx).map_ok(Input::Data)
+        })
+        .await
     }
 
     /// Handles one client message; an error is sent as an ErrorResponse (and, in the
@@ -214,50 +201,53 @@ impl Console {
                     Ok(answer) => self.send_answer(&answer, &[], true),
                     Err(error) => self.error(&error),
                 }
-                ready_for_query(&mut self.out, b'I');
+                ready_for_query(&mut self.conn.outbox, b'I');
                 Ok(())
             }
             b'P' => {
                 let parse = parse_parse(body).map_err(|e| extended_error(self, e.to_pg()))?;
-                self.statements.insert(parse.statement, parse.query);
-                self.out.extend_from_slice(&[b'1', 0, 0, 0, 4]);
+                self.statements.insert(parse.statement.to_string(), parse.query.to_string());
+                self.conn.outbox.extend_from_slice(&[b'1', 0, 0, 0, 4]);
                 Ok(())
             }
             b'B' => {
                 let bind = parse_bind(body).map_err(|e| extended_error(self, e.to_pg()))?;
-                let Some(query) = self.statements.get(&bind.statement).cloned() else {
+                let Some(query) = self.statements.get(bind.statement).cloned() else {
                     let error = PgError::error(
                         "26000",
                         format!("prepared statement \"{}\" does not exist", bind.statement),
                     );
                     return Err(extended_error(self, error));
                 };
-                self.portals
-                    .insert(bind.portal, Portal { query, formats: bind.result_formats, answer: None });
-                self.out.extend_from_slice(&[b'2', 0, 0, 0, 4]);
+                self.portals.insert(
+                    bind.portal.to_string(),
+                    Portal { query, formats: bind.result_formats, answer: None },
+                );
+                self.conn.outbox.extend_from_slice(&[b'2', 0, 0, 0, 4]);
                 Ok(())
             }
             b'D' => {
                 let target = parse_target(body).map_err(|e| extended_error(self, e.to_pg()))?;
-                self.describe(target.kind, &target.name).await.map_err(|e| extended_error(self, e))
+                self.describe(target.kind, target.name).await.map_err(|e| extended_error(self, e))
             }
             b'E' => {
                 let portal = parse_execute(body).map_err(|e| extended_error(self, e.to_pg()))?;
-                self.execute_portal(&portal).await.map_err(|e| extended_error(self, e))
+                self.execute_portal(portal).await.map_err(|e| extended_error(self, e))
             }
             b'C' => {
                 let target = parse_target(body).map_err(|e| extended_error(self, e.to_pg()))?;
                 match target.kind {
-                    b'S' => self.statements.remove(&target.name),
-                    _ => self.portals.remove(&target.name).map(|p| p.query),
+                    b'S' => self.statements.remove(target.name),
+                    b'P' => self.portals.remove(target.name).map(|p| p.query),
+                    _ => return Err(extended_error(self, invalid_kind("CLOSE", target.kind))),
                 };
-                self.out.extend_from_slice(&[b'3', 0, 0, 0, 4]);
+                self.conn.outbox.extend_from_slice(&[b'3', 0, 0, 0, 4]);
                 Ok(())
             }
             b'S' => {
                 self.skipping = false;
                 self.portals.remove("");
-                ready_for_query(&mut self.out, b'I');
+                ready_for_query(&mut self.conn.outbox, b'I');
                 Ok(())
             }
             b'H' => Ok(()),
@@ -275,16 +265,17 @@ impl Console {
                     PgError::error("26000", format!("prepared statement \"{name}\" does not exist"))
                 })?;
                 // A statement has no parameters; its columns are those of its answer now.
-                self.out.extend_from_slice(&[b't', 0, 0, 0, 6, 0, 0]);
+                self.conn.outbox.extend_from_slice(&[b't', 0, 0, 0, 6, 0, 0]);
                 (query, Vec::new())
             }
-            _ => {
+            b'P' => {
                 let portal = self
                     .portals
                     .get(name)
                     .ok_or_else(|| PgError::error("34000", format!("portal \"{name}\" does not exist")))?;
                 (portal.query.clone(), portal.formats.clone())
             }
+            other => return Err(invalid_kind("DESCRIBE", other)),
         };
         // Only SHOW has rows; a control command must not run just because it was described.
         let answer = match command::parse(&query) {
@@ -292,8 +283,8 @@ impl Console {
             _ => None,
         };
         match &answer {
-            Some(Answer::Rows(rows)) => rows.encode_description(&mut self.out, &formats),
-            _ => self.out.extend_from_slice(&[b'n', 0, 0, 0, 4]),
+            Some(Answer::Rows(rows)) => rows.encode_description(&mut self.conn.outbox, &formats),
+            _ => self.conn.outbox.extend_from_slice(&[b'n', 0, 0, 0, 4]),
         }
         if kind == b'P' {
             if let Some(portal) = self.portals.get_mut(name) {
@@ -324,13 +315,13 @@ impl Console {
         match answer {
             Answer::Rows(rows) => {
                 if with_description {
-                    rows.encode_description(&mut self.out, formats);
+                    rows.encode_description(&mut self.conn.outbox, formats);
                 }
-                rows.encode_rows(&mut self.out, formats);
-                rows.encode_complete(&mut self.out);
+                rows.encode_rows(&mut self.conn.outbox, formats);
+                rows.encode_complete(&mut self.conn.outbox);
             }
-            Answer::Done(tag) => command_complete(&mut self.out, tag),
-            Answer::Empty => self.out.extend_from_slice(&[b'I', 0, 0, 0, 4]),
+            Answer::Done(tag) => command_complete(&mut self.conn.outbox, tag),
+            Answer::Empty => self.conn.outbox.extend_from_slice(&[b'I', 0, 0, 0, 4]),
         }
     }
 
@@ -350,7 +341,7 @@ impl Console {
             Command::Show(what) => {
                 let shown = inspect::show(shared, &what)?;
                 if let Some((message, detail)) = shown.notice {
-                    notice(&mut self.out, &message, &detail);
+                    notice(&mut self.conn.outbox, &message, &detail);
                 }
                 Ok(shown.rows.map_or(Answer::Done("SHOW".into()), Answer::Rows))
             }
@@ -403,4 +394,9 @@ impl Console {
             Command::Set { key, value } => Ok(Answer::Done(control::set(shared, &key, &value)?)),
         }
     }
+}
+
+/// PostgreSQL's answer to a Describe or Close of neither a statement nor a portal.
+fn invalid_kind(message: &str, kind: u8) -> PgError {
+    PgError::error(sqlstate::PROTOCOL_VIOLATION, format!("invalid {message} message subtype {kind}"))
 }

@@ -23,7 +23,7 @@ use crate::actors::pool::{PoolSettings, PoolShared};
 use crate::actors::router::{live_router, Router};
 use crate::auth::{self, BackendLoginError, LoginRequest};
 use crate::config::PoolMode;
-use crate::net::{DetachedSocket, ServerAddr, Socket};
+use crate::net::{DetachedSocket, Framed, ServerAddr};
 use crate::params::{sorted_session, TrackedParams, SESSION_PROBE};
 use crate::protocol::error::sqlstate;
 use crate::protocol::prepared::{is_discard_all, ServerStatements};
@@ -35,7 +35,8 @@ use crate::tls::negotiate_server_tls;
 pub struct ServerLink {
     /// When the connection was opened: `server_lifetime` counts from here on any worker.
     pub born: Instant,
-    pub socket: Socket,
+    /// The socket, with what was read from it and not yet consumed and what is queued for it.
+    pub conn: Framed,
     pub addr: ServerAddr,
     pub process_id: i32,
     pub secret_key: i32,
@@ -102,7 +103,7 @@ impl ServerLink {
     /// Reads which parameters are set in the server's session. Returns them all, reported and
     /// not; `session` keeps the unreported ones.
     pub async fn learn_session(&mut self) -> Result<Vec<(String, String)>, BackendLoginError> {
-        let rows = auth::query_rows(&mut self.socket, SESSION_PROBE, 10_000).await?;
+        let rows = auth::query_rows(&mut self.conn, SESSION_PROBE, 10_000).await?;
         let set_now: Vec<(String, String)> = rows
             .into_iter()
             .filter_map(|row| match (row.first(), row.get(1)) {
@@ -148,7 +149,7 @@ impl ServerLink {
         let upper = sql.to_ascii_uppercase();
         let drops_statements = upper.contains("DISCARD") || upper.contains("DEALLOCATE");
         if drops_statements && !self.statements.is_empty() && !is_discard_all(sql) {
-            let reported = auth::run_simple_query(&mut self.socket, "DEALLOCATE ALL").await?;
+            let reported = auth::run_simple_query(&mut self.conn, "DEALLOCATE ALL").await?;
             for (name, value) in reported {
                 self.set_param(&name, &value);
             }
@@ -157,7 +158,7 @@ impl ServerLink {
             self.statements.clear();
             self.entry.set_prepared(0);
         }
-        let reported = auth::run_simple_query(&mut self.socket, sql).await?;
+        let reported = auth::run_simple_query(&mut self.conn, sql).await?;
         for (name, value) in reported {
             self.set_param(&name, &value);
         }
@@ -208,9 +209,13 @@ impl ServerLink {
 
     pub fn detach(mut self) -> std::io::Result<DetachedLink> {
         self.settle();
+        // Only an idle connection moves, and an idle one has nothing in flight either way.
+        if !self.conn.inbox.is_empty() || !self.conn.outbox.is_empty() {
+            return Err(std::io::Error::other("server connection has bytes in flight"));
+        }
         Ok(DetachedLink {
             born: self.born,
-            socket: self.socket.detach()?,
+            socket: self.conn.socket.detach()?,
             addr: self.addr,
             process_id: self.process_id,
             secret_key: self.secret_key,
@@ -228,7 +233,8 @@ impl ServerLink {
     /// ended by `pg_terminate_backend` or a restart sends a FATAL and closes).
     pub fn is_healthy(&self) -> bool {
         let mut probe = [0u8; 1];
-        matches!(self.socket.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        self.conn.inbox.is_empty()
+            && matches!(self.conn.socket.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 }
 
@@ -237,7 +243,7 @@ impl DetachedLink {
     pub fn attach(self) -> std::io::Result<ServerLink> {
         Ok(ServerLink {
             born: self.born,
-            socket: self.socket.attach()?,
+            conn: Framed::new(self.socket.attach()?),
             addr: self.addr,
             process_id: self.process_id,
             secret_key: self.secret_key,
@@ -307,10 +313,11 @@ async fn open(settings: Arc<PoolSettings>, entry: Arc<ServerEntry>) -> Result<Se
         let socket = addr.connect_with(&settings.tcp).await.map_err(|e| e.to_string())?;
         negotiate_server_tls(socket, &settings.server_tls, host).await
     };
-    let mut socket = tokio::time::timeout(timeout, connect)
+    let socket = tokio::time::timeout(timeout, connect)
         .await
         .map_err(|_| connect_failed("timed out".into()))?
         .map_err(connect_failed)?;
+    let mut conn = Framed::new(socket);
     let scram_keys = entry.pool.scram_keys();
     let queried = entry.pool.queried_secret();
     let request = LoginRequest {
@@ -320,15 +327,15 @@ async fn open(settings: Arc<PoolSettings>, entry: Arc<ServerEntry>) -> Result<Se
         scram_keys: scram_keys.as_ref(),
         params: &settings.startup_params,
     };
-    let outcome = tokio::time::timeout(timeout, auth::login(&mut socket, &request))
+    let outcome = tokio::time::timeout(timeout, auth::login(&mut conn, &request))
         .await
         .map_err(|_| connect_failed("login timed out".into()))?
         .map_err(|e| login_error(e, &connect_failed))?;
-    let endpoints = socket.endpoints(addr.port());
-    let tls = socket.tls_description();
+    let endpoints = conn.socket.endpoints(addr.port());
+    let tls = conn.socket.tls_description();
     let mut link = ServerLink {
         born: Instant::now(),
-        socket,
+        conn,
         addr: addr.clone(),
         process_id: outcome.process_id,
         secret_key: outcome.secret_key,

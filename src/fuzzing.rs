@@ -24,7 +24,7 @@ use crate::auth::{
 use crate::config::{connstr, ini, settings, userlist, ConfigError};
 use crate::protocol::backend::parse_parameter_status;
 use crate::protocol::error::PgError;
-use crate::protocol::extended::{parse_bind, parse_execute, parse_parse, parse_target};
+use crate::protocol::extended::{parse_bind, parse_bind_head, parse_execute, parse_parse, parse_target};
 use crate::protocol::frame_at;
 use crate::protocol::frontend::{parse_password, parse_sasl_initial};
 use crate::protocol::options::{is_parameter_name, parse_options};
@@ -135,30 +135,38 @@ pub fn frontend(data: &[u8]) {
     }
 }
 
-/// Extended-protocol messages as the console reads them: the first byte is the message's tag
-/// (`P`, `B`, `D`, `C`, `E`), the rest its body; any other tag tries every parser.
+/// Extended-protocol messages as the rewriter and the console read them: the first byte is the
+/// message's tag (`P`, `B`, `D`, `C`, `E`), the rest its body; any other tag tries every parser.
+/// Whatever is accepted accounts for every byte of the body (PostgreSQL's `pq_getmsgend`).
 pub fn extended(data: &[u8]) {
     let Some((&tag, body)) = data.split_first() else { return };
     let all = !matches!(tag, b'P' | b'B' | b'D' | b'C' | b'E');
     if all || tag == b'P' {
         if let Ok(parse) = parse_parse(body) {
             assert!(!parse.statement.contains('\0') && !parse.query.contains('\0'));
+            assert_eq!(parse.param_types.len() % 4, 0);
+            assert_eq!(parse.statement.len() + parse.query.len() + 4 + parse.param_types.len(), body.len());
         }
     }
     if all || tag == b'B' {
-        if let Ok(bind) = parse_bind(body) {
-            assert!(!bind.portal.contains('\0') && !bind.statement.contains('\0'));
-            assert!(bind.result_formats.len() * 2 <= body.len());
+        if let Ok(head) = parse_bind_head(body) {
+            assert_eq!(head.portal.len() + head.statement.len() + 2 + head.rest.len(), body.len());
+            if let Ok(bind) = parse_bind(body) {
+                assert_eq!((bind.portal, bind.statement), (head.portal, head.statement));
+                assert!(bind.result_formats.len() * 2 <= head.rest.len());
+            }
+        } else {
+            assert!(parse_bind(body).is_err());
         }
     }
     if all || tag == b'D' || tag == b'C' {
         if let Ok(target) = parse_target(body) {
-            assert!(target.kind == b'S' || target.kind == b'P');
+            assert_eq!(2 + target.name.len(), body.len());
         }
     }
     if all || tag == b'E' {
         if let Ok(portal) = parse_execute(body) {
-            assert!(portal.len() + 1 + 4 <= body.len());
+            assert_eq!(portal.len() + 1 + 4, body.len());
         }
     }
 }

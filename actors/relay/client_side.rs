@@ -46,18 +46,18 @@ impl Relay {
         let mut end = 0;
         loop {
             if self.client_passthrough > 0 {
-                if !pass_through(&mut self.client_passthrough, self.from_client.len(), &mut end) {
+                if !pass_through(&mut self.client_passthrough, self.client.inbox.len(), &mut end) {
                     break;
                 }
                 continue;
             }
-            let frame = match header_at(&self.from_client[end..], self.max_packet) {
+            let frame = match header_at(&self.client.inbox[end..], self.max_packet) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
                 Err(e) => return Err(Ending::Error(e.to_pg())),
             };
-            let available = self.from_client.len() - end;
-            let head = match client_hold(frame, &self.from_client[end..], self.rewrites_statements()) {
+            let available = self.client.inbox.len() - end;
+            let head = match client_hold(frame, &self.client.inbox[end..], self.rewrites_statements()) {
                 Hold::Head(head) if available >= head => head,
                 Hold::Head(_) | Hold::More => break,
                 Hold::TooLarge => return Err(Ending::Error(too_large_to_read(frame))),
@@ -65,7 +65,7 @@ impl Relay {
             let whole = available >= frame.len;
             if frame.tag == b'X' {
                 // PostgreSQL reads nothing after Terminate.
-                self.from_client.truncate(end);
+                self.client.inbox.truncate(end);
                 self.session.terminate();
                 break;
             }
@@ -82,7 +82,8 @@ impl Relay {
                 // checkout's state would otherwise sit in every idle client's future.
                 Box::pin(self.acquire()).await?;
             }
-            let query = (frame.tag == b'Q' && whole).then(|| &self.from_client[end + 5..end + frame.len - 1]);
+            let query =
+                (frame.tag == b'Q' && whole).then(|| &self.client.inbox[end + 5..end + frame.len - 1]);
             self.session.client_message(frame.tag, query);
             let ignored_syncs = self.session.take_ignored_syncs();
             let rewritten = self.rewrites_statements()
@@ -108,7 +109,7 @@ impl Relay {
     pub(super) fn rewrite_client_message(&mut self, end: usize, len: usize) -> Result<bool, Ending> {
         let Some(lease) = &mut self.lease else { return Ok(false) };
         let capacity = self.settings.1.max_prepared_statements;
-        let frame = &self.from_client[end..end + len];
+        let frame = &self.client.inbox[end..end + len];
         let rewritten = self
             .rewriter
             .client_message(frame, &mut self.statements, &mut lease.link.statements, capacity)
@@ -132,10 +133,10 @@ impl Relay {
         }
         let Rewritten::Replaced(bytes) = rewritten else { return Ok(false) };
         self.forward_to_server(end);
-        self.from_client.advance(len);
+        self.client.inbox.advance(len);
         self.pool.stats.received(self.worker, len);
         if let Some(lease) = &mut self.lease {
-            append(&mut lease.to_server, bytes);
+            append(&mut lease.link.conn.outbox, bytes);
             lease.link.entry.set_prepared(lease.link.statements.len());
         }
         Ok(true)
@@ -145,7 +146,7 @@ impl Relay {
     /// keeps the books of: answered here (the statements stay on servers for other clients),
     /// with no server leased. Returns whether the message at the front was consumed.
     pub(super) fn deallocate_locally(&mut self, len: usize) -> bool {
-        let body = &self.from_client[5..len];
+        let body = &self.client.inbox[5..len];
         let query = std::str::from_utf8(&body[..body.len().saturating_sub(1)]).unwrap_or("");
         let Some(target) = deallocate_target(query) else { return false };
         let tag = match target {
@@ -156,9 +157,9 @@ impl Relay {
             Some(name) if self.statements.remove(&name) => "DEALLOCATE",
             Some(_) => return false,
         };
-        self.from_client.advance(len);
-        command_complete(&mut self.to_client, tag);
-        ready_for_query(&mut self.to_client, b'I');
+        self.client.inbox.advance(len);
+        command_complete(&mut self.client.outbox, tag);
+        ready_for_query(&mut self.client.outbox, b'I');
         self.entry.set_prepared(self.statements.len());
         true
     }
@@ -175,9 +176,9 @@ impl Relay {
             self.query_started = Some(now);
             self.xact_started.get_or_insert(now);
         }
-        let chunk = self.from_client.split_to(len);
+        let chunk = self.client.inbox.split_to(len);
         if let Some(lease) = &mut self.lease {
-            append(&mut lease.to_server, chunk);
+            append(&mut lease.link.conn.outbox, chunk);
         }
     }
 }

@@ -34,8 +34,8 @@ impl Relay {
         self.pool.refresh_settings(&mut self.settings);
         self.settings.1.server_fast_close
             && self.session.tracker().idle()
-            && lease.from_server.is_empty()
-            && lease.to_server.is_empty()
+            && lease.link.conn.inbox.is_empty()
+            && lease.link.conn.outbox.is_empty()
     }
 
     /// Learns the session parameters now set on the leased server (read back, unless the
@@ -55,7 +55,7 @@ impl Relay {
             }
         };
         for (name, value) in self.params.after_reset(&self.initial_params, &set_now) {
-            parameter_status(&mut self.to_client, &name, &value);
+            parameter_status(&mut self.client.outbox, &name, &value);
             if name.eq_ignore_ascii_case("application_name") {
                 self.entry.set_application_name(&value);
             }
@@ -81,8 +81,8 @@ impl Relay {
         self.session.released();
         self.entry.holds(0);
         // An idle client should hold no buffer memory.
-        if self.from_client.is_empty() {
-            self.from_client = BytesMut::new();
+        if self.client.inbox.is_empty() {
+            self.client.inbox = BytesMut::new();
         }
     }
 
@@ -133,14 +133,7 @@ impl Relay {
             secret_key: link.secret_key,
             tcp: self.settings.1.tcp,
         }));
-        self.lease = Some(Lease {
-            server,
-            link,
-            from_server: BytesMut::new(),
-            to_server: BytesMut::new(),
-            pending_syncs: 0,
-            passthrough: 0,
-        });
+        self.lease = Some(Lease { server, link, pending_syncs: 0, passthrough: 0 });
         self.rewriter = Rewriter::default();
         self.session.leased();
         self.sync_params().await
@@ -177,18 +170,18 @@ impl Relay {
                     self.pool.key
                 ),
             }
-            .encode_notice(&mut self.to_client);
+            .encode_notice(&mut self.client.outbox);
         }
         if *said_goodbye {
             return Poll::Pending;
         }
-        if poll_flush_buf(&mut self.client, &mut self.to_client, cx).is_ready_err() {
+        if self.client.poll_send(cx).is_ready_err() {
             return Poll::Ready(Err(Ending::ClientLeft));
         }
-        while self.from_client.len() < HIGH_WATER {
-            match poll_read_some(&mut self.client, &mut self.from_client, cx) {
+        while self.client.inbox.len() < HIGH_WATER {
+            match self.client.poll_fill(cx) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
-                    if !holds_terminate(&self.from_client, self.max_packet) {
+                    if !holds_terminate(&self.client.inbox, self.max_packet) {
                         return Poll::Ready(Err(Ending::ClientLeft));
                     }
                     *said_goodbye = true;
@@ -229,7 +222,7 @@ impl Relay {
             // release makes this once per transaction); their answers are swallowed in
             // server_input. Unreported ones can stop being valid (a dropped text search
             // configuration) and are set first, so that no client query runs without them.
-            postgres_protocol::message::frontend::query(&sql, &mut lease.to_server)
+            postgres_protocol::message::frontend::query(&sql, &mut lease.link.conn.outbox)
                 .map_err(|e| Ending::Error(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())))?;
             lease.pending_syncs += 1;
             lease.link.matches_client = Some(self.params.clone());

@@ -1,8 +1,9 @@
 //! The data path of one client: a single loop that moves bytes between the client socket and
 //! the socket of the server it leases, with no mailbox hop per message.
 //!
-//! The loop reads whatever is available on either side, frames it (tag + length only), forwards
-//! runs of messages as slices of the read buffer, and writes both directions concurrently so
+//! Both sides are [`Framed`] connections. The loop reads whatever is available on either side
+//! into its inbox, frames it (tag + length only), forwards runs of messages as slices of that
+//! inbox to the other side's outbox, and writes both directions concurrently so
 //! that neither peer can block the other. Messages pgcorral does not read stream through as
 //! they arrive; the protocol model ([`TxnTracker`]) decides when a server goes back to the pool.
 //!
@@ -38,7 +39,7 @@ use crate::admin::resultset::command_complete;
 use crate::auth::{server_error, BackendLoginError};
 use crate::config::PoolMode;
 use crate::local_queue::LocalReceiver;
-use crate::net::{poll_flush_buf, poll_read_some, ServerAddr, Socket, GOODBYE_DEADLINE};
+use crate::net::{Framed, ServerAddr};
 use crate::params::TrackedParams;
 use crate::protocol::backend::{parameter_status, parse_parameter_status, ready_for_query};
 use crate::protocol::error::sqlstate;
@@ -75,9 +76,9 @@ pub enum Control {
 
 struct Lease {
     server: Addr<ServerConnection>,
+    /// The server's connection, with the bytes read from it (`inbox`) and queued for it
+    /// (`outbox`).
     link: ServerLink,
-    from_server: BytesMut,
-    to_server: BytesMut,
     /// pgcorral's own parameter-sync queries sent ahead of the client's messages whose answers
     /// have not all arrived: they are swallowed, and the server cannot go back before.
     pending_syncs: u8,
@@ -88,8 +89,8 @@ struct Lease {
 impl Lease {
     /// Nothing of either direction is buffered or half-forwarded.
     fn wire_clean(&self) -> bool {
-        self.from_server.is_empty()
-            && self.to_server.is_empty()
+        self.link.conn.inbox.is_empty()
+            && self.link.conn.outbox.is_empty()
             && self.pending_syncs == 0
             && self.passthrough == 0
     }
@@ -117,9 +118,8 @@ enum Ending {
 }
 
 pub struct Relay {
-    client: Socket,
-    from_client: BytesMut,
-    to_client: BytesMut,
+    /// The client's connection: what it sent (`inbox`) and what goes to it (`outbox`).
+    client: Framed,
     lease: Option<Lease>,
     /// Every decision about the lease, the clocks and the protocol state (no I/O).
     session: Session,
@@ -163,8 +163,7 @@ pub struct Relay {
 impl Relay {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        client: Socket,
-        from_client: BytesMut,
+        client: Framed,
         pool: Arc<PoolShared>,
         router: Addr<Router>,
         params: TrackedParams,
@@ -178,8 +177,6 @@ impl Relay {
         let member = pool.member();
         Relay {
             client,
-            from_client,
-            to_client: BytesMut::new(),
             lease: None,
             session: Session::new(mode),
             pool,
@@ -224,7 +221,7 @@ impl Relay {
 
     /// Queues bytes for the client (the login phase's welcome messages).
     pub fn queue_to_client(&mut self, bytes: &[u8]) {
-        self.to_client.extend_from_slice(bytes);
+        self.client.outbox.extend_from_slice(bytes);
     }
 
     /// Runs until the client leaves or is disconnected; the leased server, if any, goes back
@@ -246,9 +243,8 @@ impl Relay {
         if self.settings.1.log_pooler_errors {
             log::warn!("{} pooler error: {}", self.entry.describe(), goodbye.message);
         }
-        goodbye.encode(&mut self.to_client);
-        let goodbye_sent = poll_fn(|cx| poll_flush_buf(&mut self.client, &mut self.to_client, cx));
-        let _ = tokio::time::timeout(GOODBYE_DEADLINE, goodbye_sent).await;
+        goodbye.encode(&mut self.client.outbox);
+        self.client.say_goodbye().await;
         goodbye.message
     }
 
@@ -310,16 +306,16 @@ impl Relay {
 
     /// Flushes what is queued both ways, then reports the first thing that needs attention.
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
-        if poll_flush_buf(&mut self.client, &mut self.to_client, cx).is_ready_err() {
+        if self.client.poll_send(cx).is_ready_err() {
             if !self.terminating() {
                 return Poll::Ready(Event::ClientGone);
             }
             // A client that said goodbye may close before reading its last answers, as it may
             // with PostgreSQL itself; its server still finishes what it was sent.
-            self.to_client = BytesMut::new();
+            self.client.outbox = BytesMut::new();
         }
         if let Some(lease) = &mut self.lease {
-            if poll_flush_buf(&mut lease.link.socket, &mut lease.to_server, cx).is_ready_err() {
+            if lease.link.conn.poll_send(cx).is_ready_err() {
                 return Poll::Ready(Event::ServerGone);
             }
         }
@@ -336,9 +332,9 @@ impl Relay {
                 return Poll::Ready(Event::TransactionTimeout);
             }
         }
-        if self.to_client.len() < HIGH_WATER || self.terminating() {
+        if self.client.outbox.len() < HIGH_WATER || self.terminating() {
             if let Some(lease) = &mut self.lease {
-                match poll_read_some(&mut lease.link.socket, &mut lease.from_server, cx) {
+                match lease.link.conn.poll_fill(cx) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::ServerGone),
                     Poll::Ready(Ok(_)) => return Poll::Ready(Event::ServerData),
                     Poll::Pending => {}
@@ -354,12 +350,12 @@ impl Relay {
         // is the tracker's record of what is unanswered.
         // So is one that does not read what it is sent: answers pgcorral writes itself (a local
         // DEALLOCATE) would otherwise pile up without bound.
-        let backlogged = self.lease.as_ref().is_some_and(|l| l.to_server.len() >= HIGH_WATER)
+        let backlogged = self.lease.as_ref().is_some_and(|l| l.link.conn.outbox.len() >= HIGH_WATER)
             || self.session.tracker().backlog() >= MAX_BACKLOG
-            || self.from_client.len() > MAX_HELD
-            || self.to_client.len() >= HIGH_WATER;
+            || self.client.inbox.len() > MAX_HELD
+            || self.client.outbox.len() >= HIGH_WATER;
         if !cancel_landing && !backlogged && !self.terminating() {
-            match poll_read_some(&mut self.client, &mut self.from_client, cx) {
+            match self.client.poll_fill(cx) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::ClientGone),
                 Poll::Ready(Ok(_)) => return Poll::Ready(Event::ClientData),
                 Poll::Pending => {}
@@ -370,8 +366,7 @@ impl Relay {
 
     /// Sends what is queued for the client and ends the session (a login that failed late).
     pub async fn run_closing(mut self) {
-        let sent = poll_fn(|cx| poll_flush_buf(&mut self.client, &mut self.to_client, cx));
-        let _ = tokio::time::timeout(GOODBYE_DEADLINE, sent).await;
+        self.client.say_goodbye().await;
     }
 
     pub fn set_params(&mut self, params: TrackedParams) {

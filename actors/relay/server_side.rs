@@ -15,12 +15,12 @@ impl Relay {
         let mut refused_block = false;
         loop {
             if lease.passthrough > 0 {
-                if !pass_through(&mut lease.passthrough, lease.from_server.len(), &mut end) {
+                if !pass_through(&mut lease.passthrough, lease.link.conn.inbox.len(), &mut end) {
                     break;
                 }
                 continue;
             }
-            let frame = match header_at(&lease.from_server[end..], MAX_SERVER_MESSAGE) {
+            let frame = match header_at(&lease.link.conn.inbox[end..], MAX_SERVER_MESSAGE) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
                 Err(e) => {
@@ -28,14 +28,14 @@ impl Relay {
                     return Err(Ending::ServerLost);
                 }
             };
-            let available = lease.from_server.len() - end;
+            let available = lease.link.conn.inbox.len() - end;
             if available < frame.len {
                 if lease.pending_syncs > 0 || server_holds_whole(frame) {
                     break;
                 }
                 // Streams to the client as it arrives: its tag is all the model needs.
                 if frame.tag == b'E' && rewriting {
-                    let header = &lease.from_server[end..end + 5];
+                    let header = &lease.link.conn.inbox[end..end + 5];
                     self.rewriter.server_message(header, &mut self.statements, &mut lease.link.statements);
                 }
                 self.session.server_message(frame.tag, None);
@@ -48,7 +48,7 @@ impl Relay {
             }
             if lease.pending_syncs > 0 {
                 // The answers to a parameter sync come before the client's own.
-                let body = frame.body(&lease.from_server[end..]);
+                let body = frame.body(&lease.link.conn.inbox[end..]);
                 match frame.tag {
                     b'Z' => lease.pending_syncs -= 1,
                     b'S' => {
@@ -60,27 +60,29 @@ impl Relay {
                     b'E' => return Err(restore_failed(server_error(body))),
                     _ => {}
                 }
-                let forwarded = take_frame(&mut lease.from_server, end, frame.len, &mut self.to_client);
+                let forwarded =
+                    take_frame(&mut lease.link.conn.inbox, end, frame.len, &mut self.client.outbox);
                 self.pool.stats.sent(self.worker, forwarded);
                 end = 0;
                 continue;
             }
             if rewriting && matches!(frame.tag, b'1' | b'3' | b'E' | b'Z') {
-                let message = &lease.from_server[end..end + frame.len];
+                let message = &lease.link.conn.inbox[end..end + frame.len];
                 let verdict =
                     self.rewriter.server_message(message, &mut self.statements, &mut lease.link.statements);
                 if verdict != ServerVerdict::Forward {
-                    let forwarded = take_frame(&mut lease.from_server, end, frame.len, &mut self.to_client);
+                    let forwarded =
+                        take_frame(&mut lease.link.conn.inbox, end, frame.len, &mut self.client.outbox);
                     self.pool.stats.sent(self.worker, forwarded);
                     if let ServerVerdict::Replace(renamed) = verdict {
                         self.session.server_message(b'E', None);
-                        self.to_client.extend_from_slice(&renamed);
+                        self.client.outbox.extend_from_slice(&renamed);
                     }
                     end = 0;
                     continue;
                 }
             }
-            let body = frame.body(&lease.from_server[end..]);
+            let body = frame.body(&lease.link.conn.inbox[end..]);
             self.session.server_message(frame.tag, body.first().copied());
             match frame.tag {
                 b'G' | b'W' => self.rewriter.syncs_ignored(self.session.take_ignored_syncs()),
@@ -134,9 +136,9 @@ impl Relay {
             }
             end += frame.len;
         }
-        let chunk = lease.from_server.split_to(end);
+        let chunk = lease.link.conn.inbox.split_to(end);
         self.pool.stats.sent(self.worker, chunk.len());
-        append(&mut self.to_client, chunk);
+        append(&mut self.client.outbox, chunk);
         if refused_block {
             return self.refuse_transaction_block();
         }
@@ -148,14 +150,15 @@ impl Relay {
     /// replaced by an error and an idle ReadyForQuery, and the server is rolled back.
     pub(super) fn refuse_transaction_block(&mut self) -> Result<(), Ending> {
         let Some(lease) = &mut self.lease else { return Ok(()) };
-        let ready_len = frame_at(&lease.from_server, MAX_SERVER_MESSAGE).ok().flatten().map_or(0, |f| f.len);
-        lease.from_server.advance(ready_len);
+        let ready_len =
+            frame_at(&lease.link.conn.inbox, MAX_SERVER_MESSAGE).ok().flatten().map_or(0, |f| f.len);
+        lease.link.conn.inbox.advance(ready_len);
         PgError::error(
             sqlstate::FEATURE_NOT_SUPPORTED,
             "transaction blocks not allowed in statement pooling mode",
         )
-        .encode(&mut self.to_client);
-        ready_for_query(&mut self.to_client, b'I');
+        .encode(&mut self.client.outbox);
+        ready_for_query(&mut self.client.outbox, b'I');
         self.session.refused_block();
         self.release(AfterLease::Rollback);
         Ok(())

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::backend_login::{login, query_rows, BackendLoginError, LoginRequest};
 use super::secret::Secret;
-use crate::net::{ServerAddr, TcpSettings};
+use crate::net::{Framed, ServerAddr, TcpSettings};
 use crate::tls::{negotiate_server_tls, ServerTls};
 
 /// Where and how to run one lookup.
@@ -55,7 +55,8 @@ impl AuthQuery<'_> {
             ServerAddr::Unix { .. } => "",
         };
         let socket = self.addr.connect_with(self.tcp).await.map_err(|e| connect_error(e.to_string()))?;
-        let mut socket = negotiate_server_tls(socket, self.tls, host).await.map_err(connect_error)?;
+        let mut conn =
+            Framed::new(negotiate_server_tls(socket, self.tls, host).await.map_err(connect_error)?);
         let query_error = |source| AuthQueryError::Query { user: self.auth_user.to_string(), source };
         let request = LoginRequest {
             user: self.auth_user,
@@ -64,8 +65,8 @@ impl AuthQuery<'_> {
             params: &[],
             scram_keys: None,
         };
-        login(&mut socket, &request).await.map_err(query_error)?;
-        let rows = query_rows(&mut socket, &bind_user(self.query, user), 1).await.map_err(query_error)?;
+        login(&mut conn, &request).await.map_err(query_error)?;
+        let rows = query_rows(&mut conn, &bind_user(self.query, user), 1).await.map_err(query_error)?;
         Ok(rows.into_iter().next().and_then(|row| row.into_iter().nth(1).flatten()))
     }
 }

@@ -3,20 +3,21 @@
 //! connection, and the simple queries (connect_query, reset queries) run on
 //! it outside of any client's session.
 //!
-//! Messages are framed here rather than with `Message::parse`, which has no
-//! length cap and rejects tags it does not know; a server connection must
-//! not be able to make pgcorral allocate without bound.
+//! Messages are framed by [`Framed`] rather than with `Message::parse`, which
+//! has no length cap and rejects tags it does not know; a server connection
+//! must not be able to make pgcorral allocate without bound.
 
 use bytes::BytesMut;
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::md5::md5_challenge_response;
 use super::scram::SCRAM_SHA_256;
 use super::scram_client::{ScramClient, ScramKeys};
 use super::secret::Secret;
-use crate::protocol::PgError;
+use crate::net::{Framed, ReadError, Stream};
+use crate::protocol::fields::Fields;
+use crate::protocol::{Frame, PgError, ProtocolError};
 
 /// Largest message accepted during login, and largest ErrorResponse,
 /// NoticeResponse or ParameterStatus kept while running a simple query.
@@ -97,19 +98,19 @@ enum Sasl {
 ///
 /// On success the stream is positioned right after ReadyForQuery, so it can
 /// be used for queries at once; nothing beyond it has been read.
-pub async fn login<S>(stream: &mut S, req: &LoginRequest<'_>) -> Result<LoginOutcome, BackendLoginError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut buf = BytesMut::new();
+pub async fn login<S: Stream>(
+    conn: &mut Framed<S>,
+    req: &LoginRequest<'_>,
+) -> Result<LoginOutcome, BackendLoginError> {
+    let buf = &mut conn.outbox;
     let extra = req
         .params
         .iter()
         .filter(|(k, _)| k != "user" && k != "database")
         .map(|(k, v)| (k.as_str(), v.as_str()));
     let params = [("user", req.user), ("database", req.database)].into_iter().chain(extra);
-    frontend::startup_message(params, &mut buf).map_err(|e| encode_error("startup message", e))?;
-    send(stream, &mut buf).await?;
+    frontend::startup_message(params, buf).map_err(|e| encode_error("startup message", e))?;
+    send(conn).await?;
 
     let mut sasl = Sasl::NotStarted;
     let mut authenticated = false;
@@ -117,11 +118,11 @@ where
     let mut got_key_data = false;
 
     loop {
-        let (tag, len) = read_header(stream).await?;
-        match tag {
+        let frame = next_header(conn).await?;
+        match frame.tag {
             b'R' => {
-                let body = read_body(stream, tag, len).await?;
-                let mut r = Reader::new(&body);
+                let body = read_body(conn, frame).await?;
+                let mut r = Fields::new(&body, "Authentication");
                 let code = r.i32()?;
                 if authenticated {
                     return Err(protocol(format!("authentication request {code} after AuthenticationOk")));
@@ -139,9 +140,9 @@ where
                     }
                     3 => {
                         let password = plain_password(req, "cleartext password")?;
-                        frontend::password_message(password.as_bytes(), &mut buf)
+                        frontend::password_message(password.as_bytes(), &mut conn.outbox)
                             .map_err(|e| encode_error("password", e))?;
-                        send(stream, &mut buf).await?;
+                        send(conn).await?;
                     }
                     5 => {
                         let salt: [u8; 4] = r.rest().try_into().map_err(|_| {
@@ -155,9 +156,9 @@ where
                             }
                             None => return Err(BackendLoginError::NoPassword(req.user.into())),
                         };
-                        frontend::password_message(response.as_bytes(), &mut buf)
+                        frontend::password_message(response.as_bytes(), &mut conn.outbox)
                             .map_err(|e| encode_error("password", e))?;
-                        send(stream, &mut buf).await?;
+                        send(conn).await?;
                     }
                     10 => {
                         if !matches!(sasl, Sasl::NotStarted) {
@@ -188,9 +189,13 @@ where
                             }
                             _ => ScramClient::with_password(plain_password(req, "SCRAM-SHA-256")?),
                         };
-                        frontend::sasl_initial_response(SCRAM_SHA_256, client.client_first(), &mut buf)
-                            .map_err(|e| encode_error("SASLInitialResponse", e))?;
-                        send(stream, &mut buf).await?;
+                        frontend::sasl_initial_response(
+                            SCRAM_SHA_256,
+                            client.client_first(),
+                            &mut conn.outbox,
+                        )
+                        .map_err(|e| encode_error("SASLInitialResponse", e))?;
+                        send(conn).await?;
                         sasl = Sasl::InProgress(Box::new(client));
                     }
                     11 => {
@@ -200,9 +205,9 @@ where
                         let client_final = client
                             .server_first(r.rest())
                             .map_err(|e| protocol(format!("bad SCRAM server-first-message: {e}")))?;
-                        frontend::sasl_response(&client_final, &mut buf)
+                        frontend::sasl_response(&client_final, &mut conn.outbox)
                             .map_err(|e| encode_error("SASLResponse", e))?;
-                        send(stream, &mut buf).await?;
+                        send(conn).await?;
                     }
                     12 => {
                         let Sasl::InProgress(client) = &mut sasl else {
@@ -221,33 +226,33 @@ where
                 }
             }
             b'E' => {
-                let body = read_body(stream, tag, len).await?;
+                let body = read_body(conn, frame).await?;
                 return Err(server_error(&body));
             }
             b'S' => {
-                let body = read_body(stream, tag, len).await?;
+                let body = read_body(conn, frame).await?;
                 outcome.params.push(parameter_status(&body)?);
             }
             b'K' => {
-                let body = read_body(stream, tag, len).await?;
+                let body = read_body(conn, frame).await?;
                 // Protocol 3.0, which is what we ask for, has a 4-byte key.
                 if body.len() != 8 {
                     return Err(protocol(format!("BackendKeyData of {} bytes", body.len())));
                 }
-                let mut r = Reader::new(&body);
+                let mut r = Fields::new(&body, "BackendKeyData");
                 outcome.process_id = r.i32()?;
                 outcome.secret_key = r.i32()?;
                 got_key_data = true;
             }
-            b'N' => skip_body(stream, len).await?,
+            b'N' => conn.discard(frame.len).await?,
             // Only sent in answer to a newer minor version or to _pq_
             // options, neither of which we ask for; harmless if it comes.
             b'v' => {
                 log::debug!("server sent NegotiateProtocolVersion during login");
-                skip_body(stream, len).await?;
+                conn.discard(frame.len).await?;
             }
             b'Z' => {
-                read_body(stream, tag, len).await?;
+                read_body(conn, frame).await?;
                 if !authenticated {
                     return Err(protocol("ReadyForQuery before AuthenticationOk".into()));
                 }
@@ -273,33 +278,27 @@ where
 ///
 /// `COPY ... FROM STDIN` is answered with CopyFail, so it ends as an error
 /// rather than leaving the connection waiting for data.
-pub async fn run_simple_query<S>(
-    stream: &mut S,
+pub async fn run_simple_query<S: Stream>(
+    conn: &mut Framed<S>,
     sql: &str,
-) -> Result<Vec<(String, String)>, BackendLoginError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    simple_query(stream, sql, None).await
+) -> Result<Vec<(String, String)>, BackendLoginError> {
+    simple_query(conn, sql, None).await
 }
 
 /// Runs `sql` like [`run_simple_query`] and returns its rows as text (NULL as None); at most
 /// `max_rows` are kept, so a query returning a table does not fill memory.
-pub async fn query_rows<S>(
-    stream: &mut S,
+pub async fn query_rows<S: Stream>(
+    conn: &mut Framed<S>,
     sql: &str,
     max_rows: usize,
-) -> Result<Vec<Vec<Option<String>>>, BackendLoginError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+) -> Result<Vec<Vec<Option<String>>>, BackendLoginError> {
     let mut rows = Vec::new();
-    simple_query(stream, sql, Some((&mut rows, max_rows))).await?;
+    simple_query(conn, sql, Some((&mut rows, max_rows))).await?;
     Ok(rows)
 }
 
 fn data_row(body: &[u8]) -> Result<Vec<Option<String>>, BackendLoginError> {
-    let mut r = Reader::new(body);
+    let mut r = Fields::new(body, "DataRow");
     let count = r.i16()?;
     let mut row = Vec::with_capacity(count.max(0) as usize);
     for _ in 0..count {
@@ -316,48 +315,44 @@ fn data_row(body: &[u8]) -> Result<Vec<Option<String>>, BackendLoginError> {
 
 type RowSink<'a> = Option<(&'a mut Vec<Vec<Option<String>>>, usize)>;
 
-async fn simple_query<S>(
-    stream: &mut S,
+async fn simple_query<S: Stream>(
+    conn: &mut Framed<S>,
     sql: &str,
     mut rows: RowSink<'_>,
-) -> Result<Vec<(String, String)>, BackendLoginError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut buf = BytesMut::new();
-    frontend::query(sql, &mut buf).map_err(|e| encode_error("query", e))?;
-    send(stream, &mut buf).await?;
+) -> Result<Vec<(String, String)>, BackendLoginError> {
+    frontend::query(sql, &mut conn.outbox).map_err(|e| encode_error("query", e))?;
+    send(conn).await?;
 
     let mut params = Vec::new();
     let mut error = None;
     loop {
-        let (tag, len) = read_header(stream).await?;
-        match tag {
+        let frame = next_header(conn).await?;
+        match frame.tag {
             b'E' => {
-                let body = read_body(stream, tag, len).await?;
+                let body = read_body(conn, frame).await?;
                 error.get_or_insert_with(|| server_error(&body));
             }
             b'S' => {
-                let body = read_body(stream, tag, len).await?;
+                let body = read_body(conn, frame).await?;
                 params.push(parameter_status(&body)?);
             }
             b'G' => {
-                skip_body(stream, len).await?;
-                frontend::copy_fail("pgcorral sends no COPY data in internal queries", &mut buf)
+                conn.discard(frame.len).await?;
+                frontend::copy_fail("pgcorral sends no COPY data in internal queries", &mut conn.outbox)
                     .map_err(|e| encode_error("CopyFail", e))?;
-                send(stream, &mut buf).await?;
+                send(conn).await?;
             }
             // Replication streams never end by themselves.
             b'W' => return Err(protocol("internal query started COPY BOTH".into())),
             b'Z' => {
-                read_body(stream, tag, len).await?;
+                read_body(conn, frame).await?;
                 return match error {
                     Some(e) => Err(e),
                     None => Ok(params),
                 };
             }
             b'D' if rows.as_ref().is_some_and(|(kept, max)| kept.len() < *max) => {
-                let body = read_body(stream, tag, len).await?;
+                let body = read_body(conn, frame).await?;
                 let row = data_row(&body)?;
                 if let Some((kept, _)) = rows.as_mut() {
                     kept.push(row);
@@ -366,7 +361,7 @@ where
             // Rows, command tags, notices, notifications, COPY OUT data:
             // none of it matters to an internal query, and rows may be large,
             // so it is skipped without being buffered.
-            _ => skip_body(stream, len).await?,
+            _ => conn.discard(frame.len).await?,
         }
     }
 }
@@ -407,53 +402,52 @@ fn describe_tag(tag: u8) -> String {
     }
 }
 
-async fn send<S: AsyncWrite + Unpin>(stream: &mut S, buf: &mut BytesMut) -> Result<(), BackendLoginError> {
-    stream.write_all(buf).await?;
-    stream.flush().await?;
-    buf.clear();
-    Ok(())
+async fn send<S: Stream>(conn: &mut Framed<S>) -> Result<(), BackendLoginError> {
+    Ok(conn.send().await?)
 }
 
-/// Reads a message's tag and the length of its body (the wire length counts
-/// itself, the body does not).
-async fn read_header<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(u8, usize), BackendLoginError> {
-    let mut header = [0u8; 5];
-    stream.read_exact(&mut header).await?;
-    let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
-    let body_len = usize::try_from(len)
-        .ok()
-        .and_then(|l| l.checked_sub(4))
-        .ok_or_else(|| protocol(format!("message {} has invalid length {len}", describe_tag(header[0]))))?;
-    Ok((header[0], body_len))
+/// Waits for the next message's tag and length; its body may still be on the way.
+async fn next_header<S: Stream>(conn: &mut Framed<S>) -> Result<Frame, BackendLoginError> {
+    conn.next_header(usize::MAX).await.map_err(|e| read_error(e, None))
 }
 
-async fn read_body<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    tag: u8,
-    len: usize,
-) -> Result<Vec<u8>, BackendLoginError> {
-    if len > MAX_KEPT_MESSAGE {
-        return Err(protocol(format!(
-            "message {} of {len} bytes exceeds the {MAX_KEPT_MESSAGE}-byte limit",
-            describe_tag(tag)
-        )));
+/// Reads the body of the message whose header is `frame`, if it is within the size kept.
+async fn read_body<S: Stream>(conn: &mut Framed<S>, frame: Frame) -> Result<BytesMut, BackendLoginError> {
+    match conn.read_message(MAX_KEPT_MESSAGE).await {
+        Ok((_, body)) => Ok(body),
+        Err(e) => Err(read_error(e, Some(frame.tag))),
     }
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).await?;
-    Ok(body)
 }
 
-async fn skip_body<S: AsyncRead + Unpin>(stream: &mut S, len: usize) -> Result<(), BackendLoginError> {
-    let want = len as u64;
-    let copied = tokio::io::copy(&mut (&mut *stream).take(want), &mut tokio::io::sink()).await?;
-    if copied != want {
-        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+fn read_error(e: ReadError<ProtocolError>, tag: Option<u8>) -> BackendLoginError {
+    let what = tag.map_or_else(|| "message".to_string(), |tag| format!("message {}", describe_tag(tag)));
+    match e {
+        ReadError::Closed => std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into(),
+        ReadError::Io(e) => e.into(),
+        ReadError::Malformed(ProtocolError::TooLarge { size, .. }) => {
+            protocol(format!("{what} of {size} bytes exceeds the {MAX_KEPT_MESSAGE}-byte limit"))
+        }
+        ReadError::Malformed(e) => protocol(format!("{what}: {e}")),
     }
-    Ok(())
+}
+
+impl From<ReadError<()>> for BackendLoginError {
+    fn from(e: ReadError<()>) -> Self {
+        match e {
+            ReadError::Io(e) => e.into(),
+            _ => std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into(),
+        }
+    }
+}
+
+impl From<ProtocolError> for BackendLoginError {
+    fn from(e: ProtocolError) -> Self {
+        protocol(e.to_string())
+    }
 }
 
 fn parameter_status(body: &[u8]) -> Result<(String, String), BackendLoginError> {
-    let mut r = Reader::new(body);
+    let mut r = Fields::new(body, "ParameterStatus");
     let name = r.cstr()?.to_owned();
     let value = r.cstr()?.to_owned();
     Ok((name, value))
@@ -468,63 +462,13 @@ pub fn server_error(body: &[u8]) -> BackendLoginError {
     BackendLoginError::Server { severity, code, message }
 }
 
-/// Reads the fields of one message body.
-struct Reader<'a> {
-    buf: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8]) -> Self {
-        Reader { buf }
-    }
-
-    fn i32(&mut self) -> Result<i32, BackendLoginError> {
-        if self.buf.len() < 4 {
-            return Err(protocol("message truncated".into()));
-        }
-        let (n, rest) = self.buf.split_at(4);
-        self.buf = rest;
-        Ok(i32::from_be_bytes([n[0], n[1], n[2], n[3]]))
-    }
-
-    fn i16(&mut self) -> Result<i16, BackendLoginError> {
-        let bytes = self.take(2)?;
-        Ok(i16::from_be_bytes([bytes[0], bytes[1]]))
-    }
-
-    fn take(&mut self, n: usize) -> Result<&'a [u8], BackendLoginError> {
-        if self.buf.len() < n {
-            return Err(protocol("message truncated".into()));
-        }
-        let (taken, rest) = self.buf.split_at(n);
-        self.buf = rest;
-        Ok(taken)
-    }
-
-    fn cstr(&mut self) -> Result<&'a str, BackendLoginError> {
-        let end = self
-            .buf
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or_else(|| protocol("unterminated string in message".into()))?;
-        let s = std::str::from_utf8(&self.buf[..end])
-            .map_err(|_| protocol("string in message is not valid UTF-8".into()))?;
-        self.buf = &self.buf[end + 1..];
-        Ok(s)
-    }
-
-    fn rest(&mut self) -> &'a [u8] {
-        std::mem::take(&mut self.buf)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::md5::{md5_secret, md5_verify};
     use super::super::scram::ScramServer;
     use super::super::secret::ScramSecret;
     use super::*;
-    use tokio::io::DuplexStream;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     // ---- a scripted server on the other end of an in-memory pipe ----
 
@@ -533,7 +477,7 @@ mod tests {
         let mut body = vec![0; len - 4];
         s.read_exact(&mut body).await.unwrap();
         assert_eq!(&body[..4], &196608i32.to_be_bytes(), "protocol 3.0");
-        let mut r = Reader::new(&body[4..]);
+        let mut r = Fields::new(&body[4..], "test");
         let mut params = Vec::new();
         loop {
             let k = r.cstr().unwrap();
@@ -583,7 +527,8 @@ mod tests {
 
     #[tokio::test]
     async fn scram_login_against_our_own_scram_server() {
-        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let mut client = Framed::new(client);
         let server_task = tokio::spawn(async move {
             let params = read_startup(&mut server).await;
             assert_eq!(
@@ -599,10 +544,12 @@ mod tests {
 
             let (tag, body) = read_msg(&mut server).await;
             assert_eq!(tag, b'p');
-            let mut r = Reader::new(&body);
+            let mut r = Fields::new(&body, "test");
             ScramServer::check_mechanism(r.cstr().unwrap()).unwrap();
-            assert_eq!(r.i32().unwrap() as usize, r.buf.len());
-            let first = scram.client_first(r.rest()).unwrap();
+            let len = r.i32().unwrap() as usize;
+            let rest = r.rest();
+            assert_eq!(len, rest.len());
+            let first = scram.client_first(rest).unwrap();
             write_auth(&mut server, 11, &first).await;
 
             let (tag, body) = read_msg(&mut server).await;
@@ -639,13 +586,14 @@ mod tests {
         keys: Option<ScramKeys>,
         tamper: fn(Vec<u8>) -> Vec<u8>,
     ) -> Result<LoginOutcome, BackendLoginError> {
-        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let mut client = Framed::new(client);
         let server_task = tokio::spawn(async move {
             read_startup(&mut server).await;
             write_auth(&mut server, 10, b"SCRAM-SHA-256\0\0").await;
             let mut scram = ScramServer::new(verifier);
             let (_, body) = read_msg(&mut server).await;
-            let mut r = Reader::new(&body);
+            let mut r = Fields::new(&body, "test");
             assert_eq!(r.cstr().unwrap(), SCRAM_SHA_256);
             r.i32().unwrap();
             let first = r.rest();
@@ -725,14 +673,15 @@ mod tests {
     }
 
     async fn md5_login(secret: Secret) -> Result<LoginOutcome, BackendLoginError> {
-        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let mut client = Framed::new(client);
         let server_task = tokio::spawn(async move {
             read_startup(&mut server).await;
             let salt = [1, 2, 3, 4];
             write_auth(&mut server, 5, &salt).await;
             let (tag, body) = read_msg(&mut server).await;
             assert_eq!(tag, b'p');
-            let response = Reader::new(&body).cstr().unwrap().to_owned();
+            let response = Fields::new(&body, "test").cstr().unwrap().to_owned();
             if md5_verify(&Secret::Plain("pw".into()), "alice", salt, &response) {
                 finish_startup(&mut server).await;
             } else {
@@ -765,7 +714,8 @@ mod tests {
 
     /// Runs login against a server that sends `script` and then closes.
     async fn login_against(script: Vec<(u8, Vec<u8>)>, password: Option<&Secret>) -> BackendLoginError {
-        let (mut client, mut server) = tokio::io::duplex(4 << 20);
+        let (client, mut server) = tokio::io::duplex(4 << 20);
+        let mut client = Framed::new(client);
         tokio::spawn(async move {
             read_startup(&mut server).await;
             for (tag, body) in script {
@@ -832,7 +782,8 @@ mod tests {
 
     #[tokio::test]
     async fn bad_length_is_a_protocol_error() {
-        let (mut client, mut server) = tokio::io::duplex(1024);
+        let (client, mut server) = tokio::io::duplex(1024);
+        let mut client = Framed::new(client);
         tokio::spawn(async move {
             read_startup(&mut server).await;
             server.write_all(&[b'R', 0, 0, 0, 3]).await.unwrap();
@@ -952,8 +903,9 @@ mod tests {
             assert!(c.status().unwrap().success(), "psql failed: {statements:?}");
         }
 
-        async fn connect(&self) -> tokio::net::TcpStream {
-            tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.unwrap()
+        async fn connect(&self) -> Framed {
+            let stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.unwrap();
+            Framed::new(crate::net::Socket::Tcp(stream))
         }
     }
 

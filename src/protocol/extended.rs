@@ -1,82 +1,57 @@
-//! The extended query protocol's client messages (Parse, Bind, Describe, Execute, Close),
-//! read where pgcorral answers them itself: the admin console, which serves asyncpg and
-//! psycopg monitors as well as psql.
+//! The extended query protocol's client messages (Parse, Bind, Describe, Execute, Close): read
+//! by the prepared-statement rewriter, which renames statements on their way to a server, and by
+//! the admin console, which answers them itself (asyncpg and psycopg monitors as well as psql).
+//! The views borrow from the message body.
 
+use super::fields::Fields;
 use super::ProtocolError;
 
-fn malformed(what: &'static str) -> ProtocolError {
-    ProtocolError::Malformed { what }
-}
-
-/// Reads message fields in order, failing on anything truncated.
-struct Fields<'a> {
-    body: &'a [u8],
-    what: &'static str,
-}
-
-impl<'a> Fields<'a> {
-    fn cstr(&mut self) -> Result<String, ProtocolError> {
-        let nul = self.body.iter().position(|&b| b == 0).ok_or_else(|| malformed(self.what))?;
-        let text = std::str::from_utf8(&self.body[..nul]).map_err(|_| malformed(self.what))?.to_string();
-        self.body = &self.body[nul + 1..];
-        Ok(text)
-    }
-
-    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
-        if self.body.len() < n {
-            return Err(malformed(self.what));
-        }
-        let (head, tail) = self.body.split_at(n);
-        self.body = tail;
-        Ok(head)
-    }
-
-    fn i16(&mut self) -> Result<i16, ProtocolError> {
-        let b = self.take(2)?;
-        Ok(i16::from_be_bytes([b[0], b[1]]))
-    }
-
-    fn i32(&mut self) -> Result<i32, ProtocolError> {
-        let b = self.take(4)?;
-        Ok(i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    }
-
-    fn count(&mut self) -> Result<usize, ProtocolError> {
-        usize::try_from(self.i16()?).map_err(|_| malformed(self.what))
-    }
-
-    fn u8(&mut self) -> Result<u8, ProtocolError> {
-        Ok(self.take(1)?[0])
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Parse {
-    pub statement: String,
-    pub query: String,
+pub struct Parse<'a> {
+    pub statement: &'a str,
+    pub query: &'a str,
+    /// The parameter type OIDs as sent: Int32 each.
+    pub param_types: &'a [u8],
 }
 
-pub fn parse_parse(body: &[u8]) -> Result<Parse, ProtocolError> {
-    let mut f = Fields { body, what: "Parse" };
+pub fn parse_parse(body: &[u8]) -> Result<Parse<'_>, ProtocolError> {
+    let mut f = Fields::new(body, "Parse");
     let statement = f.cstr()?;
     let query = f.cstr()?;
     let types = f.count()?;
-    f.take(types * 4)?;
-    Ok(Parse { statement, query })
+    let param_types = f.take(types * 4)?;
+    f.end()?;
+    Ok(Parse { statement, query, param_types })
+}
+
+/// A Bind's names: all the rewriter reads (a large Bind is held only up to here, its
+/// parameters stream behind it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindHead<'a> {
+    pub portal: &'a str,
+    pub statement: &'a str,
+    /// What follows the names (all of it or, for a streamed Bind, the part at hand).
+    pub rest: &'a [u8],
+}
+
+pub fn parse_bind_head(body: &[u8]) -> Result<BindHead<'_>, ProtocolError> {
+    let mut f = Fields::new(body, "Bind");
+    let portal = f.cstr()?;
+    let statement = f.cstr()?;
+    Ok(BindHead { portal, statement, rest: f.rest() })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Bind {
-    pub portal: String,
-    pub statement: String,
+pub struct Bind<'a> {
+    pub portal: &'a str,
+    pub statement: &'a str,
     /// Result column format codes as sent: none (all text), one (for all), or one per column.
     pub result_formats: Vec<i16>,
 }
 
-pub fn parse_bind(body: &[u8]) -> Result<Bind, ProtocolError> {
-    let mut f = Fields { body, what: "Bind" };
-    let portal = f.cstr()?;
-    let statement = f.cstr()?;
+pub fn parse_bind(body: &[u8]) -> Result<Bind<'_>, ProtocolError> {
+    let head = parse_bind_head(body)?;
+    let mut f = Fields::new(head.rest, "Bind");
     let formats = f.count()?;
     f.take(formats * 2)?;
     for _ in 0..f.count()? {
@@ -86,30 +61,32 @@ pub fn parse_bind(body: &[u8]) -> Result<Bind, ProtocolError> {
         }
     }
     let result_formats = (0..f.count()?).map(|_| f.i16()).collect::<Result<_, _>>()?;
-    Ok(Bind { portal, statement, result_formats })
+    f.end()?;
+    Ok(Bind { portal: head.portal, statement: head.statement, result_formats })
 }
 
-/// Describe and Close: `S` for a prepared statement or `P` for a portal, and its name.
+/// Describe and Close: `S` for a prepared statement or `P` for a portal, and its name. Any
+/// other kind is read as sent; PostgreSQL is the one to refuse it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
+pub struct Target<'a> {
     pub kind: u8,
-    pub name: String,
+    pub name: &'a str,
 }
 
-pub fn parse_target(body: &[u8]) -> Result<Target, ProtocolError> {
-    let mut f = Fields { body, what: "Describe/Close" };
+pub fn parse_target(body: &[u8]) -> Result<Target<'_>, ProtocolError> {
+    let mut f = Fields::new(body, "Describe/Close");
     let kind = f.u8()?;
-    if kind != b'S' && kind != b'P' {
-        return Err(malformed("Describe/Close"));
-    }
-    Ok(Target { kind, name: f.cstr()? })
+    let name = f.cstr()?;
+    f.end()?;
+    Ok(Target { kind, name })
 }
 
 /// Execute: the portal's name (the row limit is not needed where pgcorral answers itself).
-pub fn parse_execute(body: &[u8]) -> Result<String, ProtocolError> {
-    let mut f = Fields { body, what: "Execute" };
+pub fn parse_execute(body: &[u8]) -> Result<&str, ProtocolError> {
+    let mut f = Fields::new(body, "Execute");
     let portal = f.cstr()?;
     f.i32()?;
+    f.end()?;
     Ok(portal)
 }
 
@@ -129,7 +106,10 @@ mod tests {
     #[test]
     fn messages_as_postgres_protocol_writes_them() {
         let b = body(|buf| frontend::parse("s1", "SHOW POOLS", [25u32], buf).unwrap());
-        assert_eq!(parse_parse(&b).unwrap(), Parse { statement: "s1".into(), query: "SHOW POOLS".into() });
+        assert_eq!(
+            parse_parse(&b).unwrap(),
+            Parse { statement: "s1", query: "SHOW POOLS", param_types: &25u32.to_be_bytes() }
+        );
 
         let b = body(|buf| {
             frontend::bind(
@@ -151,11 +131,11 @@ mod tests {
             .unwrap()
         });
         let bind = parse_bind(&b).unwrap();
-        assert_eq!((bind.portal.as_str(), bind.statement.as_str()), ("p", "s1"));
+        assert_eq!((bind.portal, bind.statement), ("p", "s1"));
         assert_eq!(bind.result_formats, [1, 0]);
 
         let b = body(|buf| frontend::describe(b'S', "s1", buf).unwrap());
-        assert_eq!(parse_target(&b).unwrap(), Target { kind: b'S', name: "s1".into() });
+        assert_eq!(parse_target(&b).unwrap(), Target { kind: b'S', name: "s1" });
         let b = body(|buf| frontend::execute("p", 0, buf).unwrap());
         assert_eq!(parse_execute(&b).unwrap(), "p");
     }
@@ -164,7 +144,8 @@ mod tests {
     fn truncated_messages_are_errors_not_panics() {
         assert!(parse_parse(b"s1\0SHOW").is_err());
         assert!(parse_bind(b"p\0s\0\x00\x01").is_err());
-        assert!(parse_target(b"X\0").is_err());
+        assert!(parse_target(b"S").is_err());
+        assert!(parse_parse(b"s\0q\0\x00\x00extra").is_err(), "bytes after the last field");
         assert!(parse_target(b"").is_err());
         assert!(parse_execute(b"p\0\x00").is_err());
         let mut negative = b"s\0q\0".to_vec();

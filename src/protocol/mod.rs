@@ -9,7 +9,8 @@
 //! - [`options`]: the `options` startup parameter's `-c name=value` switches.
 //! - [`backend`]: writers for the messages pgcorral sends to clients as if it were PostgreSQL.
 //! - [`frontend`]: the few client messages pgcorral reads itself (password, SASL) and writes to servers.
-//! - [`extended`]: the extended-protocol messages pgcorral answers itself (the console).
+//! - [`extended`]: the extended-protocol messages pgcorral reads (the rewriter, the console).
+//! - [`fields`]: the one field-by-field reader of message bodies.
 //! - [`error`]: `PgError`, an ErrorResponse with its SQLSTATE, and the protocol's own errors.
 //! - [`prepared`]: named prepared statements across servers in transaction mode.
 //! - [`streaming`]: which messages stream through and which are held whole (bounded memory).
@@ -18,6 +19,7 @@
 pub mod backend;
 pub mod error;
 pub mod extended;
+pub mod fields;
 pub mod framing;
 pub mod frontend;
 pub mod options;

@@ -12,6 +12,8 @@ use super::{
     deallocate_target, is_reserved, ClientStatements, ServerStatements, StatementDef, NOTHING, SCRATCH,
     SERVER_PREFIX,
 };
+use crate::protocol::extended::{parse_bind_head, parse_parse, parse_target, BindHead, Target};
+use crate::protocol::fields::{put_cstr, Fields};
 use crate::protocol::ProtocolError;
 
 #[derive(Debug)]
@@ -129,7 +131,7 @@ impl Rewriter {
             b'Q' => {
                 self.batches_sent += 1;
                 // A Query too long to be a DEALLOCATE streams and arrives here unterminated.
-                let Ok((query, _)) = cstr(body, "Query") else { return Ok(Rewritten::Unchanged) };
+                let Ok(query) = Fields::new(body, "Query").cstr() else { return Ok(Rewritten::Unchanged) };
                 // DISCARD ALL and DEALLOCATE ALL are judged by their CommandComplete
                 // ([`Rewriter::command_complete`]): inside a transaction block they fail.
                 let Some(Some(name)) = deallocate_target(query) else { return Ok(Rewritten::Unchanged) };
@@ -168,7 +170,9 @@ impl Rewriter {
                     });
                     return Ok(Rewritten::Unchanged);
                 }
-                let (name, query, types) = read_parse(body)?;
+                let parse = parse_parse(body)?;
+                let (name, query, types) =
+                    (parse.statement.to_string(), parse.query.to_string(), parse.param_types.to_vec());
                 let mut out = BytesMut::new();
                 if let Some(existing) = client.get(&name).cloned() {
                     // A reused name: PostgreSQL itself refuses the second Parse of a name it
@@ -210,7 +214,7 @@ impl Rewriter {
                 out
             }
             b'B' => {
-                let (portal, statement, rest) = read_bind(body)?;
+                let BindHead { portal, statement, rest } = parse_bind_head(body)?;
                 let mut out = BytesMut::new();
                 let Some(def) = client.get(statement).cloned() else {
                     if !is_reserved(statement) {
@@ -225,7 +229,7 @@ impl Rewriter {
                 out
             }
             b'D' | b'C' => {
-                let (kind, name) = read_target(body)?;
+                let Target { kind, name } = parse_target(body)?;
                 if tag == b'C' {
                     let forwarded_name = match client.get(name) {
                         Some(_) if kind == b'S' => {

@@ -2,8 +2,9 @@
 
 use bytes::{BufMut, BytesMut};
 
-use super::wire::*;
 use super::*;
+use crate::protocol::extended::{parse_bind_head, parse_target};
+use crate::protocol::fields::{put_cstr, Fields};
 use crate::protocol::frame_at;
 use postgres_protocol::message::frontend;
 
@@ -47,9 +48,9 @@ fn messages(bytes: &[u8]) -> Vec<(u8, String)> {
     while let Some(frame) = frame_at(&bytes[at..], 1 << 20).unwrap() {
         let body = &bytes[at + 5..at + frame.len];
         let name = match frame.tag {
-            b'P' => cstr(body, "").unwrap().0.to_string(),
-            b'B' => read_bind(body).unwrap().1.to_string(),
-            b'C' | b'D' => read_target(body).unwrap().1.to_string(),
+            b'P' => Fields::new(body, "").cstr().unwrap().to_string(),
+            b'B' => parse_bind_head(body).unwrap().statement.to_string(),
+            b'C' | b'D' => parse_target(body).unwrap().name.to_string(),
             _ => String::new(),
         };
         out.push((frame.tag, name));

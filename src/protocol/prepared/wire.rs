@@ -1,49 +1,9 @@
-//! Reading and writing the few fields of Parse, Bind, Describe and Close the rewriter needs.
+//! Writing the Parse, Bind, Describe and Close messages the rewriter sends in place of the
+//! client's (reading them is `protocol::extended`'s).
 
 use bytes::{BufMut, BytesMut};
 
-use crate::protocol::ProtocolError;
-
-pub(super) fn malformed(what: &'static str) -> ProtocolError {
-    ProtocolError::Malformed { what }
-}
-
-pub(super) fn cstr<'a>(body: &'a [u8], what: &'static str) -> Result<(&'a str, &'a [u8]), ProtocolError> {
-    let nul = body.iter().position(|&b| b == 0).ok_or_else(|| malformed(what))?;
-    let text = std::str::from_utf8(&body[..nul]).map_err(|_| malformed(what))?;
-    Ok((text, &body[nul + 1..]))
-}
-
-pub(super) fn read_parse(body: &[u8]) -> Result<(String, String, Vec<u8>), ProtocolError> {
-    let (name, rest) = cstr(body, "Parse")?;
-    let (query, rest) = cstr(rest, "Parse")?;
-    if rest.len() < 2 {
-        return Err(malformed("Parse"));
-    }
-    let count = i16::from_be_bytes([rest[0], rest[1]]);
-    let types = &rest[2..];
-    if count < 0 || types.len() != count as usize * 4 {
-        return Err(malformed("Parse"));
-    }
-    Ok((name.to_string(), query.to_string(), types.to_vec()))
-}
-
-pub(super) fn read_bind(body: &[u8]) -> Result<(&str, &str, &[u8]), ProtocolError> {
-    let (portal, rest) = cstr(body, "Bind")?;
-    let (statement, rest) = cstr(rest, "Bind")?;
-    Ok((portal, statement, rest))
-}
-
-pub(super) fn read_target(body: &[u8]) -> Result<(u8, &str), ProtocolError> {
-    let (&kind, rest) = body.split_first().ok_or_else(|| malformed("Describe/Close"))?;
-    let (name, _) = cstr(rest, "Describe/Close")?;
-    Ok((kind, name))
-}
-
-pub(super) fn put_cstr(out: &mut BytesMut, s: &str) {
-    out.extend_from_slice(s.as_bytes());
-    out.put_u8(0);
-}
+use crate::protocol::fields::put_cstr;
 
 pub(super) fn write_parse(out: &mut BytesMut, name: &str, query: &str, types: &[u8]) {
     let len = 4 + name.len() + 1 + query.len() + 1 + 2 + types.len();

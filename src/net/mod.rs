@@ -11,12 +11,14 @@ use std::io;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
+
+mod framed;
+pub use framed::{Framed, ReadError, Stream, GOODBYE_DEADLINE};
 
 pub enum Socket {
     Tcp(TcpStream),
@@ -380,46 +382,6 @@ impl AsyncWrite for Socket {
             Socket::Moving => Poll::Ready(Err(moving())),
         }
     }
-}
-
-/// How long pgcorral tries to deliver its last words (an error, a goodbye) to a peer it is
-/// disconnecting: a client that reads nothing must not keep its task and buffers alive.
-pub const GOODBYE_DEADLINE: Duration = Duration::from_secs(2);
-
-/// Reads are made in chunks of this size into growable buffers.
-const READ_CHUNK: usize = 8 * 1024;
-
-/// Writes as much of `buf` as the socket takes now; Ready(Ok) once it is empty. An emptied
-/// buffer lets go of its memory (usually a slice of a read buffer): idle clients hold none.
-pub fn poll_flush_buf(socket: &mut Socket, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-    if buf.is_empty() {
-        return Poll::Ready(Ok(()));
-    }
-    while !buf.is_empty() {
-        match ready!(Pin::new(&mut *socket).poll_write(cx, buf)) {
-            Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-            Ok(n) => buf.advance(n),
-            Err(e) => return Poll::Ready(Err(e)),
-        }
-    }
-    *buf = BytesMut::new();
-    Poll::Ready(Ok(()))
-}
-
-/// Reads what is available. An empty buffer is only allocated once the socket is readable, so
-/// that thousands of idle clients hold no read buffers.
-pub fn poll_read_some(
-    socket: &mut Socket,
-    buf: &mut BytesMut,
-    cx: &mut Context<'_>,
-) -> Poll<io::Result<usize>> {
-    if buf.capacity() == 0 {
-        ready!(socket.poll_read_ready(cx))?;
-    }
-    if buf.capacity() - buf.len() < READ_CHUNK / 2 {
-        buf.reserve(READ_CHUNK);
-    }
-    tokio_util::io::poll_read_buf(Pin::new(socket), cx, buf)
 }
 
 #[cfg(test)]
