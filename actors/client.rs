@@ -266,7 +266,7 @@ impl Session {
             ClientLogin {
                 database: login.database.clone(),
                 user: login.user.clone(),
-                pool: Some(login.pool.clone()),
+                pool: Some(login.member.pool().clone()),
             },
             application_name.map_or("", |(_, v)| v.as_str()),
         );
@@ -275,10 +275,11 @@ impl Session {
         let (process_id, secret_key) = self.shared.register_cancel_key(self.me.clone());
         self.process_id.set(Some(process_id));
         let config = self.shared.config();
-        let router = local_router(&login.pool);
+        let router = local_router(login.member.pool());
+        let pool = login.member.pool().clone();
         let mut relay = Relay::new(
             wire.conn,
-            login.pool.clone(),
+            login.member,
             router,
             TrackedParams::default(),
             self.cancel.clone(),
@@ -298,7 +299,7 @@ impl Session {
             }
         };
         let (reported, tracked) = TrackedParams::for_new_client(&welcome, &login.startup);
-        let tracked = tracked.share(&login.pool.shared_params);
+        let tracked = tracked.share(&pool.shared_params);
         let mut hello = BytesMut::new();
         for (name, value) in &reported {
             backend::parameter_status(&mut hello, name, value);

@@ -7,16 +7,15 @@
 //! SQLSTATE PostgreSQL or PgBouncer would use.
 
 use std::io;
-use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
 
 use crate::actors::console::Role;
 use crate::actors::control::is_admin_database;
-use crate::actors::pool::PoolShared;
+use crate::actors::pool::PoolMember;
 use crate::actors::registry::Shared;
 use crate::auth::hba::{ConnKind, HbaMethod};
-use crate::auth::{md5_verify, verify_plaintext, ScramKeys, ScramServer, Secret};
+use crate::auth::{md5_verify, verify_plaintext, ScramKeys, ScramSecret, ScramServer, Secret};
 use crate::config::{AuthType, Config};
 use crate::net::{Framed, ReadError, Socket};
 use crate::protocol::backend;
@@ -82,7 +81,8 @@ pub struct Login {
     pub user: String,
     pub database: String,
     pub startup: Vec<(String, String)>,
-    pub pool: Arc<PoolShared>,
+    /// The client's place in its pool, taken once it authenticated.
+    pub member: PoolMember,
 }
 
 /// A client connection during its login: the framed socket, and what its TLS handshake
@@ -217,12 +217,15 @@ pub async fn accept(wire: &mut Wire, shared: &Shared, admitted: &mut bool) -> Re
         backend::authentication_ok(&mut wire.conn.outbox);
         return Ok(Accepted::Console { user, database, startup: params, role });
     }
-    let pool = shared.pool(&database, &user)?;
     let queried = match config.secret(&user) {
         Some(_) => None,
         None => shared.queried_secret(&config, &database, &user).await?,
     };
-    if let Some(keys) = authenticate(wire, &config, &user, &database, queried.as_deref()).await? {
+    let keys = authenticate(wire, &config, &user, &database, queried.as_deref()).await?;
+    // Only now is anything made for the client: a failed login leaves no pool behind.
+    let member = shared.pool(&database, &user)?;
+    let pool = member.pool();
+    if let Some(keys) = keys {
         pool.offer_scram_keys(&user, keys);
     }
     if let Some(secret) = queried {
@@ -236,7 +239,7 @@ pub async fn accept(wire: &mut Wire, shared: &Shared, admitted: &mut bool) -> Re
         .into());
     }
     backend::authentication_ok(&mut wire.conn.outbox);
-    Ok(Accepted::Login(Login { user, database, startup: settings, pool }))
+    Ok(Accepted::Login(Login { user, database, startup: settings, member }))
 }
 
 /// Who may use the console, as in PgBouncer: `admin_users` and `stats_users` after the usual
@@ -247,6 +250,14 @@ async fn console_login(wire: &mut Wire, config: &Config, user: &str) -> Result<R
     let peer_is_me = wire.conn.socket.peer_credentials().is_some_and(|(uid, _)| uid == own_uid);
     if user == "pgbouncer" && peer_is_me {
         return Ok(Role::Admin);
+    }
+    if config.general.auth_type == AuthType::Any {
+        // `any` checks no one, and the console has no user of its own to log in as instead.
+        return Err(PgError::fatal(
+            sqlstate::INVALID_AUTHORIZATION,
+            "the admin console is closed to auth_type = any logins, except user pgbouncer over the Unix socket as pgcorral's OS user",
+        )
+        .into());
     }
     authenticate(wire, config, user, "pgbouncer", None).await?;
     let general = &config.general;
@@ -299,6 +310,11 @@ fn startup_settings(params: &[(String, String)], config: &Config) -> Result<Vec<
 fn auth_failed(user: &str) -> LoginError {
     PgError::fatal(sqlstate::INVALID_PASSWORD, format!("password authentication failed for user \"{user}\""))
         .into()
+}
+
+/// PgBouncer's words for a failed SCRAM exchange, whoever the user was.
+fn sasl_failed() -> LoginError {
+    PgError::fatal(sqlstate::INVALID_PASSWORD, "SASL authentication failed").into()
 }
 
 fn refused(message: String) -> LoginError {
@@ -382,11 +398,21 @@ async fn authenticate(
     let stored = config.secret(user).or(queried).map(Secret::parse);
     let has_auth_file = config.general.auth_file.is_some();
     let known = stored.is_some();
-    let secret = stored.unwrap_or_else(|| Secret::Plain(decoy_password().to_string()));
+    let asks_scram = matches!(check, Check::Scram) || (matches!(check, Check::Md5) && config.mostly_scram);
+    let secret = match stored {
+        Some(secret) => secret,
+        None if asks_scram => Secret::Scram(ScramSecret::mock(user, config.general.scram_iterations)),
+        None => Secret::Plain(decoy_password().to_string()),
+    };
     let mut keys = None;
     let accepted = match check {
         Check::Any => true,
-        Check::Trust => known || !has_auth_file || config.general.auth_type == AuthType::Hba,
+        Check::Trust => {
+            if !(known || !has_auth_file || config.general.auth_type == AuthType::Hba) {
+                return Err(refused("\"trust\" authentication failed".into()));
+            }
+            true
+        }
         Check::Cert(map) => {
             let name = wire.tls.as_ref().and_then(|tls| tls.peer_common_name.clone());
             if !name.is_some_and(|cn| name_maps(config, &map, &cn, user)) {
@@ -411,7 +437,10 @@ async fn authenticate(
         Check::Md5 if matches!(secret, Secret::Scram(_)) => {
             let (ok, proved) = scram_exchange(wire, &secret, config.general.scram_iterations).await?;
             keys = proved;
-            known && ok
+            if !(known && ok) {
+                return Err(sasl_failed());
+            }
+            true
         }
         Check::Md5 => {
             let salt: [u8; 4] = rand::random();
@@ -428,7 +457,10 @@ async fn authenticate(
             }
             let (ok, proved) = scram_exchange(wire, &secret, config.general.scram_iterations).await?;
             keys = proved;
-            known && ok
+            if !(known && ok) {
+                return Err(sasl_failed());
+            }
+            true
         }
     };
     if accepted {

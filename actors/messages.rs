@@ -97,6 +97,11 @@ pub struct Adopt(pub DetachedLink);
 #[rtype(result = "()")]
 pub struct PermitFreed;
 
+/// The pool was freed (unused for its idle lifetime): its Pool actor and Routers stop.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PoolFreed;
+
 /// Another pool of the same database or user is refused by a shared limit: close one idle
 /// server to make room.
 #[derive(Message)]

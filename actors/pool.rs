@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use crate::actors::census::Census;
-use crate::actors::messages::{Grow, PermitFreed, ShedIdle};
+use crate::actors::messages::{Grow, PermitFreed, PoolFreed, ShedIdle};
 use crate::actors::router::Router;
 use crate::auth::{ScramKeys, Secret};
 use crate::config::PoolMode;
@@ -124,6 +124,14 @@ impl Limit {
         self.members.lock().unwrap().iter().filter_map(Weak::upgrade).collect()
     }
 
+    /// A freed pool is no longer counted here; true when no pool is left and nothing is
+    /// counted, so that the limit itself can go.
+    pub fn leave(&self, pool: &PoolShared) -> bool {
+        let mut members = self.members.lock().unwrap();
+        members.retain(|member| !std::ptr::eq(member.as_ptr(), pool) && member.strong_count() > 0);
+        members.is_empty() && self.count() == 0
+    }
+
     pub fn set_max(&self, max: usize) {
         self.max.store(max, Ordering::Relaxed);
     }
@@ -227,6 +235,10 @@ pub struct PoolShared {
     routers: Mutex<Vec<Option<Addr<Router>>>>,
     starving: Vec<AtomicBool>,
     hold: AtomicU8,
+    /// Since when the pool has had no client and no server (see [`PoolShared::unused_for`]).
+    unused_since: Mutex<Option<Instant>>,
+    /// Freed: no longer in the registry; whoever still holds it must look the pool up again.
+    retired: AtomicBool,
     /// Traffic counters, one slot per worker.
     pub stats: PoolStats,
     /// Where this pool's server connections are entered (the daemon's one census).
@@ -270,6 +282,8 @@ impl PoolShared {
             queried_secret: Mutex::new(None),
             stats: PoolStats::new(workers),
             hold: AtomicU8::new(Hold::None as u8),
+            unused_since: Mutex::new(None),
+            retired: AtomicBool::new(false),
             census,
         }
     }
@@ -334,6 +348,34 @@ impl PoolShared {
 
     pub fn client_count(&self) -> usize {
         self.clients.load(Ordering::Relaxed)
+    }
+
+    /// How long the pool has had no client and no server as of `now`; None while it has one.
+    /// Called by the registry's sweep, under its lock, which also covers new members.
+    pub fn unused_for(&self, now: Instant) -> Option<Duration> {
+        let mut since = self.unused_since.lock().unwrap();
+        if self.client_count() > 0 || self.server_count() > 0 {
+            *since = None;
+            return None;
+        }
+        Some(now.saturating_duration_since(*since.get_or_insert(now)))
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    /// Frees the pool: its Pool actor and its Routers stop. The registry has already removed it,
+    /// under the same lock that counts new members, so nobody joins it any more.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        let routers: Vec<_> = self.routers.lock().unwrap().iter_mut().filter_map(Option::take).collect();
+        for router in routers {
+            router.do_send(PoolFreed);
+        }
+        if let Some(actor) = self.lifecycle.lock().unwrap().take() {
+            actor.do_send(PoolFreed);
+        }
     }
 
     pub fn set_lifecycle(&self, actor: Addr<Pool>) {
@@ -559,8 +601,15 @@ fn needier_worker(
         .map(|(w, _)| w)
 }
 
-/// A logged-in client, counted in its pool's `client_count` until dropped.
+/// A logged-in client, counted in its pool's `client_count` until dropped. A pool with a
+/// member is never freed.
 pub struct PoolMember(Arc<PoolShared>);
+
+impl PoolMember {
+    pub fn pool(&self) -> &Arc<PoolShared> {
+        &self.0
+    }
+}
 
 impl Drop for PoolMember {
     fn drop(&mut self) {
@@ -605,6 +654,14 @@ impl Actor for Pool {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.run_interval(TICK, |pool, _| pool.keep_warm());
+    }
+}
+
+impl Handler<PoolFreed> for Pool {
+    type Result = ();
+
+    fn handle(&mut self, _: PoolFreed, ctx: &mut Context<Self>) {
+        ctx.stop();
     }
 }
 

@@ -6,7 +6,7 @@
 //! CancelRequest.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ use crate::actors::census::Census;
 use crate::actors::client::ClientSession;
 use crate::actors::control::Holds;
 use crate::actors::messages::CancelQuery;
-use crate::actors::pool::{Limit, Pool, PoolKey, PoolSettings, PoolShared};
+use crate::actors::pool::{Limit, Pool, PoolKey, PoolMember, PoolSettings, PoolShared};
 use crate::actors::supervisor::Supervisor;
 use crate::auth::auth_query::AuthQuery;
 use crate::auth::Secret;
@@ -45,7 +45,6 @@ pub struct Shared {
     clients_per_db: Mutex<HashMap<String, usize>>,
     clients_per_user: Mutex<HashMap<String, usize>>,
     cancel_keys: Mutex<HashMap<i32, CancelEntry>>,
-    next_process_id: AtomicI32,
     pub workers: usize,
     /// Every client and server connection alive, for the console and metrics.
     pub census: Arc<Census>,
@@ -81,7 +80,6 @@ impl Shared {
             clients_per_db: Mutex::new(HashMap::new()),
             clients_per_user: Mutex::new(HashMap::new()),
             cancel_keys: Mutex::new(HashMap::new()),
-            next_process_id: AtomicI32::new(1),
             workers,
             census: Arc::default(),
             home,
@@ -189,23 +187,30 @@ impl Shared {
         }
     }
 
-    /// The pool a client of `database` logging in as `user` uses, created on first use.
-    pub fn pool(&self, database: &str, user: &str) -> Result<Arc<PoolShared>, PgError> {
+    /// Joins an authenticated client of `database` logging in as `user` to its pool, which is
+    /// created on first use. Nothing is created for a client that has not authenticated.
+    pub fn pool(&self, database: &str, user: &str) -> Result<PoolMember, PgError> {
         let login = (database.to_string(), user.to_string());
-        if let Some(pool) = self.logins.lock().unwrap().get(&login) {
-            return Ok(pool.clone());
+        let cached = self.logins.lock().unwrap().get(&login).cloned();
+        if let Some(pool) = cached {
+            // Joined under the registry's lock: a pool is only freed, under the same lock,
+            // while it has no member.
+            let pools = self.pools.lock().unwrap();
+            if pools.get(&pool.key).is_some_and(|live| Arc::ptr_eq(live, &pool)) {
+                return Ok(pool.member());
+            }
         }
-        let pool = self.resolve_pool(database, user)?;
-        self.logins.lock().unwrap().insert(login, pool.clone());
-        Ok(pool)
+        let member = self.resolve_pool(database, user)?;
+        self.logins.lock().unwrap().insert(login, member.pool().clone());
+        Ok(member)
     }
 
-    fn resolve_pool(&self, database: &str, user: &str) -> Result<Arc<PoolShared>, PgError> {
+    fn resolve_pool(&self, database: &str, user: &str) -> Result<PoolMember, PgError> {
         let config = self.config();
         let (key, settings) = resolve(&config, database, user)?;
         let mut pools = self.pools.lock().unwrap();
         if let Some(pool) = pools.get(&key) {
-            return Ok(pool.clone());
+            return Ok(pool.member());
         }
         let db_limit = limit_for(&self.db_limits, &key.database, settings.max_db_connections);
         let user_limit = limit_for(&self.user_limits, &key.user, settings.max_user_connections);
@@ -222,7 +227,42 @@ impl Shared {
         pool.set_hold(self.holds.lock().unwrap().of(&key.database));
         self.start_lifecycle(&pool);
         pools.insert(key, pool.clone());
-        Ok(pool)
+        Ok(pool.member())
+    }
+
+    /// Frees every pool that has had no client and no server for its idle lifetime
+    /// (`autodb_idle_timeout`, `pool_idle_timeout`, or at once once a reload removed its
+    /// database), as PgBouncer does; returns how many. The Supervisor calls this every second.
+    pub fn free_unused_pools(&self) -> usize {
+        self.free_unused_pools_at(Instant::now())
+    }
+
+    fn free_unused_pools_at(&self, now: Instant) -> usize {
+        let config = self.config();
+        let mut freed = Vec::new();
+        self.pools.lock().unwrap().retain(|key, pool| {
+            let expired = match (pool.unused_for(now), config.pool_idle_lifetime(&key.database)) {
+                (Some(unused), Some(lifetime)) => unused >= lifetime,
+                _ => false,
+            };
+            if expired {
+                freed.push(pool.clone());
+            }
+            !expired
+        });
+        for pool in &freed {
+            self.logins.lock().unwrap().retain(|_, cached| !Arc::ptr_eq(cached, pool));
+            for (limits, name) in [(&self.db_limits, &pool.key.database), (&self.user_limits, &pool.key.user)]
+            {
+                let mut limits = limits.lock().unwrap();
+                if limits.get(name).is_some_and(|limit| limit.leave(pool)) {
+                    limits.remove(name);
+                }
+            }
+            pool.retire();
+            log::info!("pool {}: unused; freed", pool.key);
+        }
+        freed.len()
     }
 
     fn start_lifecycle(&self, pool: &Arc<PoolShared>) {
@@ -312,8 +352,9 @@ impl Shared {
     pub fn register_cancel_key(&self, client: Addr<ClientSession>) -> (i32, i32) {
         let secret_key: i32 = rand::random();
         let mut keys = self.cancel_keys.lock().unwrap();
+        // Random, as the secret is: a sequence would tell every client how many came before.
         let process_id = loop {
-            let id = self.next_process_id.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff;
+            let id = rand::random::<i32>() & 0x7fff_ffff;
             if id != 0 && !keys.contains_key(&id) {
                 break id;
             }
@@ -436,14 +477,65 @@ pub fn resolve(config: &Config, database: &str, user: &str) -> Result<(PoolKey, 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::actors::router::local_router;
     use std::path::Path;
     use std::time::Duration;
 
     /// A Shared with one database `d` (nothing listens at its address: no server is opened).
     pub(crate) fn shared_with_one_database() -> Shared {
-        let ini = "[databases]\nd = host=127.0.0.1 port=1 dbname=d\n[pgbouncer]\nauth_type = trust\n";
-        let (config, _) = Config::parse_str(ini, Path::new("test.ini")).expect("test config");
+        shared_with("")
+    }
+
+    fn shared_with(general: &str) -> Shared {
+        let ini = format!(
+            "[databases]\nd = host=127.0.0.1 port=1 dbname=d\n[pgbouncer]\nauth_type = trust\n{general}\n"
+        );
+        let (config, _) = Config::parse_str(&ini, Path::new("test.ini")).expect("test config");
         Shared::new(config, 1, Arbiter::current())
+    }
+
+    #[test]
+    fn an_unused_pool_is_freed_after_its_idle_lifetime_and_one_in_use_never() {
+        System::new().block_on(async {
+            let shared = shared_with("pool_idle_timeout = 10");
+            let start = Instant::now();
+            let member = shared.pool("d", "u").expect("pool");
+            let pool = member.pool().clone();
+            let old_router = local_router(&pool);
+            assert_eq!(shared.free_unused_pools_at(start + Duration::from_secs(100)), 0, "a member keeps it");
+            drop(member);
+            let after = Instant::now();
+            assert_eq!(shared.free_unused_pools_at(after), 0, "unused from now on");
+            assert_eq!(shared.free_unused_pools_at(after + Duration::from_secs(9)), 0);
+            assert_eq!(shared.free_unused_pools_at(after + Duration::from_secs(10)), 1);
+            assert!(shared.all_pools().is_empty());
+            assert!(pool.is_retired());
+            until(|| !pool.lifecycle_alive() && pool.all_routers().is_empty()).await;
+            until(|| Arc::strong_count(&pool) == 1).await;
+            assert!(
+                shared.db_limits.lock().unwrap().is_empty() && shared.user_limits.lock().unwrap().is_empty()
+            );
+
+            // The next login gets a new pool, with a new router on this worker.
+            let again = shared.pool("d", "u").expect("pool");
+            assert!(!Arc::ptr_eq(again.pool(), &pool));
+            assert!(!old_router.connected());
+            assert_ne!(local_router(again.pool()), old_router);
+        });
+    }
+
+    #[test]
+    fn without_an_idle_lifetime_a_pool_stays_and_a_removed_database_frees_at_once() {
+        System::new().block_on(async {
+            let shared = shared_with("");
+            drop(shared.pool("d", "u").expect("pool"));
+            let later = Instant::now() + Duration::from_secs(1_000_000);
+            shared.free_unused_pools_at(Instant::now());
+            assert_eq!(shared.free_unused_pools_at(later), 0, "pool_idle_timeout = 0 keeps pools");
+            let ini = "[databases]\nother = host=127.0.0.1 port=1\n[pgbouncer]\nauth_type = trust\n";
+            shared.set_config(Config::parse_str(ini, Path::new("test.ini")).expect("config").0);
+            assert_eq!(shared.free_unused_pools_at(later), 1, "its database is gone");
+        });
     }
 
     /// Test-only: makes the actor panic inside a handler, as a bug would.
@@ -472,7 +564,8 @@ pub(crate) mod tests {
     fn a_pool_actor_that_panicked_is_replaced() {
         System::new().block_on(async {
             let shared = shared_with_one_database();
-            let pool = shared.pool("d", "u").expect("pool");
+            let member = shared.pool("d", "u").expect("pool");
+            let pool = member.pool();
             assert!(pool.lifecycle_alive());
             assert_eq!(shared.revive_pools(), 0, "nothing to revive while it lives");
             let actor = pool.lifecycle.lock().unwrap().clone().expect("started");

@@ -474,8 +474,25 @@ impl Actor for Router {
         ctx.run_interval(JANITOR_PERIOD, |router, _| router.janitor());
     }
 
-    fn stopped(&mut self, _: &mut Context<Self>) {
+    fn stopped(&mut self, ctx: &mut Context<Self>) {
         self.pool.set_starving(self.worker, false);
+        // A stopped router must not stay this worker's router for the pool: a retired pool's
+        // would keep the pool alive, and a new pool of the same name must get its own.
+        let me = ctx.address();
+        ROUTERS.with(|routers| {
+            let mut routers = routers.borrow_mut();
+            if routers.get(&self.pool.key).is_some_and(|r| *r == me) {
+                routers.remove(&self.pool.key);
+            }
+        });
+    }
+}
+
+impl Handler<PoolFreed> for Router {
+    type Result = ();
+
+    fn handle(&mut self, _: PoolFreed, ctx: &mut Context<Self>) {
+        ctx.stop();
     }
 }
 
@@ -638,17 +655,18 @@ mod tests {
     fn a_router_that_panicked_is_replaced_for_whoever_holds_it() {
         System::new().block_on(async {
             let shared = shared_with_one_database();
-            let pool = shared.pool("d", "u").expect("pool");
-            let mut held = local_router(&pool);
+            let member = shared.pool("d", "u").expect("pool");
+            let pool = member.pool();
+            let mut held = local_router(pool);
             pool.set_starving(0, true);
             assert!(held.send(Crash).await.is_err(), "the handler panicked");
             until(|| !held.connected()).await;
             assert!(pool.starving_router(1).is_none(), "a dead router is no longer offered servers");
-            let replacement = live_router(&mut held, &pool).clone();
+            let replacement = live_router(&mut held, pool).clone();
             assert!(replacement.connected());
             assert!(held.connected(), "the holder now holds the new router");
             assert_eq!(pool.router(0), Some(replacement.clone()), "other workers see the new one");
-            assert_eq!(local_router(&pool), replacement);
+            assert_eq!(local_router(pool), replacement);
         });
     }
 }

@@ -197,6 +197,7 @@ impl Actor for Supervisor {
         log::info!("pgcorral started with {} workers", self.workers.len());
         ctx.run_interval(WATCH_PERIOD, |supervisor, _| {
             supervisor.shared.revive_pools();
+            supervisor.shared.free_unused_pools();
         });
         self.stats_tick(ctx);
         if let Some(listener) = self.metrics.take() {

@@ -50,6 +50,23 @@ pub fn reopen(logfile: Option<&Path>) {
     *LOGFILE.lock().unwrap_or_else(|e| e.into_inner()) = file;
 }
 
+/// One record, one line: names a client chose (a user or database name before authentication,
+/// an application_name) may hold newlines or terminal escapes, and must not forge log lines.
+fn escape_controls(message: &str) -> std::borrow::Cow<'_, str> {
+    if !message.chars().any(char::is_control) {
+        return message.into();
+    }
+    let mut escaped = String::with_capacity(message.len() + 8);
+    for c in message.chars() {
+        if c.is_control() {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
+    }
+    escaped.into()
+}
+
 /// `-v` flags given on the command line, added to `verbose` whenever it changes.
 static CLI_VERBOSITY: AtomicU8 = AtomicU8::new(0);
 
@@ -84,10 +101,27 @@ pub fn init(verbose: u8, cli_verbosity: u8, quiet: bool, logfile: Option<&Path>)
         builder.parse_filters(&spec);
     }
     builder.target(env_logger::Target::Pipe(Box::new(Tee { stderr: !quiet })));
-    builder.format_timestamp_millis();
+    builder.format(|buf, record| {
+        let message = record.args().to_string();
+        let (time, level, target) = (buf.timestamp_millis(), record.level(), record.target());
+        writeln!(buf, "[{time} {level:<5} {target}] {}", escape_controls(&message))
+    });
     let _ = builder.try_init();
     if std::env::var_os("RUST_LOG").is_none() {
         log::set_max_level(level(verbosity));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_controls;
+
+    #[test]
+    fn control_characters_cannot_start_a_log_line() {
+        assert_eq!(escape_controls("user \"app\""), "user \"app\"");
+        assert_eq!(escape_controls("user \"a\nFATAL forged\""), "user \"a\\nFATAL forged\"");
+        assert_eq!(escape_controls("\r\u{1b}[31mred\t"), "\\r\\u{1b}[31mred\\t");
+        assert_eq!(escape_controls("naïve ünïcode"), "naïve ünïcode");
+    }
 }

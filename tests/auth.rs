@@ -86,7 +86,11 @@ async fn trust_admits_users_of_the_auth_file_only() {
     let pg = Postgres::shared();
     let pooler = Pooler::start(&ini(pg, "trust"), &userlist(pg));
     assert_eq!(login_error(&pooler, APP_USER, "", APP_DB).await, None);
-    assert_eq!(login_error(&pooler, "nobody", "", APP_DB).await, Some(SqlState::INVALID_PASSWORD));
+    // `"trust" authentication failed`, with PostgreSQL's SQLSTATE for a refused trust login.
+    assert_eq!(
+        login_error(&pooler, "nobody", "", APP_DB).await,
+        Some(SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
+    );
 }
 
 #[tokio::test]

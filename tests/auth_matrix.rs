@@ -174,7 +174,7 @@ fn channel_binding_with_psql() {
     assert_eq!(ok(psql(&bound, "SELECT current_user"), "channel binding"), "app_user");
     let wrong =
         psql(&conn(&pooler, APP_USER, "wrong", "sslmode=require channel_binding=require"), "SELECT 1");
-    assert!(stderr(&wrong).contains("password authentication failed"), "{}", stderr(&wrong));
+    assert!(stderr(&wrong).contains("SASL authentication failed"), "{}", stderr(&wrong));
     let plain =
         psql(&conn(&pooler, APP_USER, APP_PASSWORD, "sslmode=disable channel_binding=require"), "SELECT 1");
     assert!(!plain.status.success(), "no channel binding without TLS");
@@ -187,8 +187,19 @@ fn any_logs_in_as_the_databases_user() {
     let pg = Postgres::shared();
     let ini =
         pool_ini(pg, "app", "user=app_user", "transaction", "").replace("auth_type = md5", "auth_type = any");
+    let ini = ini.replace("[pgbouncer]", "[pgbouncer]\nadmin_users = app_user");
     let pooler = Pooler::start(&ini, &app_userlist());
     assert_eq!(ok(psql(&conn(&pooler, "whoever", "", ""), "SELECT current_user"), "any"), "app_user");
+    // The console has no user of its own: a name alone does not open it.
+    let console = psql(&conn(&pooler, "app_user", "", "dbname=pgbouncer"), "SHOW POOLS");
+    assert!(!console.status.success(), "any lets nobody into the console by name");
+    assert!(String::from_utf8_lossy(&console.stderr).contains("auth_type = any"), "{console:?}");
+
+    // A database with no user of its own cannot be served so: PgBouncer refuses such logins,
+    // pgcorral the configuration.
+    let open = ini.replace("[pgbouncer]", &format!("open = host=127.0.0.1 port={}\n[pgbouncer]", pg.port));
+    let refused = Pooler::start_result(&open, &app_userlist()).err().expect("the configuration is refused");
+    assert!(refused.contains("auth_type = any requires a forced user: database \"open\""), "{refused}");
 }
 
 /// `auth_user` + `auth_query` (per database here): a role created after pgcorral started logs

@@ -3,12 +3,12 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_postgres::{Client, SimpleQueryMessage};
 
+use support::console::show;
 use support::*;
 
 const ADMIN: &str = "admin";
@@ -29,48 +29,6 @@ fn start(pg: &Postgres, db: &str, params: &str, general: &str) -> Pooler {
 
 async fn admin(pooler: &Pooler) -> Client {
     pooler.connect(ADMIN, ADMIN_PASSWORD, "pgbouncer").await.expect("admin login")
-}
-
-/// A console answer: its column names and its rows as name -> value.
-struct Table {
-    columns: Vec<String>,
-    rows: Vec<HashMap<String, String>>,
-}
-
-impl Table {
-    fn row(&self, key: &str, value: &str) -> &HashMap<String, String> {
-        self.rows
-            .iter()
-            .find(|r| r[key] == value)
-            .unwrap_or_else(|| panic!("no row with {key} = {value} in {:?}", self.rows))
-    }
-
-    fn number(&self, key: &str, value: &str, column: &str) -> i64 {
-        self.row(key, value)[column].parse().expect("a number")
-    }
-}
-
-async fn show(client: &Client, command: &str) -> Table {
-    let messages = client.simple_query(command).await.unwrap_or_else(|e| panic!("{command}: {e:?}"));
-    let mut table = Table { columns: Vec::new(), rows: Vec::new() };
-    for message in messages {
-        match message {
-            SimpleQueryMessage::RowDescription(columns) => {
-                table.columns = columns.iter().map(|c| c.name().to_string()).collect();
-            }
-            SimpleQueryMessage::Row(row) => {
-                let values = row
-                    .columns()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| (c.name().to_string(), row.get(i).unwrap_or("").to_string()))
-                    .collect();
-                table.rows.push(values);
-            }
-            _ => {}
-        }
-    }
-    table
 }
 
 fn sql_error(result: Result<Vec<SimpleQueryMessage>, tokio_postgres::Error>) -> (String, String) {

@@ -164,7 +164,7 @@ impl Relay {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         client: Framed,
-        pool: Arc<PoolShared>,
+        member: PoolMember,
         router: Addr<Router>,
         params: TrackedParams,
         cancel: Rc<CancelState>,
@@ -172,9 +172,9 @@ impl Relay {
         max_packet: usize,
         entry: Arc<ClientEntry>,
     ) -> Relay {
+        let pool = member.pool().clone();
         let settings = (usize::MAX, pool.settings());
         let mode = settings.1.pool_mode;
-        let member = pool.member();
         Relay {
             client,
             lease: None,

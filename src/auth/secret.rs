@@ -53,6 +53,9 @@ fn is_md5_secret(s: &str) -> bool {
     s.len() == 35 && s.starts_with("md5") && s[3..].bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
+/// PostgreSQL's salt length (`SCRAM_DEFAULT_SALT_LEN`).
+const MOCK_SALT_BYTES: usize = 16;
+
 impl ScramSecret {
     /// Derives the verifier PostgreSQL would store for `password`.
     ///
@@ -70,6 +73,22 @@ impl ScramSecret {
             salt: salt.to_vec(),
             stored_key: Sha256::digest(client_key).into(),
             server_key: hmac_sha256(&salted, b"Server Key"),
+        }
+    }
+
+    /// The verifier an unknown user is checked against, as PostgreSQL's mock authentication:
+    /// its salt comes from the name and a key drawn once per process, so that one name always
+    /// meets the same salt and two names different ones, as real users do. No password matches
+    /// its keys, and checking it costs what checking a stored verifier costs.
+    pub fn mock(user: &str, iterations: u32) -> ScramSecret {
+        static KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+        let key = KEY.get_or_init(rand::random);
+        let derive = |what: &[u8]| hmac_sha256(key, &[what, b"\0", user.as_bytes()].concat());
+        ScramSecret {
+            iterations,
+            salt: derive(b"salt")[..MOCK_SALT_BYTES].to_vec(),
+            stored_key: derive(b"stored key"),
+            server_key: derive(b"server key"),
         }
     }
 
@@ -167,6 +186,17 @@ pub(crate) fn salted_password(password: &[u8], salt: &[u8], iterations: u32) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mock_verifier_has_a_salt_of_its_own_per_name_and_matches_no_password() {
+        let ghost = ScramSecret::mock("ghost", 4096);
+        assert!(ghost == ScramSecret::mock("ghost", 4096), "one name, one salt, like a real user");
+        assert!(ghost.salt != ScramSecret::mock("phantom", 4096).salt, "two names, two salts");
+        assert_eq!((ghost.salt.len(), ghost.iterations), (16, 4096));
+        for password in ["", "ghost", "password", "\0"] {
+            assert!(!crate::auth::verify_plaintext(&Secret::Scram(ghost.clone()), "ghost", password));
+        }
+    }
 
     // Taken from a PostgreSQL 15 server after
     // CREATE ROLE scramuser LOGIN PASSWORD 'pencil'.

@@ -128,7 +128,7 @@ fn assemble(
     };
 
     let mut warnings: Vec<ConfigWarning> = general_warnings.into_iter().map(|(_, w)| w).collect();
-    let databases = databases
+    let databases: Vec<DatabaseEntry> = databases
         .into_iter()
         .map(|(_, (db, db_warnings))| {
             warnings.extend(db_warnings);
@@ -156,12 +156,39 @@ fn assemble(
         }
         None => None,
     };
+    if general.auth_type == AuthType::Any {
+        // `any` ignores the client's user name: only a database that logs in as a user of its
+        // own may be reached so, or anyone would get any role PostgreSQL lets pgcorral use.
+        let unforced = databases.iter().find(|db: &&DatabaseEntry| db.user.is_none());
+        if let Some(db) = unforced {
+            return Err(ConfigError::Syntax {
+                file: path.display().to_string(),
+                line: 0,
+                message: format!(
+                    "auth_type = any requires a forced user: database \"{}\" has no user=",
+                    db.name
+                ),
+            });
+        }
+    }
     let ident = match &general.auth_ident_file {
         Some(file) => Some(std::sync::Arc::new(crate::auth::hba::IdentMap::load(file)?)),
         None => None,
     };
-    let config =
-        Config { path: path.to_path_buf(), general, written, databases, users, userlist, tls, hba, ident };
+    let scram_secrets = userlist.iter().filter(|(_, secret)| secret.starts_with("SCRAM-SHA-256$")).count();
+    let mostly_scram = scram_secrets * 2 > userlist.len();
+    let config = Config {
+        path: path.to_path_buf(),
+        general,
+        written,
+        databases,
+        users,
+        userlist,
+        mostly_scram,
+        tls,
+        hba,
+        ident,
+    };
     Ok((config, warnings))
 }
 
@@ -431,6 +458,10 @@ batch = pool_mode=session max_user_connections=5
              supported: trust, plain, md5, scram-sha-256, cert, hba, any"
         );
         assert!(err("[pgbouncer]\nauth_type = hba\n").ends_with("auth_type = hba needs auth_hba_file"));
+        let any = "[pgbouncer]\nauth_type = any\n[databases]\nforced = host=h user=app\n";
+        assert!(parse(any).is_ok(), "every database logs in as its own user");
+        assert!(err(&format!("{any}open = host=h\n"))
+            .ends_with("auth_type = any requires a forced user: database \"open\" has no user="));
     }
 
     #[test]

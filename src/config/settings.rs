@@ -90,6 +90,11 @@ pub struct General {
     pub server_lifetime: Duration,
     /// A server idle longer than this is closed (0 = never).
     pub server_idle_timeout: Duration,
+    /// A pool of a database reached through `*` is freed after this long with no client and
+    /// no server (0 = never).
+    pub autodb_idle_timeout: Duration,
+    /// Any pool is freed after this long with no client and no server (0 = never).
+    pub pool_idle_timeout: Duration,
     /// Connecting and logging in to PostgreSQL must finish within this.
     pub server_connect_timeout: Duration,
     /// A client must finish logging in within this (0 = no limit).
@@ -188,6 +193,8 @@ impl Default for General {
             query_wait_timeout: Duration::from_secs(120),
             server_lifetime: Duration::from_secs(3600),
             server_idle_timeout: Duration::from_secs(600),
+            autodb_idle_timeout: Duration::from_secs(3600),
+            pool_idle_timeout: Duration::ZERO,
             server_connect_timeout: Duration::from_secs(15),
             client_login_timeout: Duration::from_secs(60),
             server_login_retry: Duration::from_secs(15),
@@ -308,6 +315,10 @@ pub struct Config {
     pub users: Vec<UserEntry>,
     /// `(user, secret)` pairs from `auth_file`; empty without one.
     pub userlist: Vec<(String, String)>,
+    /// Most `auth_file` secrets are SCRAM verifiers. With `auth_type = md5` a user with one is
+    /// asked for SCRAM, so an unknown user is asked the way most users are: the question does
+    /// not tell who exists.
+    pub mostly_scram: bool,
     /// TLS contexts built from `client_tls_*` and `server_tls_*`.
     pub tls: crate::tls::TlsContexts,
     /// `auth_hba_file`, parsed; None without one.
@@ -323,6 +334,24 @@ impl Config {
             .iter()
             .find(|db| db.name == name)
             .or_else(|| self.databases.iter().find(|db| db.name == "*"))
+    }
+
+    /// Whether `name` reaches its server through the `*` entry rather than one of its own.
+    pub fn is_autodb(&self, name: &str) -> bool {
+        !self.databases.iter().any(|db| db.name == name) && self.databases.iter().any(|db| db.name == "*")
+    }
+
+    /// How long a pool of `database` may stay without clients and servers before it is freed:
+    /// `autodb_idle_timeout` for a database reached through `*`, else `pool_idle_timeout`; at
+    /// once for a database a reload removed. None: kept.
+    pub fn pool_idle_lifetime(&self, database: &str) -> Option<Duration> {
+        let general = &self.general;
+        let lifetime = match self.database(database) {
+            None => return Some(Duration::ZERO),
+            Some(_) if self.is_autodb(database) => general.autodb_idle_timeout,
+            Some(_) => general.pool_idle_timeout,
+        };
+        (!lifetime.is_zero()).then_some(lifetime)
     }
 
     /// The `[users]` entry for `name`, if any.
@@ -341,6 +370,10 @@ pub const DEFAULT_AUTH_QUERY: &str =
     "SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END \
      FROM pg_authid WHERE rolname=$1 AND rolcanlogin";
 
+/// The longest time any key may be set to: a century, far beyond any useful timeout and far
+/// below what would overflow a clock reading plus it.
+pub const MAX_SECONDS: u64 = 100 * 365 * 24 * 3600;
+
 /// The message of every "accepted but ignored" warning.
 pub const NOT_IMPLEMENTED: &str = "not implemented yet by pgcorral; ignored";
 
@@ -348,7 +381,6 @@ pub const NOT_IMPLEMENTED: &str = "not implemented yet by pgcorral; ignored";
 /// pgcorral ignores.
 pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
     "auth_ldap_options",
-    "autodb_idle_timeout",
     "client_tls_dheparams",
     "client_tls_ecdhcurve",
     "conffile",
@@ -361,7 +393,6 @@ pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
     "login_notify_message",
     "peer_id",
     "pkt_buf",
-    "pool_idle_timeout",
     "resolv_conf",
     "sbuf_loopcnt",
     "service_name",
@@ -442,6 +473,8 @@ const PGBOUNCER_IMPLEMENTED: &[&str] = &[
     "query_wait_timeout",
     "server_connect_timeout",
     "server_idle_timeout",
+    "autodb_idle_timeout",
+    "pool_idle_timeout",
     "server_lifetime",
     "auth_file",
     "auth_type",
@@ -572,15 +605,17 @@ impl Setting<'_> {
         }
     }
 
+    /// A time in seconds, at most [`MAX_SECONDS`]: every timeout is added to the clock, and no
+    /// configured value may make that overflow.
     fn seconds(&self) -> Result<Duration, ConfigError> {
         self.value
             .parse::<f64>()
             .ok()
-            .filter(|secs| secs.is_finite())
+            .filter(|secs| secs.is_finite() && *secs <= MAX_SECONDS as f64)
             .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
             .ok_or_else(|| {
                 self.invalid(format!(
-                    "expected a non-negative number of seconds such as 5 or 0.5, got {:?}",
+                    "expected a non-negative number of seconds up to {MAX_SECONDS} (a century) such as 5 or 0.5, got {:?}",
                     self.value
                 ))
             })
@@ -735,6 +770,8 @@ pub(crate) fn apply_general(
         "query_wait_timeout" => general.query_wait_timeout = s.seconds()?,
         "server_lifetime" => general.server_lifetime = s.seconds()?,
         "server_idle_timeout" => general.server_idle_timeout = s.seconds()?,
+        "autodb_idle_timeout" => general.autodb_idle_timeout = s.seconds()?,
+        "pool_idle_timeout" => general.pool_idle_timeout = s.seconds()?,
         "server_connect_timeout" => general.server_connect_timeout = s.seconds()?,
         "client_login_timeout" => general.client_login_timeout = s.seconds()?,
         "server_login_retry" => general.server_login_retry = s.seconds()?,
@@ -1221,6 +1258,13 @@ mod tests {
         assert_eq!(user.reserve_pool_size, Some(2));
         let err = parse_user(&line("b", "query_timeout=soon")).unwrap_err().to_string();
         assert!(err.contains("b: query_timeout: expected a non-negative number of seconds"), "{err}");
+        // Every timeout is added to the clock: none may overflow it.
+        for huge in ["1e30", "18446744073709551615", "3155760001"] {
+            let err = parse_user(&line("b", &format!("query_timeout={huge}"))).unwrap_err().to_string();
+            assert!(err.contains("up to 3153600000 (a century)"), "{huge}: {err}");
+        }
+        let (century, _) = parse_user(&line("b", "query_timeout=3153600000")).unwrap();
+        assert_eq!(century.query_timeout, Some(Duration::from_secs(MAX_SECONDS)));
         let err = parse_user(&line("b", "host=x")).unwrap_err().to_string();
         assert!(err.contains("unknown parameter \"host\" in the settings of user \"b\""), "{err}");
         let err = parse_user(&line("b", "pool_mode=transactional")).unwrap_err().to_string();

@@ -7,6 +7,7 @@
 #![allow(dead_code, unused_imports)]
 
 mod certs;
+pub mod console;
 mod java;
 mod node;
 mod pooler;

@@ -66,6 +66,17 @@ impl Msg {
 }
 
 impl RawClient {
+    /// Sends only the startup packet: the test speaks the authentication exchange itself.
+    pub fn start(port: u16, user: &str, db: &str) -> RawClient {
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to pgcorral");
+        stream.set_read_timeout(Some(ANSWER_DEADLINE)).unwrap();
+        let mut client = RawClient { stream };
+        let mut buf = BytesMut::new();
+        frontend::startup_message([("user", user), ("database", db)], &mut buf).unwrap();
+        client.send(&buf);
+        client
+    }
+
     /// Logs in with a cleartext or trust exchange (the pooler under test uses `auth_type =
     /// plain` or `trust`) and reads up to the first ReadyForQuery.
     pub fn connect(port: u16, user: &str, password: &str, db: &str) -> RawClient {

@@ -1,0 +1,104 @@
+//! What a client learns before it has authenticated: nothing about who exists. Unknown users
+//! meet a SCRAM salt of their own, are asked the question most users are asked, and fail with
+//! the same words as a real user with a wrong password.
+
+mod support;
+
+use bytes::BytesMut;
+use postgres_protocol::message::frontend;
+
+use support::wire::RawClient;
+use support::*;
+
+/// A verifier as PostgreSQL 15 stores it (`CREATE ROLE .. PASSWORD 'pencil'`).
+const SCRAM_VERIFIER: &str = "SCRAM-SHA-256$4096:Qu4lWJWlYv65whAr632IHQ==$1mAOiZyjrdwY4d7yIBpmSZjyOqSJ4xLO42yIhzgiUec=:1gxad9pgpktwG6KijZI8BjLmUbBDwug9mPsnytIqJhA=";
+
+/// What pgcorral first asks of `user`: the authentication request code (5 md5, 10 SASL) and,
+/// for SASL, the salt its server-first message offers.
+fn first_question(pooler: &Pooler, user: &str) -> (i32, Option<String>) {
+    let mut client = RawClient::start(pooler.port, user, "app");
+    let request = client.read();
+    assert_eq!(request.tag, b'R', "{request:?}");
+    let code = i32::from_be_bytes(request.body[..4].try_into().unwrap());
+    if code != 10 {
+        return (code, None);
+    }
+    let mut buf = BytesMut::new();
+    frontend::sasl_initial_response("SCRAM-SHA-256", b"n,,n=,r=rOprNGfwEbeRWgbNEkqO", &mut buf).unwrap();
+    client.send(&buf);
+    let server_first = client.read();
+    assert_eq!(&server_first.body[..4], &11i32.to_be_bytes(), "{server_first:?}");
+    let text = String::from_utf8(server_first.body[4..].to_vec()).unwrap();
+    let salt = text.split(',').find_map(|part| part.strip_prefix("s=")).map(str::to_string);
+    (code, salt)
+}
+
+fn refusal(pooler: &Pooler, user: &str, password: &str) -> (String, String) {
+    let out = pooler.psql(user, password, "app", "SELECT 1");
+    assert!(!out.status.success(), "{user} got in");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let message =
+        stderr.lines().find_map(|l| l.split("FATAL:  ").nth(1)).unwrap_or(&stderr).trim().to_string();
+    (message, stderr)
+}
+
+#[test]
+fn unknown_users_meet_salts_of_their_own_and_fail_like_real_ones() {
+    let pg = Postgres::shared();
+    let ini =
+        pool_ini(pg, "app", "", "transaction", "").replace("auth_type = md5", "auth_type = scram-sha-256");
+    let pooler = Pooler::start(&ini, &app_userlist());
+
+    let (code, ghost) = first_question(&pooler, "ghost");
+    assert_eq!(code, 10);
+    let ghost = ghost.expect("a salt");
+    assert_eq!(
+        first_question(&pooler, "ghost").1.as_ref(),
+        Some(&ghost),
+        "one name, one salt, like a real user"
+    );
+    let phantom = first_question(&pooler, "phantom").1.expect("a salt");
+    let real = first_question(&pooler, APP_USER).1.expect("a salt");
+    assert_ne!(ghost, phantom, "two unknown names, two salts");
+    assert_ne!(ghost, real);
+    assert_eq!(first_question(&pooler, APP_USER).1, Some(real), "a real user's salt is stable too");
+
+    // The same words whether or not the user exists.
+    let (unknown, _) = refusal(&pooler, "ghost", "guess");
+    let (known, stderr) = refusal(&pooler, APP_USER, "guess");
+    assert_eq!(unknown, "SASL authentication failed", "{stderr}");
+    assert_eq!(known, unknown);
+}
+
+#[test]
+fn in_md5_mode_an_unknown_user_is_asked_what_most_users_are_asked() {
+    let pg = Postgres::shared();
+    let ini = pool_ini(pg, "app", "", "transaction", "");
+    // Mostly plain secrets: md5 for everyone but the user whose secret is SCRAM.
+    let userlist = app_userlist()
+        + &Pooler::userlist_line("plain_two", "pw")
+        + &Pooler::userlist_line("s1", SCRAM_VERIFIER);
+    let pooler = Pooler::start(&ini, &userlist);
+    assert_eq!(first_question(&pooler, APP_USER).0, 5);
+    assert_eq!(first_question(&pooler, "nobody").0, 5, "like most users");
+    assert_eq!(first_question(&pooler, "s1").0, 10, "a SCRAM secret can only be checked with SCRAM");
+
+    // Mostly SCRAM verifiers: an unknown user is asked for SCRAM, as they are.
+    let userlist = app_userlist()
+        + &Pooler::userlist_line("s1", SCRAM_VERIFIER)
+        + &Pooler::userlist_line("s2", SCRAM_VERIFIER);
+    let pooler = Pooler::start(&ini, &userlist);
+    assert_eq!(first_question(&pooler, "s2").0, 10);
+    assert_eq!(first_question(&pooler, "nobody").0, 10, "like most users");
+    assert_eq!(first_question(&pooler, APP_USER).0, 5);
+}
+
+#[test]
+fn trust_refuses_an_unknown_user_in_pgbouncers_words() {
+    let pg = Postgres::shared();
+    let ini = pool_ini(pg, "app", "", "transaction", "").replace("auth_type = md5", "auth_type = trust");
+    let pooler = Pooler::start(&ini, &app_userlist());
+    assert!(pooler.psql(APP_USER, "", "app", "SELECT 1").status.success());
+    let (message, stderr) = refusal(&pooler, "ghost", "");
+    assert_eq!(message, "\"trust\" authentication failed", "{stderr}");
+}
