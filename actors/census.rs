@@ -7,9 +7,10 @@
 //! linked to, when it last asked for something), which readers on other threads may see a
 //! moment late: good enough for monitoring, and free for the data path.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use actix::Addr;
@@ -142,7 +143,7 @@ impl ClientEntry {
     }
 
     pub fn logged_in(&self, login: ClientLogin, application_name: &str) {
-        *self.application_name.lock().unwrap() = application_name.to_string();
+        *self.application_name.lock() = application_name.to_string();
         let _ = self.login.set(login);
         self.state.store(ClientState::Active as u8, Ordering::Relaxed);
     }
@@ -186,11 +187,11 @@ impl ClientEntry {
     }
 
     pub fn application_name(&self) -> String {
-        self.application_name.lock().unwrap().clone()
+        self.application_name.lock().clone()
     }
 
     pub fn set_application_name(&self, name: &str) {
-        *self.application_name.lock().unwrap() = name.to_string();
+        *self.application_name.lock() = name.to_string();
     }
 
     pub fn cancel_sent(&self) {
@@ -241,7 +242,7 @@ impl ServerEntry {
         let _ = self.tls.set(tls);
         let _ = self.endpoints.set((remote, local));
         self.remote_pid.store(process_id, Ordering::Relaxed);
-        *self.application_name.lock().unwrap() = application_name.to_string();
+        *self.application_name.lock() = application_name.to_string();
     }
 
     fn set(&self, state: ServerState, client: u64, stamp: u64) {
@@ -288,7 +289,7 @@ impl ServerEntry {
     }
 
     pub fn application_name(&self) -> String {
-        self.application_name.lock().unwrap().clone()
+        self.application_name.lock().clone()
     }
 
     /// The TLS protocol and cipher, empty for plaintext.
@@ -305,7 +306,15 @@ impl ServerEntry {
     }
 
     pub fn set_application_name(&self, name: &str) {
-        *self.application_name.lock().unwrap() = name.to_string();
+        *self.application_name.lock() = name.to_string();
+    }
+}
+
+impl Census {
+    /// Holds the census's client table: for fault-injection tests only.
+    #[cfg(debug_assertions)]
+    pub(crate) fn snapshot_lock(&self) -> parking_lot::MutexGuard<'_, HashMap<u64, Arc<ClientEntry>>> {
+        self.clients.lock()
     }
 }
 
@@ -356,12 +365,12 @@ impl Census {
             tls: OnceLock::new(),
             prepared: AtomicU32::new(0),
         });
-        self.clients.lock().unwrap().insert(entry.id, entry.clone());
+        self.clients.lock().insert(entry.id, entry.clone());
         entry
     }
 
     pub fn leave_client(&self, id: u64) {
-        self.clients.lock().unwrap().remove(&id);
+        self.clients.lock().remove(&id);
     }
 
     pub fn enter_server(&self, pool: Arc<PoolShared>, generation: usize) -> Arc<ServerEntry> {
@@ -379,30 +388,30 @@ impl Census {
             tls: OnceLock::new(),
             prepared: AtomicU32::new(0),
         });
-        self.servers.lock().unwrap().insert(entry.id, entry.clone());
+        self.servers.lock().insert(entry.id, entry.clone());
         entry
     }
 
     pub fn leave_server(&self, id: u64) {
-        self.servers.lock().unwrap().remove(&id);
+        self.servers.lock().remove(&id);
     }
 
     /// Every client now, in connection order.
     pub fn clients(&self) -> Vec<Arc<ClientEntry>> {
-        let mut clients: Vec<_> = self.clients.lock().unwrap().values().cloned().collect();
+        let mut clients: Vec<_> = self.clients.lock().values().cloned().collect();
         clients.sort_by_key(|c| c.id);
         clients
     }
 
     /// Every server connection now, in connection order.
     pub fn servers(&self) -> Vec<Arc<ServerEntry>> {
-        let mut servers: Vec<_> = self.servers.lock().unwrap().values().cloned().collect();
+        let mut servers: Vec<_> = self.servers.lock().values().cloned().collect();
         servers.sort_by_key(|s| s.id);
         servers
     }
 
     pub fn client(&self, id: u64) -> Option<Arc<ClientEntry>> {
-        self.clients.lock().unwrap().get(&id).cloned()
+        self.clients.lock().get(&id).cloned()
     }
 }
 

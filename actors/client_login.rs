@@ -205,6 +205,11 @@ pub async fn accept(wire: &mut Wire, shared: &Shared, admitted: &mut bool) -> Re
         .into());
     }
     *admitted = true;
+    // Debug builds only (what the tests run): a bug's panic, on demand.
+    #[cfg(debug_assertions)]
+    if params.iter().any(|(name, _)| name == "pgcorral.test_panic") {
+        shared.panic_holding_locks();
+    }
     let config = shared.config();
     let param = |name: &str| params.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
     let user = param("user").filter(|u| !u.is_empty()).ok_or_else(|| {
@@ -231,7 +236,7 @@ pub async fn accept(wire: &mut Wire, shared: &Shared, admitted: &mut bool) -> Re
     if let Some(secret) = queried {
         pool.set_queried_secret(Secret::parse(&secret));
     }
-    if shared.holds.lock().unwrap().disabled(&database) {
+    if shared.holds.lock().disabled(&database) {
         return Err(PgError::fatal(
             sqlstate::PROTOCOL_VIOLATION,
             format!("database \"{database}\" is disabled"),

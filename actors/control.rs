@@ -79,7 +79,7 @@ fn pools_of(shared: &Shared, database: Option<&str>, verb: &str) -> Result<Vec<A
 }
 
 fn apply_holds(shared: &Shared, pools: &[Arc<PoolShared>]) {
-    let holds = shared.holds.lock().unwrap();
+    let holds = shared.holds.lock();
     for pool in pools {
         let hold = holds.of(&pool.key.database);
         let was = pool.hold();
@@ -110,7 +110,7 @@ async fn settle(shared: &Shared, pools: &[Arc<PoolShared>], busy: impl Fn(Server
 
 /// Records a pause of `database` (or of everything), refused while a global hold is on.
 fn pause_hold(shared: &Shared, database: Option<&str>) -> Result<(), PgError> {
-    let mut holds = shared.holds.lock().unwrap();
+    let mut holds = shared.holds.lock();
     if holds.global.is_some() {
         return Err(console_error("already suspended/paused"));
     }
@@ -136,7 +136,7 @@ pub async fn pause(shared: &Shared, database: Option<&str>) -> Result<(), PgErro
 
 /// A graceful shutdown's pause: like PAUSE, whatever was held before.
 pub fn hold_all_for_shutdown(shared: &Shared) {
-    shared.holds.lock().unwrap().global = Some(Hold::Paused);
+    shared.holds.lock().global = Some(Hold::Paused);
     apply_holds(shared, &shared.all_pools());
 }
 
@@ -144,7 +144,7 @@ pub fn hold_all_for_shutdown(shared: &Shared) {
 pub fn resume(shared: &Shared, database: Option<&str>) -> Result<(), PgError> {
     let pools = match database {
         None => {
-            let mut holds = shared.holds.lock().unwrap();
+            let mut holds = shared.holds.lock();
             if holds.global.is_none() && holds.per_database.is_empty() {
                 return Err(console_error("pooler is not paused/suspended"));
             }
@@ -154,7 +154,7 @@ pub fn resume(shared: &Shared, database: Option<&str>) -> Result<(), PgError> {
         }
         Some(db) => {
             let pools = pools_of(shared, Some(db), "resume")?;
-            let mut holds = shared.holds.lock().unwrap();
+            let mut holds = shared.holds.lock();
             if holds.per_database.remove(db).is_none() {
                 return Err(console_error(format!("database {db} is not paused")));
             }
@@ -169,7 +169,7 @@ pub fn resume(shared: &Shared, database: Option<&str>) -> Result<(), PgError> {
 /// SUSPEND: new transactions wait and servers stay open; returns once no server is lent.
 pub async fn suspend(shared: &Shared) -> Result<(), PgError> {
     {
-        let mut holds = shared.holds.lock().unwrap();
+        let mut holds = shared.holds.lock();
         if holds.global.is_some() {
             return Err(console_error("already suspended/paused"));
         }
@@ -215,7 +215,7 @@ pub fn kill_client(shared: &Shared, id: u64) -> Result<(), PgError> {
 pub fn disable(shared: &Shared, database: &str, disable: bool) -> Result<(), PgError> {
     let verb = if disable { "disable" } else { "enable" };
     pools_of(shared, Some(database), verb)?;
-    let mut holds = shared.holds.lock().unwrap();
+    let mut holds = shared.holds.lock();
     if disable {
         holds.disabled.insert(database.to_string());
     } else {

@@ -52,7 +52,7 @@ pub fn show(shared: &Shared, what: &str) -> Result<Shown, PgError> {
         "LISTS" => rows(show::lists(&lists(shared))),
         "MEM" => rows(show::mem(&mem(shared))),
         "STATE" => {
-            let (active, paused, suspended) = shared.holds.lock().unwrap().state();
+            let (active, paused, suspended) = shared.holds.lock().state();
             rows(show::state(active, paused, suspended))
         }
         other => match show::empty(other).or_else(|| show::fake_parameter(other)) {
@@ -245,7 +245,7 @@ fn server_counts(shared: &Shared) -> (HashMap<String, usize>, HashMap<String, us
 pub fn databases(shared: &Shared) -> Vec<DatabaseView> {
     let config = shared.config();
     let general = &config.general;
-    let holds = shared.holds.lock().unwrap();
+    let holds = shared.holds.lock();
     let (servers_per_db, _) = server_counts(shared);
     let mut names: BTreeSet<String> =
         config.databases.iter().map(|d| d.name.clone()).filter(|n| n != "*").collect();
@@ -333,7 +333,7 @@ pub fn totals_per_database(shared: &Shared) -> BTreeMap<String, Totals> {
 }
 
 pub fn stats(shared: &Shared) -> Vec<StatsView> {
-    let window = shared.stats_window.lock().unwrap();
+    let window = shared.stats_window.lock();
     totals_per_database(shared)
         .into_iter()
         .map(|(database, totals)| StatsView {
@@ -349,7 +349,7 @@ fn overall(shared: &Shared) -> StatsView {
     for totals in totals_per_database(shared).values() {
         all.add(totals);
     }
-    let averages = shared.stats_window.lock().unwrap().overall(&all);
+    let averages = shared.stats_window.lock().overall(&all);
     StatsView { database: String::new(), totals: all, averages }
 }
 

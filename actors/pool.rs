@@ -9,8 +9,9 @@
 //! The [`Pool`] actor owns the pool's lifecycle policy; it takes a periodic tick in which it keeps
 //! `min_pool_size` servers open by sending [`Grow`] to a router, while the pool has clients.
 
+use parking_lot::{Mutex, RwLock};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -117,17 +118,17 @@ impl Limit {
 
     /// Registers a pool as counted by this limit.
     pub fn join(&self, pool: &Arc<PoolShared>) {
-        self.members.lock().unwrap().push(Arc::downgrade(pool));
+        self.members.lock().push(Arc::downgrade(pool));
     }
 
     fn members(&self) -> Vec<Arc<PoolShared>> {
-        self.members.lock().unwrap().iter().filter_map(Weak::upgrade).collect()
+        self.members.lock().iter().filter_map(Weak::upgrade).collect()
     }
 
     /// A freed pool is no longer counted here; true when no pool is left and nothing is
     /// counted, so that the limit itself can go.
     pub fn leave(&self, pool: &PoolShared) -> bool {
-        let mut members = self.members.lock().unwrap();
+        let mut members = self.members.lock();
         members.retain(|member| !std::ptr::eq(member.as_ptr(), pool) && member.strong_count() > 0);
         members.is_empty() && self.count() == 0
     }
@@ -289,7 +290,7 @@ impl PoolShared {
     }
 
     pub fn settings(&self) -> Arc<PoolSettings> {
-        self.settings.read().unwrap().clone()
+        self.settings.read().clone()
     }
 
     /// Refreshes a held copy of the settings if they changed since it was taken.
@@ -310,7 +311,7 @@ impl PoolShared {
         self.servers.set_max(settings.pool_size);
         self.db_limit.set_max(settings.max_db_connections);
         self.user_limit.set_max(settings.max_user_connections);
-        *self.settings.write().unwrap() = Arc::new(settings);
+        *self.settings.write() = Arc::new(settings);
         self.settings_version.fetch_add(1, Ordering::Release);
         self.wake_starving();
     }
@@ -353,7 +354,7 @@ impl PoolShared {
     /// How long the pool has had no client and no server as of `now`; None while it has one.
     /// Called by the registry's sweep, under its lock, which also covers new members.
     pub fn unused_for(&self, now: Instant) -> Option<Duration> {
-        let mut since = self.unused_since.lock().unwrap();
+        let mut since = self.unused_since.lock();
         if self.client_count() > 0 || self.server_count() > 0 {
             *since = None;
             return None;
@@ -369,22 +370,22 @@ impl PoolShared {
     /// under the same lock that counts new members, so nobody joins it any more.
     pub fn retire(&self) {
         self.retired.store(true, Ordering::Release);
-        let routers: Vec<_> = self.routers.lock().unwrap().iter_mut().filter_map(Option::take).collect();
+        let routers: Vec<_> = self.routers.lock().iter_mut().filter_map(Option::take).collect();
         for router in routers {
             router.do_send(PoolFreed);
         }
-        if let Some(actor) = self.lifecycle.lock().unwrap().take() {
+        if let Some(actor) = self.lifecycle.lock().take() {
             actor.do_send(PoolFreed);
         }
     }
 
     pub fn set_lifecycle(&self, actor: Addr<Pool>) {
-        *self.lifecycle.lock().unwrap() = Some(actor);
+        *self.lifecycle.lock() = Some(actor);
     }
 
     /// False once the pool's actor has died (or before it was started).
     pub fn lifecycle_alive(&self) -> bool {
-        self.lifecycle.lock().unwrap().as_ref().is_some_and(|actor| actor.connected())
+        self.lifecycle.lock().as_ref().is_some_and(|actor| actor.connected())
     }
 
     /// A permit to open one server. `reserve` allows `reserve_pool_size` beyond `pool_size`.
@@ -445,7 +446,7 @@ impl PoolShared {
     }
 
     fn wake_starving(&self) {
-        let routers = self.routers.lock().unwrap();
+        let routers = self.routers.lock();
         for (worker, flag) in self.starving.iter().enumerate() {
             if flag.load(Ordering::Relaxed) {
                 if let Some(router) = &routers[worker] {
@@ -461,14 +462,14 @@ impl PoolShared {
 
     /// While logins are backing off: the error to give clients and when to try again.
     pub fn login_blocked(&self) -> Option<(PgError, Instant)> {
-        let backoff = self.login_backoff.lock().unwrap();
+        let backoff = self.login_backoff.lock();
         backoff.as_ref().filter(|b| b.until > Instant::now()).map(|b| (b.error.clone(), b.until))
     }
 
     /// Records a failed login and sets the next attempt after an exponentially growing,
     /// jittered delay capped at `server_login_retry`; logs once per step, not per client.
     pub fn login_failed(&self, error: &PgError) {
-        let mut backoff = self.login_backoff.lock().unwrap();
+        let mut backoff = self.login_backoff.lock();
         let now = Instant::now();
         if backoff.as_ref().is_some_and(|b| b.until > now) {
             return; // another worker's failure already opened this step
@@ -493,29 +494,29 @@ impl PoolShared {
         if self.settings().server_user != user {
             return;
         }
-        let mut held = self.scram_keys.lock().unwrap();
+        let mut held = self.scram_keys.lock();
         if held.as_ref() != Some(&keys) {
             *held = Some(keys);
             drop(held);
             // Clients waiting out a login backoff caused by missing keys need not wait longer.
-            self.login_backoff.lock().unwrap().take();
+            self.login_backoff.lock().take();
         }
     }
 
     pub fn set_queried_secret(&self, secret: Secret) {
-        *self.queried_secret.lock().unwrap() = Some(secret);
+        *self.queried_secret.lock() = Some(secret);
     }
 
     pub fn queried_secret(&self) -> Option<Secret> {
-        self.queried_secret.lock().unwrap().clone()
+        self.queried_secret.lock().clone()
     }
 
     pub fn scram_keys(&self) -> Option<ScramKeys> {
-        self.scram_keys.lock().unwrap().clone()
+        self.scram_keys.lock().clone()
     }
 
     pub fn login_succeeded(&self) {
-        let mut backoff = self.login_backoff.lock().unwrap();
+        let mut backoff = self.login_backoff.lock();
         if backoff.take().is_some() {
             log::info!("pool {}: server login works again", self.key);
         }
@@ -547,7 +548,7 @@ impl PoolShared {
 
     /// The router of another worker that has clients waiting at the limit, if any.
     pub fn starving_router(&self, worker: usize) -> Option<Addr<Router>> {
-        let routers = self.routers.lock().unwrap();
+        let routers = self.routers.lock();
         self.starving
             .iter()
             .enumerate()
@@ -557,15 +558,15 @@ impl PoolShared {
     }
 
     pub fn router(&self, worker: usize) -> Option<Addr<Router>> {
-        self.routers.lock().unwrap()[worker].clone()
+        self.routers.lock()[worker].clone()
     }
 
     pub fn set_router(&self, worker: usize, router: Addr<Router>) {
-        self.routers.lock().unwrap()[worker] = Some(router);
+        self.routers.lock()[worker] = Some(router);
     }
 
     pub fn all_routers(&self) -> Vec<(usize, Addr<Router>)> {
-        let routers = self.routers.lock().unwrap();
+        let routers = self.routers.lock();
         routers
             .iter()
             .enumerate()
@@ -574,11 +575,11 @@ impl PoolShared {
     }
 
     pub fn welcome(&self) -> Option<Welcome> {
-        self.welcome.read().unwrap().clone()
+        self.welcome.read().clone()
     }
 
     pub fn set_welcome_once(&self, params: &[(String, String)]) {
-        let mut welcome = self.welcome.write().unwrap();
+        let mut welcome = self.welcome.write();
         if welcome.is_none() {
             *welcome = Some(Arc::new(params.to_vec()));
         }

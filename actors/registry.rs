@@ -5,9 +5,10 @@
 //! query: pools are looked up once per login, the cancel table once per login, logout and
 //! CancelRequest.
 
+use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -101,7 +102,7 @@ impl Shared {
 
     /// Every pool created so far, in a stable order (database, then user).
     pub fn all_pools(&self) -> Vec<Arc<PoolShared>> {
-        let mut pools: Vec<_> = self.pools.lock().unwrap().values().cloned().collect();
+        let mut pools: Vec<_> = self.pools.lock().values().cloned().collect();
         pools.sort_by(|a, b| (&a.key.database, &a.key.user).cmp(&(&b.key.database, &b.key.user)));
         pools
     }
@@ -120,7 +121,7 @@ impl Shared {
             return Ok(None);
         };
         let key = (database.to_string(), user.to_string());
-        if let Some((secret, at)) = self.auth_cache.lock().unwrap().get(&key) {
+        if let Some((secret, at)) = self.auth_cache.lock().get(&key) {
             if at.elapsed() < AUTH_QUERY_CACHE {
                 return Ok(secret.clone());
             }
@@ -144,7 +145,7 @@ impl Shared {
         };
         match lookup.fetch(user).await {
             Ok(secret) => {
-                self.auth_cache.lock().unwrap().insert(key, (secret.clone(), Instant::now()));
+                self.auth_cache.lock().insert(key, (secret.clone(), Instant::now()));
                 Ok(secret)
             }
             Err(e) => {
@@ -158,17 +159,17 @@ impl Shared {
     }
 
     pub fn config(&self) -> Arc<Config> {
-        self.config.read().unwrap().clone()
+        self.config.read().clone()
     }
 
     /// Installs a reloaded configuration: new logins use it at once, and existing pools take
     /// their new sizes and connection settings (servers already open keep running).
     pub fn set_config(&self, config: Config) {
         let config = Arc::new(config);
-        *self.config.write().unwrap() = config.clone();
-        self.logins.lock().unwrap().clear();
-        self.auth_cache.lock().unwrap().clear();
-        let pools: Vec<Arc<PoolShared>> = self.pools.lock().unwrap().values().cloned().collect();
+        *self.config.write() = config.clone();
+        self.logins.lock().clear();
+        self.auth_cache.lock().clear();
+        let pools: Vec<Arc<PoolShared>> = self.pools.lock().values().cloned().collect();
         for pool in pools {
             if let Ok((_, settings)) = resolve(&config, &pool.key.database, &pool.key.user) {
                 pool.update_settings(settings);
@@ -191,24 +192,24 @@ impl Shared {
     /// created on first use. Nothing is created for a client that has not authenticated.
     pub fn pool(&self, database: &str, user: &str) -> Result<PoolMember, PgError> {
         let login = (database.to_string(), user.to_string());
-        let cached = self.logins.lock().unwrap().get(&login).cloned();
+        let cached = self.logins.lock().get(&login).cloned();
         if let Some(pool) = cached {
             // Joined under the registry's lock: a pool is only freed, under the same lock,
             // while it has no member.
-            let pools = self.pools.lock().unwrap();
+            let pools = self.pools.lock();
             if pools.get(&pool.key).is_some_and(|live| Arc::ptr_eq(live, &pool)) {
                 return Ok(pool.member());
             }
         }
         let member = self.resolve_pool(database, user)?;
-        self.logins.lock().unwrap().insert(login, member.pool().clone());
+        self.logins.lock().insert(login, member.pool().clone());
         Ok(member)
     }
 
     fn resolve_pool(&self, database: &str, user: &str) -> Result<PoolMember, PgError> {
         let config = self.config();
         let (key, settings) = resolve(&config, database, user)?;
-        let mut pools = self.pools.lock().unwrap();
+        let mut pools = self.pools.lock();
         if let Some(pool) = pools.get(&key) {
             return Ok(pool.member());
         }
@@ -224,7 +225,7 @@ impl Shared {
         ));
         db_limit.join(&pool);
         user_limit.join(&pool);
-        pool.set_hold(self.holds.lock().unwrap().of(&key.database));
+        pool.set_hold(self.holds.lock().of(&key.database));
         self.start_lifecycle(&pool);
         pools.insert(key, pool.clone());
         Ok(pool.member())
@@ -240,7 +241,7 @@ impl Shared {
     fn free_unused_pools_at(&self, now: Instant) -> usize {
         let config = self.config();
         let mut freed = Vec::new();
-        self.pools.lock().unwrap().retain(|key, pool| {
+        self.pools.lock().retain(|key, pool| {
             let expired = match (pool.unused_for(now), config.pool_idle_lifetime(&key.database)) {
                 (Some(unused), Some(lifetime)) => unused >= lifetime,
                 _ => false,
@@ -251,10 +252,10 @@ impl Shared {
             !expired
         });
         for pool in &freed {
-            self.logins.lock().unwrap().retain(|_, cached| !Arc::ptr_eq(cached, pool));
+            self.logins.lock().retain(|_, cached| !Arc::ptr_eq(cached, pool));
             for (limits, name) in [(&self.db_limits, &pool.key.database), (&self.user_limits, &pool.key.user)]
             {
-                let mut limits = limits.lock().unwrap();
+                let mut limits = limits.lock();
                 if limits.get(name).is_some_and(|limit| limit.leave(pool)) {
                     limits.remove(name);
                 }
@@ -273,7 +274,7 @@ impl Shared {
     /// Starts a new Pool actor for every pool whose actor died (a panic: actix restarts
     /// nothing by itself); returns how many. The Supervisor calls this every second.
     pub fn revive_pools(&self) -> usize {
-        let pools: Vec<Arc<PoolShared>> = self.pools.lock().unwrap().values().cloned().collect();
+        let pools: Vec<Arc<PoolShared>> = self.pools.lock().values().cloned().collect();
         let mut revived = 0;
         for pool in pools.iter().filter(|pool| !pool.lifecycle_alive()) {
             log::error!("pool {}: its Pool actor died; starting a new one", pool.key);
@@ -281,6 +282,18 @@ impl Shared {
             revived += 1;
         }
         revived
+    }
+
+    /// Fault injection for tests, in debug builds only: panics while holding the registry's and
+    /// the census's locks, as a bug in a client's task would. Locks that cannot poison leave
+    /// every other client working afterwards (tests/robustness.rs).
+    #[cfg(debug_assertions)]
+    pub fn panic_holding_locks(&self) -> ! {
+        let _pools = self.pools.lock();
+        let _logins = self.logins.lock();
+        let _cancel_keys = self.cancel_keys.lock();
+        let _census = self.census.snapshot_lock();
+        panic!("test: a client's task panicked while holding shared locks");
     }
 
     /// Counts a client against `max_client_conn`; false when it is over.
@@ -302,8 +315,8 @@ impl Shared {
             .user(user)
             .and_then(|u| u.max_user_client_connections)
             .unwrap_or(general.max_user_client_connections);
-        let mut per_db = self.clients_per_db.lock().unwrap();
-        let mut per_user = self.clients_per_user.lock().unwrap();
+        let mut per_db = self.clients_per_db.lock();
+        let mut per_user = self.clients_per_user.lock();
         let full = |max: usize, n: Option<&usize>| max > 0 && n.copied().unwrap_or(0) >= max;
         let refuse = |key: &str| {
             PgError::fatal(sqlstate::TOO_MANY_CONNECTIONS, format!("no more connections allowed ({key})"))
@@ -321,7 +334,7 @@ impl Shared {
 
     pub fn login_left(&self, database: &str, user: &str) {
         for (map, key) in [(&self.clients_per_db, database), (&self.clients_per_user, user)] {
-            let mut map = map.lock().unwrap();
+            let mut map = map.lock();
             if let Some(n) = map.get_mut(key) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
@@ -333,11 +346,11 @@ impl Shared {
 
     /// Logged-in clients of a database and of a user now.
     pub fn clients_of_database(&self, database: &str) -> usize {
-        self.clients_per_db.lock().unwrap().get(database).copied().unwrap_or(0)
+        self.clients_per_db.lock().get(database).copied().unwrap_or(0)
     }
 
     pub fn clients_of_user(&self, user: &str) -> usize {
-        self.clients_per_user.lock().unwrap().get(user).copied().unwrap_or(0)
+        self.clients_per_user.lock().get(user).copied().unwrap_or(0)
     }
 
     pub fn client_left(&self) {
@@ -351,7 +364,7 @@ impl Shared {
     /// Gives a client its own BackendKeyData and remembers who holds it.
     pub fn register_cancel_key(&self, client: Addr<ClientSession>) -> (i32, i32) {
         let secret_key: i32 = rand::random();
-        let mut keys = self.cancel_keys.lock().unwrap();
+        let mut keys = self.cancel_keys.lock();
         // Random, as the secret is: a sequence would tell every client how many came before.
         let process_id = loop {
             let id = rand::random::<i32>() & 0x7fff_ffff;
@@ -364,13 +377,13 @@ impl Shared {
     }
 
     pub fn forget_cancel_key(&self, process_id: i32) {
-        self.cancel_keys.lock().unwrap().remove(&process_id);
+        self.cancel_keys.lock().remove(&process_id);
     }
 
     /// Routes a CancelRequest to the client that owns the key; a wrong key is ignored, as
     /// PostgreSQL does.
     pub fn cancel(&self, process_id: i32, secret_key: i32) {
-        let keys = self.cancel_keys.lock().unwrap();
+        let keys = self.cancel_keys.lock();
         match keys.get(&process_id) {
             Some(entry)
                 if crate::auth::constant_time_eq(
@@ -386,7 +399,7 @@ impl Shared {
 }
 
 fn limit_for(limits: &Mutex<HashMap<String, Arc<Limit>>>, name: &str, max: usize) -> Arc<Limit> {
-    limits.lock().unwrap().entry(name.to_string()).or_insert_with(|| Arc::new(Limit::new(max))).clone()
+    limits.lock().entry(name.to_string()).or_insert_with(|| Arc::new(Limit::new(max))).clone()
 }
 
 /// Resolves the pool a client (database, user) maps to, following PgBouncer's precedence:
@@ -512,9 +525,7 @@ pub(crate) mod tests {
             assert!(pool.is_retired());
             until(|| !pool.lifecycle_alive() && pool.all_routers().is_empty()).await;
             until(|| Arc::strong_count(&pool) == 1).await;
-            assert!(
-                shared.db_limits.lock().unwrap().is_empty() && shared.user_limits.lock().unwrap().is_empty()
-            );
+            assert!(shared.db_limits.lock().is_empty() && shared.user_limits.lock().is_empty());
 
             // The next login gets a new pool, with a new router on this worker.
             let again = shared.pool("d", "u").expect("pool");
@@ -568,7 +579,7 @@ pub(crate) mod tests {
             let pool = member.pool();
             assert!(pool.lifecycle_alive());
             assert_eq!(shared.revive_pools(), 0, "nothing to revive while it lives");
-            let actor = pool.lifecycle.lock().unwrap().clone().expect("started");
+            let actor = pool.lifecycle.lock().clone().expect("started");
             assert!(actor.send(Crash).await.is_err(), "the handler panicked");
             until(|| !pool.lifecycle_alive()).await;
             assert_eq!(shared.revive_pools(), 1);

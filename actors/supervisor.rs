@@ -155,7 +155,7 @@ impl Supervisor {
         ctx.run_later(period, |supervisor, ctx| {
             let shared = &supervisor.shared;
             let current = inspect::totals_per_database(shared).into_iter().collect();
-            let averages = shared.stats_window.lock().unwrap().refresh(current);
+            let averages = shared.stats_window.lock().refresh(current);
             if shared.config().general.log_stats {
                 log::info!("{}", stats::log_line(&averages));
             }

@@ -6,11 +6,11 @@
 //! Verbosity follows PgBouncer: the `verbose` key plus one per `-v`; 0 logs info and above,
 //! 1 adds debug, 2 or more adds trace. `RUST_LOG` overrides it for debugging.
 
+use parking_lot::Mutex;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Mutex;
 
 struct Tee {
     stderr: bool,
@@ -24,7 +24,7 @@ impl Write for Tee {
         if self.stderr {
             let _ = io::stderr().write_all(buf);
         }
-        if let Some(file) = LOGFILE.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        if let Some(file) = LOGFILE.lock().as_mut() {
             let _ = file.write_all(buf);
         }
         Ok(buf.len())
@@ -47,7 +47,7 @@ pub fn reopen(logfile: Option<&Path>) {
         Some(Err(e)) => return log::error!("cannot reopen logfile: {e}"),
         None => None,
     };
-    *LOGFILE.lock().unwrap_or_else(|e| e.into_inner()) = file;
+    *LOGFILE.lock() = file;
 }
 
 /// One record, one line: names a client chose (a user or database name before authentication,
@@ -89,7 +89,7 @@ pub fn set_verbose(verbose: u8) {
 pub fn init(verbose: u8, cli_verbosity: u8, quiet: bool, logfile: Option<&Path>) -> io::Result<()> {
     CLI_VERBOSITY.store(cli_verbosity, Ordering::Relaxed);
     let verbosity = verbose.saturating_add(cli_verbosity);
-    *LOGFILE.lock().unwrap_or_else(|e| e.into_inner()) = logfile.map(open).transpose()?;
+    *LOGFILE.lock() = logfile.map(open).transpose()?;
     let mut builder = env_logger::Builder::new();
     // Everything passes the filter; the global maximum level (which a reload can change)
     // decides what is logged.

@@ -20,7 +20,8 @@
 //! [`TrackedParams::share`]): a server remembers the set it last matched, so the usual lease,
 //! to a client whose values equal the previous one's, costs one pointer comparison.
 
-use std::sync::{Arc, Mutex};
+use parking_lot::Mutex;
+use std::sync::Arc;
 
 /// Reported parameters no client can change: never tracked, never set.
 const READ_ONLY: &[&str] = &[
@@ -90,7 +91,7 @@ impl TrackedParams {
 
     /// The same values, as the copy other clients with equal values hold when there is one.
     pub fn share(self, shared: &SharedParams) -> TrackedParams {
-        let mut sets = shared.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sets = shared.0.lock();
         if let Some(known) = sets.iter().find(|known| **known == self) {
             return known.clone();
         }

@@ -641,3 +641,35 @@ async fn dropped_connections_give_back_their_client_slots() {
     }
     fixture.assert_unharmed("connections dropped at every stage of the login").await;
 }
+
+/// A bug that panics in one client's task while it holds the registry's and the census's
+/// locks (injected by a startup parameter only debug builds know) ends that client alone: the
+/// locks cannot poison, so clients already connected keep working, new ones log in, and the
+/// console still answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_task_that_panics_holding_shared_locks_leaves_everyone_else_working() {
+    let pg = Postgres::shared();
+    let ini = format!("{}workers = 1\nadmin_users = {APP_USER}\n", ini(pg));
+    let pooler = Pooler::start(&ini, &app_userlist());
+    let mut before = Vec::new();
+    for _ in 0..5 {
+        before.push(pooler.connect(APP_USER, APP_PASSWORD, APP_DB).await.expect("login"));
+    }
+
+    let mut doomed = raw_connect(&pooler);
+    let params = [("user", APP_USER), ("database", APP_DB), ("pgcorral.test_panic", "1")];
+    doomed.write_all(&startup_packet(PROTOCOL_3_0, &startup_params(&params))).unwrap();
+    let mut answer = Vec::new();
+    let ended = doomed.read_to_end(&mut answer);
+    assert!(ended.is_ok() || ended.is_err_and(|e| e.kind() == ErrorKind::ConnectionReset));
+    assert!(answer.is_empty(), "the connection ended without a word: {answer:?}");
+    assert!(pooler.log().contains("a client's task panicked while holding shared locks"), "{}", pooler.log());
+
+    for (i, client) in before.iter().enumerate() {
+        assert_eq!(first_value(client, &format!("SELECT {i}")).await.unwrap(), i.to_string());
+    }
+    let after = pooler.connect(APP_USER, APP_PASSWORD, APP_DB).await.expect("a login after the panic");
+    assert_eq!(first_value(&after, "SELECT 'after'").await.unwrap(), "after");
+    let console = pooler.connect(APP_USER, APP_PASSWORD, "pgbouncer").await.expect("console");
+    assert!(!console.simple_query("SHOW CLIENTS").await.unwrap().is_empty());
+}

@@ -282,19 +282,20 @@ impl ScramServer {
 /// The cached verifier for a plaintext password. The cache is bounded: a flood of
 /// distinct passwords only empties it.
 fn plain_verifier(password: &str, iterations: u32) -> ScramSecret {
+    use parking_lot::Mutex;
     use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
+    use std::sync::OnceLock;
     const MAX_CACHED: usize = 10_000;
     static CACHE: OnceLock<Mutex<HashMap<String, ScramSecret>>> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
     // A reload that changes scram_iterations makes the cached verifier stale.
-    if let Some(secret) = cache.lock().unwrap().get(password).filter(|s| s.iterations == iterations) {
+    if let Some(secret) = cache.lock().get(password).filter(|s| s.iterations == iterations) {
         return secret.clone();
     }
     let mut salt = [0u8; PLAIN_SALT_BYTES];
     rand::thread_rng().fill_bytes(&mut salt);
     let secret = ScramSecret::from_password(password, &salt, iterations);
-    let mut cache = cache.lock().unwrap();
+    let mut cache = cache.lock();
     if cache.len() >= MAX_CACHED {
         cache.clear();
     }
