@@ -60,6 +60,8 @@ pub struct Shared {
     supervisor: OnceLock<Addr<Supervisor>>,
     /// auth_query answers by (database, user), with when they were fetched.
     auth_cache: Mutex<HashMap<(String, String), CachedSecret>>,
+    /// Permits for auth_query lookups in flight (see [`AUTH_QUERY_CONCURRENCY`]).
+    auth_lookups: tokio::sync::Semaphore,
 }
 
 /// An auth_query answer (None: no secret) and when it was fetched.
@@ -68,6 +70,14 @@ type CachedSecret = (Option<String>, Instant);
 /// How long an auth_query answer is reused. A password change, or a `rolvaliduntil` the
 /// default query turns into NULL, takes effect within this time (and at once on RELOAD).
 const AUTH_QUERY_CACHE: Duration = Duration::from_secs(30);
+/// How long "no such user" is reused: short, so that a role created a moment ago can log in
+/// soon, and so that guessed names do not linger.
+const AUTH_QUERY_NEGATIVE_CACHE: Duration = Duration::from_secs(5);
+/// The most answers kept: a flood of guessed names cannot grow the cache beyond this.
+const AUTH_QUERY_CACHE_ENTRIES: usize = 10_000;
+/// The most auth_query connections open at once, whatever the number of logins: a flood of
+/// unknown names queues here instead of taking PostgreSQL's `max_connections`.
+const AUTH_QUERY_CONCURRENCY: usize = 4;
 
 impl Shared {
     pub fn new(config: Config, workers: usize, home: ArbiterHandle) -> Shared {
@@ -89,6 +99,7 @@ impl Shared {
             stats_window: Mutex::new(StatsWindow::new()),
             supervisor: OnceLock::new(),
             auth_cache: Mutex::default(),
+            auth_lookups: tokio::sync::Semaphore::new(AUTH_QUERY_CONCURRENCY),
         }
     }
 
@@ -121,10 +132,13 @@ impl Shared {
             return Ok(None);
         };
         let key = (database.to_string(), user.to_string());
-        if let Some((secret, at)) = self.auth_cache.lock().get(&key) {
-            if at.elapsed() < AUTH_QUERY_CACHE {
-                return Ok(secret.clone());
-            }
+        if let Some(secret) = self.cached_secret(&key) {
+            return Ok(secret);
+        }
+        // Lookups queue for a permit; whoever waited for the same name finds its answer here.
+        let _permit = self.auth_lookups.acquire().await.expect("the semaphore is never closed");
+        if let Some(secret) = self.cached_secret(&key) {
+            return Ok(secret);
         }
         let dbname = entry
             .auth_dbname
@@ -145,7 +159,7 @@ impl Shared {
         };
         match lookup.fetch(user).await {
             Ok(secret) => {
-                self.auth_cache.lock().insert(key, (secret.clone(), Instant::now()));
+                self.cache_secret(key, secret.clone());
                 Ok(secret)
             }
             Err(e) => {
@@ -156,6 +170,33 @@ impl Shared {
                 ))
             }
         }
+    }
+
+    /// A cached auth_query answer still fresh: None when there is none (Some(None): known to
+    /// have no secret).
+    fn cached_secret(&self, key: &(String, String)) -> Option<Option<String>> {
+        let cache = self.auth_cache.lock();
+        let (secret, at) = cache.get(key)?;
+        let lifetime = if secret.is_some() { AUTH_QUERY_CACHE } else { AUTH_QUERY_NEGATIVE_CACHE };
+        (at.elapsed() < lifetime).then(|| secret.clone())
+    }
+
+    fn cache_secret(&self, key: (String, String), secret: Option<String>) {
+        let mut cache = self.auth_cache.lock();
+        if cache.len() >= AUTH_QUERY_CACHE_ENTRIES && !cache.contains_key(&key) {
+            cache.retain(|_, (secret, at)| match secret {
+                Some(_) => at.elapsed() < AUTH_QUERY_CACHE,
+                None => at.elapsed() < AUTH_QUERY_NEGATIVE_CACHE,
+            });
+            if cache.len() >= AUTH_QUERY_CACHE_ENTRIES {
+                // Still full of fresh answers: "no such user" goes first, then anything.
+                cache.retain(|_, (secret, _)| secret.is_some());
+                if cache.len() >= AUTH_QUERY_CACHE_ENTRIES {
+                    cache.clear();
+                }
+            }
+        }
+        cache.insert(key, (secret, Instant::now()));
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -532,6 +573,21 @@ pub(crate) mod tests {
             assert!(!Arc::ptr_eq(again.pool(), &pool));
             assert!(!old_router.connected());
             assert_ne!(local_router(again.pool()), old_router);
+        });
+    }
+
+    #[test]
+    fn the_auth_query_cache_stays_bounded_and_keeps_real_users_longest() {
+        System::new().block_on(async {
+            let shared = shared_with_one_database();
+            let key = |i: usize| ("d".to_string(), format!("user{i}"));
+            shared.cache_secret(key(0), Some("md5-of-a-real-user".into()));
+            for i in 1..=AUTH_QUERY_CACHE_ENTRIES + 500 {
+                shared.cache_secret(key(i), None);
+                assert!(shared.auth_cache.lock().len() <= AUTH_QUERY_CACHE_ENTRIES);
+            }
+            assert_eq!(shared.cached_secret(&key(0)), Some(Some("md5-of-a-real-user".into())));
+            assert_eq!(shared.cached_secret(&key(AUTH_QUERY_CACHE_ENTRIES + 500)), Some(None));
         });
     }
 

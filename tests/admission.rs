@@ -102,3 +102,32 @@ fn trust_refuses_an_unknown_user_in_pgbouncers_words() {
     let (message, stderr) = refusal(&pooler, "ghost", "");
     assert_eq!(message, "\"trust\" authentication failed", "{stderr}");
 }
+
+/// A flood of logins with guessed names, each a cache miss for `auth_query`: the lookups queue
+/// for a few connections instead of opening one each, so PostgreSQL's `max_connections`
+/// stays free for real work, and every guess is refused like a wrong password.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_auth_query_flood_opens_only_a_few_connections() {
+    let pg = Postgres::shared();
+    let lookups = pg.create_database("admission_auth_query");
+    let general = format!("auth_user = postgres\nauth_dbname = {lookups}\nmax_client_conn = 200");
+    let ini = pool_ini(pg, "app", "", "transaction", &general)
+        .replace("auth_type = md5", "auth_type = scram-sha-256");
+    let pooler = Pooler::start(&ini, &app_userlist());
+    let peak = PeakBackends::start(pg, &lookups);
+    let mut attempts = Vec::new();
+    for i in 0..150 {
+        let url = pooler.url(&format!("guess_{i}"), "wrong", "app");
+        attempts.push(tokio::spawn(async move { connect_plain(&url).await.map(|_| ()) }));
+    }
+    for attempt in attempts {
+        let error = attempt.await.unwrap().expect_err("a guessed name must be refused");
+        let code = error.as_db_error().map(|db| db.code().code().to_string());
+        assert_eq!(code.as_deref(), Some("28P01"), "{error:?}");
+    }
+    let peak = peak.finish();
+    assert!((1..=4).contains(&peak), "auth_query used {peak} connections at once");
+    // A real login is unaffected.
+    let app = pooler.connect(APP_USER, APP_PASSWORD, "app").await.expect("login");
+    assert_eq!(first_value(&app, "SELECT 1").await.unwrap(), "1");
+}
