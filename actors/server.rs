@@ -103,7 +103,13 @@ impl ServerLink {
     /// Reads which parameters are set in the server's session. Returns them all, reported and
     /// not; `session` keeps the unreported ones.
     pub async fn learn_session(&mut self) -> Result<Vec<(String, String)>, BackendLoginError> {
-        let rows = auth::query_rows(&mut self.conn, SESSION_PROBE, 10_000).await?;
+        let bound = self.own_query_bound();
+        let rows = match tokio::time::timeout(bound, auth::query_rows(&mut self.conn, SESSION_PROBE, 10_000))
+            .await
+        {
+            Ok(rows) => rows?,
+            Err(_) => return Err(self.no_answer("the session parameter read-back", bound)),
+        };
         let set_now: Vec<(String, String)> = rows
             .into_iter()
             .filter_map(|row| match (row.first(), row.get(1)) {
@@ -141,8 +147,32 @@ impl ServerLink {
         set_now
     }
 
-    /// Runs a query of pgcorral's own, keeping the parameter cache true.
+    /// How long one of pgcorral's own round trips may take (a reset, check or connect query, a
+    /// parameter sync or read-back): `server_connect_timeout`, what a fresh server is given to
+    /// log in. A server that has not answered by then is hung, and the caller closes it.
+    fn own_query_bound(&self) -> Duration {
+        self.entry.pool.settings().server_connect_timeout
+    }
+
+    fn no_answer(&self, what: &str, bound: Duration) -> BackendLoginError {
+        log::warn!("pool {}: server did not answer {what} within {bound:?}; closing it", self.entry.pool.key);
+        BackendLoginError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer to {what}"),
+        ))
+    }
+
+    /// Runs a query of pgcorral's own, keeping the parameter cache true; a server that does not
+    /// answer within [`Self::own_query_bound`] is an error, and must be closed.
     pub async fn run(&mut self, sql: &str) -> Result<(), BackendLoginError> {
+        let bound = self.own_query_bound();
+        match tokio::time::timeout(bound, self.run_unbounded(sql)).await {
+            Ok(result) => result,
+            Err(_) => Err(self.no_answer(&format!("\"{sql}\""), bound)),
+        }
+    }
+
+    async fn run_unbounded(&mut self, sql: &str) -> Result<(), BackendLoginError> {
         // A reset query that drops prepared statements (DISCARD ALL, the default, or one that
         // DEALLOCATEs some) leaves the books wrong; dropping them all keeps books and server
         // in step, at the price of a Parse each later.

@@ -1,6 +1,6 @@
 //! Pool policy keys that close, check or refuse on a clock — query_wait_timeout,
 //! server_idle_timeout, server_lifetime, client_login_timeout, server_connect_timeout,
-//! transaction_timeout, server_check_delay — and pools healing after a PostgreSQL restart. Timeouts are set to a second or so; assertions only bound liveness.
+//! transaction_timeout, server_check_delay, the bound on pgcorral's own queries — and pools healing after a PostgreSQL restart. Timeouts are set to a second or so; assertions only bound liveness.
 
 mod support;
 
@@ -553,4 +553,25 @@ async fn database_and_user_entries_override_the_global_timeouts() {
     let err = first_value(&waiter, "SELECT 1").await.expect_err("the database's query_wait_timeout");
     assert!(format!("{err:?}").contains("query_wait_timeout"), "{err:?}");
     holder.batch_execute("COMMIT").await.unwrap();
+}
+
+/// A server that hangs on pgcorral's own round trip (here the reset query, after its client
+/// left) is closed once `server_connect_timeout` has passed, instead of holding its pool's only
+/// slot for good: the next client is served by a new server long before its query_wait_timeout.
+#[tokio::test]
+async fn a_server_hung_on_the_reset_query_is_closed_and_its_slot_reused() {
+    let pg = Postgres::shared();
+    let db = pg.create_database("hung_reset");
+    let general =
+        "server_reset_query = SELECT pg_sleep(30)\nserver_connect_timeout = 1\nquery_wait_timeout = 20";
+    let pooler = Pooler::start(&pool_ini(pg, &db, "pool_size=1", "session", general), &app_userlist());
+    let first = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    let first_pid = first_value(&first, "SELECT pg_backend_pid()").await.unwrap();
+    drop(first);
+
+    let next = pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    let next_pid =
+        first_value(&next, "SELECT pg_backend_pid()").await.expect("served before query_wait_timeout");
+    assert_ne!(next_pid, first_pid, "a new server, the hung one was closed");
+    assert!(pooler.log().contains("did not answer"), "{}", pooler.log());
 }
