@@ -15,6 +15,7 @@ use crate::actors::control::is_admin_database;
 use crate::actors::pool::PoolMember;
 use crate::actors::registry::Shared;
 use crate::auth::hba::{ConnKind, HbaMethod};
+use crate::auth::kdf;
 use crate::auth::{md5_verify, verify_plaintext, ScramKeys, ScramSecret, ScramServer, Secret};
 use crate::config::{AuthType, Config};
 use crate::net::{Framed, ReadError, Socket};
@@ -437,7 +438,15 @@ async fn authenticate(
             wire.conn.send().await?;
             let message = wire.read_password_message().await?;
             let password = parse_password(&message).map_err(|e| LoginError::Refused(e.to_pg()))?;
-            known && verify_plaintext(&secret, user, &password)
+            let matches = match &secret {
+                // PBKDF2 against a stored verifier: off this worker's thread.
+                Secret::Scram(_) => {
+                    let (secret, user) = (secret.clone(), user.to_string());
+                    kdf::off_worker(move || verify_plaintext(&secret, &user, &password)).await
+                }
+                _ => verify_plaintext(&secret, user, &password),
+            };
+            known && matches
         }
         Check::Md5 if matches!(secret, Secret::Scram(_)) => {
             let (ok, proved) = scram_exchange(wire, &secret, config.general.scram_iterations).await?;
@@ -507,7 +516,14 @@ async fn scram_exchange(
 ) -> Result<(bool, Option<ScramKeys>), LoginError> {
     let server = match secret {
         Secret::Scram(keys) => ScramServer::new(keys.clone()),
-        Secret::Plain(password) => ScramServer::for_plain_password_with(password, iterations),
+        Secret::Plain(password) => match ScramServer::cached_for_plain_password(password, iterations) {
+            Some(server) => server,
+            // The first login with this password derives its verifier, off this thread.
+            None => {
+                let password = password.clone();
+                kdf::off_worker(move || ScramServer::for_plain_password_with(&password, iterations)).await
+            }
+        },
         Secret::Md5(_) => return Ok((false, None)),
     };
     let mut server = server.with_channel_binding(wire.tls.as_ref().map(|tls| tls.end_point.clone()));

@@ -11,6 +11,7 @@ use bytes::BytesMut;
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::message::frontend;
 
+use super::kdf;
 use super::md5::md5_challenge_response;
 use super::scram::SCRAM_SHA_256;
 use super::scram_client::{ScramClient, ScramKeys};
@@ -202,8 +203,20 @@ pub async fn login<S: Stream>(
                         let Sasl::InProgress(client) = &mut sasl else {
                             return Err(protocol("unexpected AuthenticationSASLContinue".into()));
                         };
+                        let server_first = r.rest();
+                        // PBKDF2, whose cost the server chooses: off this worker's thread.
+                        if let (Some((salt, iterations)), Some(Secret::Plain(password))) =
+                            (client.salting(server_first), req.password)
+                        {
+                            let password = password.clone();
+                            let keys = kdf::off_worker(move || {
+                                ScramKeys::from_password(&password, &salt, iterations)
+                            })
+                            .await;
+                            client.use_keys(keys);
+                        }
                         let client_final = client
-                            .server_first(r.rest())
+                            .server_first(server_first)
                             .map_err(|e| protocol(format!("bad SCRAM server-first-message: {e}")))?;
                         frontend::sasl_response(&client_final, &mut conn.outbox)
                             .map_err(|e| encode_error("SASLResponse", e))?;
@@ -646,6 +659,28 @@ mod tests {
         assert_eq!(e.sqlstate(), Some("28P01"), "{e:?}");
         let e = scram_login(verifier, None, Some(bad_keys), same).await.unwrap_err();
         assert_eq!(e.sqlstate(), Some("28P01"), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn a_server_asking_for_billions_of_iterations_is_refused_at_once() {
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let mut client = Framed::new(client);
+        let server_task = tokio::spawn(async move {
+            read_startup(&mut server).await;
+            write_auth(&mut server, 10, b"SCRAM-SHA-256\0\0").await;
+            let (_, body) = read_msg(&mut server).await;
+            let client_first = String::from_utf8_lossy(&body).into_owned();
+            let nonce = client_first.split("r=").nth(1).expect("a client nonce").to_string();
+            // Hours of PBKDF2 if pgcorral complied.
+            let first = format!("r={nonce}SERVER,s=c2FsdA==,i=4000000000");
+            write_auth(&mut server, 11, first.as_bytes()).await;
+            let _ = server.read_to_end(&mut Vec::new()).await;
+        });
+        let password = Secret::Plain("pw".into());
+        let e = login(&mut client, &request(Some(&password))).await.unwrap_err();
+        assert!(matches!(&e, BackendLoginError::Protocol(m) if m.contains("more SCRAM iterations")), "{e:?}");
+        drop(client);
+        server_task.await.unwrap();
     }
 
     #[tokio::test]

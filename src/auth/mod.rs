@@ -6,6 +6,7 @@ pub mod auth_query;
 mod backend_login;
 mod error;
 pub mod hba;
+pub mod kdf;
 mod md5;
 mod scram;
 mod scram_client;

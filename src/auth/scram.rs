@@ -102,6 +102,12 @@ impl ScramServer {
         ScramServer::new(plain_verifier(password, iterations.max(1)))
     }
 
+    /// As [`for_plain_password_with`](Self::for_plain_password_with) if the verifier is
+    /// already derived: what a worker thread may do, the derivation itself being costly.
+    pub fn cached_for_plain_password(password: &str, iterations: u32) -> Option<ScramServer> {
+        cached_plain_verifier(password, iterations.max(1)).map(ScramServer::new)
+    }
+
     /// With a chosen server nonce instead of a random one: for tests and the fuzz harness,
     /// which need a reproducible exchange.
     pub(crate) fn with_server_nonce(secret: ScramSecret, server_nonce: String) -> ScramServer {
@@ -281,21 +287,26 @@ impl ScramServer {
 
 /// The cached verifier for a plaintext password. The cache is bounded: a flood of
 /// distinct passwords only empties it.
-fn plain_verifier(password: &str, iterations: u32) -> ScramSecret {
-    use parking_lot::Mutex;
-    use std::collections::HashMap;
-    use std::sync::OnceLock;
-    const MAX_CACHED: usize = 10_000;
-    static CACHE: OnceLock<Mutex<HashMap<String, ScramSecret>>> = OnceLock::new();
-    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+fn plain_verifiers() -> &'static parking_lot::Mutex<std::collections::HashMap<String, ScramSecret>> {
+    static CACHE: std::sync::OnceLock<parking_lot::Mutex<std::collections::HashMap<String, ScramSecret>>> =
+        std::sync::OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+fn cached_plain_verifier(password: &str, iterations: u32) -> Option<ScramSecret> {
     // A reload that changes scram_iterations makes the cached verifier stale.
-    if let Some(secret) = cache.lock().get(password).filter(|s| s.iterations == iterations) {
-        return secret.clone();
+    plain_verifiers().lock().get(password).filter(|s| s.iterations == iterations).cloned()
+}
+
+fn plain_verifier(password: &str, iterations: u32) -> ScramSecret {
+    const MAX_CACHED: usize = 10_000;
+    if let Some(secret) = cached_plain_verifier(password, iterations) {
+        return secret;
     }
     let mut salt = [0u8; PLAIN_SALT_BYTES];
     rand::thread_rng().fill_bytes(&mut salt);
     let secret = ScramSecret::from_password(password, &salt, iterations);
-    let mut cache = cache.lock();
+    let mut cache = plain_verifiers().lock();
     if cache.len() >= MAX_CACHED {
         cache.clear();
     }
@@ -309,6 +320,9 @@ pub fn verify_plaintext(secret: &Secret, user: &str, password: &str) -> bool {
     match secret {
         Secret::Plain(stored) => constant_time_eq(stored.as_bytes(), password.as_bytes()),
         Secret::Md5(stored) => constant_time_eq(stored.as_bytes(), md5_secret(user, password).as_bytes()),
+        // A verifier asking for more rounds than pgcorral derives matches nothing: checking
+        // it would cost seconds to hours of CPU per attempt.
+        Secret::Scram(stored) if stored.iterations > super::kdf::MAX_ITERATIONS => false,
         Secret::Scram(stored) => {
             let derived = ScramSecret::from_password(password, &stored.salt, stored.iterations);
             // Both keys, evaluated without short-circuit, so the timing does
@@ -423,6 +437,13 @@ fn check_extensions<'a>(attrs: impl Iterator<Item = &'a str>) -> Result<(), Auth
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stored_verifier_with_billions_of_iterations_matches_nothing_and_costs_nothing() {
+        let mut hostile = ScramSecret::from_password("pw", b"salt", 1);
+        hostile.iterations = 4_000_000_000;
+        assert!(!verify_plaintext(&Secret::Scram(hostile), "u", "pw"));
+    }
     use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 
     // From a PostgreSQL 15 server: CREATE ROLE scramuser LOGIN PASSWORD 'pencil'.

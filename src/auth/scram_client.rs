@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 
 use super::constant_time_eq;
 use super::error::ScramClientError;
+use super::kdf::MAX_ITERATIONS;
 use super::secret::{hmac_sha256, salted_password, ScramSecret};
 
 /// Random bytes in our nonce; libpq uses as many.
@@ -130,6 +131,25 @@ impl ScramClient {
         self.client_first.as_bytes()
     }
 
+    /// For an exchange that proves a password: the salt and iteration count the
+    /// server-first-message asks it to be salted with, so that the caller can derive the keys
+    /// off its thread and hand them over with [`Self::use_keys`]. None for pass-through keys
+    /// (or a message [`Self::server_first`] will refuse).
+    pub fn salting(&self, msg: &[u8]) -> Option<(Vec<u8>, u32)> {
+        let State::AwaitingServerFirst { credentials: Credentials::Password(_) } = &self.state else {
+            return None;
+        };
+        let first = parse_server_first(std::str::from_utf8(msg).ok()?).ok()?;
+        (first.iterations <= MAX_ITERATIONS).then_some((first.salt, first.iterations))
+    }
+
+    /// The password's keys, derived by the caller for [`Self::salting`]'s salt and count.
+    pub fn use_keys(&mut self, keys: ScramKeys) {
+        if let State::AwaitingServerFirst { credentials } = &mut self.state {
+            *credentials = Credentials::Keys(keys);
+        }
+    }
+
     /// Consumes server-first-message and returns client-final-message.
     pub fn server_first(&mut self, msg: &[u8]) -> Result<Vec<u8>, ScramClientError> {
         // Any failure ends the exchange; so does a call at the wrong time.
@@ -144,6 +164,13 @@ impl ScramClient {
         }
 
         let keys = match credentials {
+            // A server that asks for more rounds than this would have pgcorral spend
+            // seconds to hours of CPU on one login.
+            Credentials::Password(_) if first.iterations > MAX_ITERATIONS => {
+                return Err(protocol(
+                    "the server asks for more SCRAM iterations than pgcorral derives (1000000)",
+                ));
+            }
             Credentials::Password(password) => {
                 ScramKeys::from_password(&password, &first.salt, first.iterations)
             }

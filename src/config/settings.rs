@@ -755,9 +755,11 @@ pub(crate) fn apply_general(
         "auth_dbname" => general.auth_dbname = (!s.value.is_empty()).then(|| s.value.to_string()),
         "max_prepared_statements" => general.max_prepared_statements = s.usize()?,
         "scram_iterations" => {
-            general.scram_iterations = s.usize()?.try_into().ok().filter(|n| *n > 0).ok_or_else(|| {
-                s.invalid(format!("expected a positive number of rounds, got {:?}", s.value))
-            })?
+            let max = crate::auth::kdf::MAX_ITERATIONS;
+            general.scram_iterations =
+                s.usize()?.try_into().ok().filter(|n| (1..=max).contains(n)).ok_or_else(|| {
+                    s.invalid(format!("expected a number of rounds from 1 to {max}, got {:?}", s.value))
+                })?
         }
         "auth_hba_file" => general.auth_hba_file = s.path().map(|p| base_dir.join(p)),
         "auth_ident_file" => general.auth_ident_file = s.path().map(|p| base_dir.join(p)),
