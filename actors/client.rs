@@ -213,6 +213,14 @@ struct Session {
     counted: Rc<std::cell::RefCell<Option<(String, String)>>>,
 }
 
+/// Why a login was cut short.
+enum Evicted {
+    /// `client_login_timeout`.
+    Timeout,
+    /// Newer connections pushed it out (`Shared::start_login`).
+    Crowded,
+}
+
 impl Session {
     /// Logs the client in and greets it; returns what serves it from then on (a relay, or the
     /// console), or None when the connection is over (refused, a cancel request, gone).
@@ -229,7 +237,13 @@ impl Session {
             t if t.is_zero() => std::time::Duration::from_secs(u32::MAX as u64),
             t => t,
         };
-        let login = tokio::time::timeout(limit, accept(&mut wire, &self.shared, &mut admitted)).await;
+        let pending = self.shared.start_login();
+        let attempt = tokio::time::timeout(limit, accept(&mut wire, &self.shared, &mut admitted));
+        let login = tokio::select! {
+            login = attempt => login.map_err(|_| Evicted::Timeout),
+            () = pending.evicted() => Err(Evicted::Crowded),
+        };
+        drop(pending);
         self.admitted.set(admitted);
         let login = match login {
             Ok(Ok(Accepted::Login(login))) => login,
@@ -243,7 +257,12 @@ impl Session {
             Ok(Err(LoginError::Refused(error))) => return Err(self.refuse(&mut wire, error).await),
             Ok(Err(LoginError::Gone)) => return Err(None),
             // Closed without a word: the client may not even speak the protocol yet.
-            Err(_) => return Err(Some("client_login_timeout".into())),
+            Err(Evicted::Timeout) => return Err(Some("client_login_timeout".into())),
+            Err(Evicted::Crowded) => {
+                return Err(Some(
+                    "evicted: max_client_conn connections were logging in, and this one for longest".into(),
+                ))
+            }
         };
         let mut login = login;
         if self.shared.config().general.application_name_add_host {

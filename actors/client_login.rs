@@ -198,14 +198,6 @@ pub async fn accept(wire: &mut Wire, shared: &Shared, admitted: &mut bool) -> Re
     {
         return Err(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "SSL required").into());
     }
-    if !shared.admit_client() {
-        return Err(PgError::fatal(
-            sqlstate::TOO_MANY_CONNECTIONS,
-            "no more connections allowed (max_client_conn)",
-        )
-        .into());
-    }
-    *admitted = true;
     // Debug builds only (what the tests run): a bug's panic, on demand.
     #[cfg(debug_assertions)]
     if params.iter().any(|(name, _)| name == "pgcorral.test_panic") {
@@ -220,6 +212,7 @@ pub async fn accept(wire: &mut Wire, shared: &Shared, admitted: &mut bool) -> Re
     let settings = startup_settings(&params, &config)?;
     if is_admin_database(&database) {
         let role = console_login(wire, &config, &user).await?;
+        admit(shared, admitted)?;
         backend::authentication_ok(&mut wire.conn.outbox);
         return Ok(Accepted::Console { user, database, startup: params, role });
     }
@@ -228,6 +221,7 @@ pub async fn accept(wire: &mut Wire, shared: &Shared, admitted: &mut bool) -> Re
         None => shared.queried_secret(&config, &database, &user).await?,
     };
     let keys = authenticate(wire, &config, &user, &database, queried.as_deref()).await?;
+    admit(shared, admitted)?;
     // Only now is anything made for the client: a failed login leaves no pool behind.
     let member = shared.pool(&database, &user)?;
     let pool = member.pool();
@@ -246,6 +240,21 @@ pub async fn accept(wire: &mut Wire, shared: &Shared, admitted: &mut bool) -> Re
     }
     backend::authentication_ok(&mut wire.conn.outbox);
     Ok(Accepted::Login(Login { user, database, startup: settings, member }))
+}
+
+/// Counts an authenticated client against `max_client_conn`. Clients still logging in are
+/// bounded apart (see `Shared::start_login`), so that connections that never finish their
+/// login cannot lock out those that do.
+fn admit(shared: &Shared, admitted: &mut bool) -> Result<(), LoginError> {
+    if !shared.admit_client() {
+        return Err(PgError::fatal(
+            sqlstate::TOO_MANY_CONNECTIONS,
+            "no more connections allowed (max_client_conn)",
+        )
+        .into());
+    }
+    *admitted = true;
+    Ok(())
 }
 
 /// Who may use the console, as in PgBouncer: `admin_users` and `stats_users` after the usual

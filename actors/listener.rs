@@ -48,9 +48,11 @@ impl Actor for Listener {
                         Ok(l) => l,
                         Err(e) => return log::error!("cannot use TCP listener: {e}"),
                     };
+                    let mut failures = 0;
                     loop {
                         match listener.accept().await {
                             Ok((stream, peer)) => {
+                                failures = 0;
                                 let _ = stream.set_nodelay(true);
                                 // As PgBouncer: a socket that cannot be set up is not served.
                                 if let Err(e) = shared.config().general.tcp.apply(&stream) {
@@ -59,7 +61,7 @@ impl Actor for Listener {
                                 }
                                 ClientSession::new(shared.clone(), Socket::Tcp(stream)).start();
                             }
-                            Err(e) => accept_failed(e).await,
+                            Err(e) => accept_failed(e, &mut failures).await,
                         }
                     }
                 }
@@ -68,12 +70,14 @@ impl Actor for Listener {
                         Ok(l) => l,
                         Err(e) => return log::error!("cannot use Unix listener: {e}"),
                     };
+                    let mut failures = 0;
                     loop {
                         match listener.accept().await {
                             Ok((stream, _)) => {
+                                failures = 0;
                                 ClientSession::new(shared.clone(), Socket::Unix(stream)).start();
                             }
-                            Err(e) => accept_failed(e).await,
+                            Err(e) => accept_failed(e, &mut failures).await,
                         }
                     }
                 }
@@ -83,10 +87,22 @@ impl Actor for Listener {
     }
 }
 
-/// Out of file descriptors, typically: log and back off briefly instead of spinning.
-async fn accept_failed(e: std::io::Error) {
-    log::warn!("accept failed: {e}");
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+/// Out of file descriptors, typically: connections wait in the listen backlog while accepting
+/// backs off, from 50 ms doubling to 1.6 s, until descriptors are freed. Logged once per run of
+/// failures, not once per retry.
+async fn accept_failed(e: std::io::Error, failures: &mut u32) {
+    if *failures == 0 {
+        let hint = match e.raw_os_error() {
+            Some(libc::EMFILE) | Some(libc::ENFILE) => {
+                " (out of file descriptors: see the open-file limit logged at start)"
+            }
+            _ => "",
+        };
+        log::warn!("accept failed: {e}{hint}; backing off until it succeeds");
+    }
+    let backoff = std::time::Duration::from_millis(50) * 2u32.pow((*failures).min(5));
+    *failures = failures.saturating_add(1);
+    tokio::time::sleep(backoff).await;
 }
 
 /// Close the listening socket; a graceful shutdown has begun.

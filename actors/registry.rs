@@ -6,12 +6,13 @@
 //! CancelRequest.
 
 use parking_lot::{Mutex, RwLock};
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use tokio::sync::Notify;
 
 use crate::actors::census::Census;
 use crate::actors::client::ClientSession;
@@ -62,6 +63,29 @@ pub struct Shared {
     auth_cache: Mutex<HashMap<(String, String), CachedSecret>>,
     /// Permits for auth_query lookups in flight (see [`AUTH_QUERY_CONCURRENCY`]).
     auth_lookups: tokio::sync::Semaphore,
+    /// Connections still logging in, oldest first, each with the signal that evicts it.
+    pending_logins: Mutex<VecDeque<(u64, Arc<Notify>)>>,
+    next_login: AtomicU64,
+}
+
+/// A connection that has not finished logging in, counted in the registry until dropped.
+pub struct PendingLogin {
+    id: u64,
+    evicted: Arc<Notify>,
+    shared: Arc<Shared>,
+}
+
+impl PendingLogin {
+    /// Completes when newer connections pushed this one out (see [`Shared::start_login`]).
+    pub async fn evicted(&self) {
+        self.evicted.notified().await
+    }
+}
+
+impl Drop for PendingLogin {
+    fn drop(&mut self) {
+        self.shared.pending_logins.lock().retain(|(id, _)| *id != self.id);
+    }
 }
 
 /// An auth_query answer (None: no secret) and when it was fetched.
@@ -100,6 +124,8 @@ impl Shared {
             supervisor: OnceLock::new(),
             auth_cache: Mutex::default(),
             auth_lookups: tokio::sync::Semaphore::new(AUTH_QUERY_CONCURRENCY),
+            pending_logins: Mutex::default(),
+            next_login: AtomicU64::new(0),
         }
     }
 
@@ -335,6 +361,29 @@ impl Shared {
         let _cancel_keys = self.cancel_keys.lock();
         let _census = self.census.snapshot_lock();
         panic!("test: a client's task panicked while holding shared locks");
+    }
+
+    /// Counts a connection that has begun its login, from the moment it is accepted. At most
+    /// `max_client_conn` connections may be logging in at once, apart from the
+    /// `max_client_conn` logged-in clients: beyond that, the connection that has been logging
+    /// in longest is evicted. Silent or stalled half-logins therefore cannot lock anyone out:
+    /// a client that completes its login in time gets in, however many do not.
+    pub fn start_login(self: &Arc<Self>) -> PendingLogin {
+        let id = self.next_login.fetch_add(1, Ordering::Relaxed);
+        let evicted = Arc::new(Notify::new());
+        let budget = self.config().general.max_client_conn.max(1);
+        let mut pending = self.pending_logins.lock();
+        while pending.len() >= budget {
+            let Some((_, oldest)) = pending.pop_front() else { break };
+            // notify_one keeps the signal for a login not waiting on it yet.
+            oldest.notify_one();
+        }
+        pending.push_back((id, evicted.clone()));
+        PendingLogin { id, evicted, shared: self.clone() }
+    }
+
+    pub fn pending_login_count(&self) -> usize {
+        self.pending_logins.lock().len()
     }
 
     /// Counts a client against `max_client_conn`; false when it is over.

@@ -1,5 +1,5 @@
-//! Process plumbing around the actor system: binding the listening sockets, the pidfile,
-//! `-d` (detach) and `-u` (switch user), done before any thread starts.
+//! Process plumbing around the actor system: the open-file limit, binding the listening
+//! sockets, the pidfile, `-d` (detach) and `-u` (switch user), done before any thread starts.
 
 use std::fs;
 use std::io;
@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use socket2::{Domain, Socket as RawSocket, Type};
 
 use crate::actors::listener::BoundListener;
-use crate::config::General;
+use crate::config::{Config, General};
 
 /// PgBouncer's `listen_backlog` default is 128; a burst of `pgbench -C` clients needs more.
 const LISTEN_BACKLOG: i32 = 1024;
@@ -31,6 +31,54 @@ pub enum DaemonError {
     User(String, String),
     #[error("cannot detach: {0}")]
     Detach(io::Error),
+}
+
+/// File descriptors the configuration may need at once, as PgBouncer estimates them:
+/// `max_client_conn` logged-in clients and as many still logging in (see
+/// `Shared::start_login`), every database's servers (`pool_size` + `reserve_pool_size`, per
+/// user in `auth_file` unless the database forces one), and a margin for listeners, log and
+/// auth_query connections.
+pub fn files_needed(config: &Config) -> u64 {
+    let general = &config.general;
+    let users = config.userlist.len().max(1) as u64;
+    let servers: u64 = config
+        .databases
+        .iter()
+        .map(|db| {
+            let per_pool = db.pool_size.unwrap_or(general.default_pool_size)
+                + db.reserve_pool_size.unwrap_or(general.reserve_pool_size);
+            per_pool as u64 * if db.user.is_some() { 1 } else { users }
+        })
+        .sum();
+    2 * general.max_client_conn as u64 + servers + 64
+}
+
+/// Raises the soft RLIMIT_NOFILE to what the configuration needs (up to the hard limit), as
+/// PgBouncer does, and warns when the hard limit is too low: past it, accept() fails and
+/// clients are turned away. Returns the soft limit in force.
+pub fn raise_file_limit(needed: u64) -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        log::warn!("cannot read the open-file limit: {}", io::Error::last_os_error());
+        return 0;
+    }
+    if limit.rlim_cur < needed && limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit { rlim_cur: needed.min(limit.rlim_max), rlim_max: limit.rlim_max };
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            log::info!("raised the open-file limit from {} to {}", limit.rlim_cur, raised.rlim_cur);
+            limit.rlim_cur = raised.rlim_cur;
+        } else {
+            log::warn!("cannot raise the open-file limit: {}", io::Error::last_os_error());
+        }
+    }
+    if limit.rlim_cur < needed {
+        log::warn!(
+            "the open-file limit is {} but this configuration may need {needed} (max_client_conn and \
+             pool sizes); raise the hard limit (ulimit -Hn, LimitNOFILE=) or clients will be refused",
+            limit.rlim_cur
+        );
+    }
+    limit.rlim_cur
 }
 
 /// Binds every listening socket: for each TCP address one socket per worker (SO_REUSEPORT),

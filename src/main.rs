@@ -84,6 +84,7 @@ fn run(
     if let Some(user) = &args.user {
         daemon::switch_user(user)?;
     }
+    daemon::raise_file_limit(daemon::files_needed(&config));
     let workers = general.workers.max(1);
     // Bind before detaching so that an address in use is reported on the terminal.
     let listeners = daemon::bind_listeners(&general, workers)?;

@@ -131,3 +131,42 @@ async fn an_auth_query_flood_opens_only_a_few_connections() {
     let app = pooler.connect(APP_USER, APP_PASSWORD, "app").await.expect("login");
     assert_eq!(first_value(&app, "SELECT 1").await.unwrap(), "1");
 }
+
+/// Connections that start a login and never finish it (the startup packet, then silence at the
+/// password question) cannot lock anyone out: at most `max_client_conn` of them are kept, the
+/// oldest giving way to newer ones, and a client that completes its login gets in at once
+/// instead of after `client_login_timeout`.
+#[tokio::test(flavor = "multi_thread")]
+async fn stalled_half_logins_cannot_lock_out_clients_that_finish_theirs() {
+    let pg = Postgres::shared();
+    let general = "max_client_conn = 20\nclient_login_timeout = 300";
+    let pooler = Pooler::start(&pool_ini(pg, "app", "", "transaction", general), &app_userlist());
+    let mut stalled = Vec::new();
+    for i in 0..60 {
+        let mut half = RawClient::start(pooler.port, &format!("stall_{i}"), "app");
+        assert_eq!(half.read().tag, b'R', "asked for a password, which never comes");
+        stalled.push(half);
+    }
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        let app = pooler.connect(APP_USER, APP_PASSWORD, "app").await.expect("a real login gets in");
+        assert_eq!(first_value(&app, "SELECT 1").await.unwrap(), "1");
+        clients.push(app);
+    }
+    // The oldest half-logins were closed to make room; at most max_client_conn remain open.
+    let closed = stalled.iter_mut().map(|half| is_closed(&mut half.stream)).filter(|&c| c).count();
+    assert!(closed >= 40, "only {closed} of 60 stalled logins were closed");
+    assert!(pooler.log().contains("evicted"), "{}", pooler.log());
+}
+
+/// True when pgcorral closed the socket; false while it is open and silent.
+fn is_closed(stream: &mut std::net::TcpStream) -> bool {
+    use std::io::{ErrorKind, Read};
+    stream.set_read_timeout(Some(std::time::Duration::from_millis(200))).unwrap();
+    let mut byte = [0u8; 1];
+    match stream.read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => panic!("a stalled login was sent something"),
+        Err(e) => !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+    }
+}

@@ -493,3 +493,54 @@ fn shipped_configurations_pass_check() {
         assert!(!stderr(&out).contains("not implemented"), "{}: {}", file.display(), stderr(&out));
     }
 }
+
+/// Starts the daemon with its open-file limit set to `soft`/`hard` (a hard limit above this
+/// process's own is kept at its own) and returns the soft limit it runs with.
+fn run_with_file_limit(setup: &Setup, soft: u64, hard: u64) -> (u64, String) {
+    use std::os::unix::process::CommandExt;
+    let out = File::create(setup.dir.join("stderr.log")).expect("create stderr.log");
+    let mut cmd = pgcorral();
+    cmd.arg(&setup.ini).stdout(out.try_clone().unwrap()).stderr(out);
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+            let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard.min(limit.rlim_max) };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut daemon = Daemon { child: spawn_supervised(cmd).expect("spawn pgcorral") };
+    assert!(
+        wait_until(DEADLINE, || TcpStream::connect(("127.0.0.1", setup.port)).is_ok()),
+        "{}",
+        setup.log()
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", daemon.child.id())).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).expect("a Max open files line");
+    let soft = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+    unsafe { libc::kill(daemon.child.id() as libc::pid_t, libc::SIGTERM) };
+    daemon.wait(DEADLINE);
+    (soft, setup.log())
+}
+
+/// As PgBouncer: the soft open-file limit is raised to what `max_client_conn` and the pools
+/// may need, and a hard limit too low for them is named in a warning.
+#[test]
+fn the_open_file_limit_is_raised_to_fit_max_client_conn() {
+    let mut own = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut own) };
+    // 2 x 3000 clients (logged in and logging in) + the 64 margin; no database, no servers.
+    let needed = 6064;
+    let setup = Setup::new("max_client_conn = 3000\n");
+    if own.rlim_max >= needed {
+        let (soft, log) = run_with_file_limit(&setup, 256, own.rlim_max);
+        assert_eq!(soft, needed, "{log}");
+        assert!(log.contains("raised the open-file limit from 256 to 6064"), "{log}");
+    }
+    let (soft, log) = run_with_file_limit(&setup, 256, 1024);
+    assert_eq!(soft, 1024, "raised as far as the hard limit allows: {log}");
+    assert!(log.contains("may need 6064"), "the shortfall is named: {log}");
+}
