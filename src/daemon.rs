@@ -100,7 +100,7 @@ pub fn bind_listeners(general: &General, workers: usize) -> Result<Vec<Vec<Bound
     }
     if let Some(dir) = &general.unix_socket_dir {
         let path = dir.join(format!(".s.PGSQL.{}", general.listen_port));
-        let listener = bind_unix(&path)
+        let listener = bind_unix(&path, general.unix_socket_mode, general.unix_socket_group.as_deref())
             .map_err(|e| DaemonError::Bind { addr: path.display().to_string(), source: e })?;
         per_worker[0].push(BoundListener::Unix(listener));
     }
@@ -166,7 +166,8 @@ fn bind_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-fn bind_unix(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
+/// Binds the Unix socket with `unix_socket_mode` and, when set, `unix_socket_group`.
+fn bind_unix(path: &Path, mode: u32, group: Option<&str>) -> io::Result<std::os::unix::net::UnixListener> {
     // A socket file left by a crashed process would make bind fail; a live one would answer.
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -176,8 +177,28 @@ fn bind_unix(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
     }
     let listener = std::os::unix::net::UnixListener::bind(path)?;
     listener.set_nonblocking(true)?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o777))?;
+    if let Some(group) = group {
+        let gid = group_id(group).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("unix_socket_group {group}: no such group"))
+        })?;
+        std::os::unix::fs::chown(path, None, Some(gid))?;
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
     Ok(listener)
+}
+
+/// The id of a group named by name or number.
+fn group_id(name: &str) -> Option<u32> {
+    if let Ok(gid) = name.parse() {
+        return Some(gid);
+    }
+    let name = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut group: libc::group = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // getgrnam_r: the reentrant form; start-up is single-threaded, but this costs nothing.
+    let rc = unsafe { libc::getgrnam_r(name.as_ptr(), &mut group, buf.as_mut_ptr(), buf.len(), &mut result) };
+    (rc == 0 && !result.is_null()).then_some(group.gr_gid)
 }
 
 /// Removes the pidfile when dropped.

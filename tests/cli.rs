@@ -544,3 +544,35 @@ fn the_open_file_limit_is_raised_to_fit_max_client_conn() {
     assert_eq!(soft, 1024, "raised as far as the hard limit allows: {log}");
     assert!(log.contains("may need 6064"), "the shortfall is named: {log}");
 }
+
+/// `unix_socket_mode` and `unix_socket_group` set the Unix socket's permissions, as in
+/// PgBouncer (the default stays 0777); an unknown group stops start-up with its name.
+#[test]
+fn unix_socket_mode_and_group_apply_to_the_socket() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let socket = |setup: &Setup| setup.dir.join(format!(".s.PGSQL.{}", setup.port));
+    // TCP accepts as soon as it is bound, a moment before the Unix socket is set up.
+    let started = |setup: &Setup| assert!(wait_until(DEADLINE, || setup.log().contains("started with")));
+    let setup = Setup::new("");
+    let daemon = Daemon::start(&setup);
+    started(&setup);
+    assert_eq!(std::fs::metadata(socket(&setup)).unwrap().permissions().mode() & 0o777, 0o777);
+    drop(daemon);
+
+    // As root any group will do; otherwise only our own.
+    let group = if unsafe { libc::geteuid() } == 0 { 65534 } else { unsafe { libc::getegid() } };
+    let setup = Setup::new(&format!("unix_socket_mode = 0770\nunix_socket_group = {group}\n"));
+    let daemon = Daemon::start(&setup);
+    started(&setup);
+    let meta = std::fs::metadata(socket(&setup)).unwrap();
+    assert_eq!((meta.permissions().mode() & 0o777, meta.gid()), (0o770, group));
+    drop(daemon);
+
+    let setup = Setup::new("unix_socket_group = no_such_group_here\n");
+    let (status, log) = {
+        let out = pgcorral().arg(&setup.ini).output().expect("run pgcorral");
+        (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    assert!(!status.success());
+    assert!(log.contains("unix_socket_group no_such_group_here: no such group"), "{log}");
+}

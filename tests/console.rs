@@ -76,13 +76,20 @@ async fn show_pools_clients_and_servers_under_fifty_clients_on_two_servers() {
 
     // Between its Parse round and its Bind round a client is briefly idle: wait for the still
     // picture, two clients blocked on the two servers and the rest queued.
+    // The picture is read once: a second SHOW could catch a client between its two rounds.
+    let mut still = None;
     let waiting = poll(async || {
         let pools = show(&console, "SHOW POOLS").await;
-        pools.number("database", &db, "cl_waiting") == 48 && pools.number("database", &db, "cl_active") == 2
+        let seen = pools.number("database", &db, "cl_waiting") == 48
+            && pools.number("database", &db, "cl_active") == 2;
+        if seen {
+            still = Some(pools);
+        }
+        seen
     })
     .await;
     assert!(waiting, "SHOW POOLS never showed 48 waiting clients behind 2 active ones");
-    let pools = show(&console, "SHOW POOLS").await;
+    let pools = still.expect("the still picture");
     let pool = pools.row("database", &db);
     assert_eq!(pool["user"], APP_USER);
     assert_eq!(pool["cl_active"], "2");

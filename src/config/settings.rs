@@ -60,6 +60,10 @@ pub struct General {
     pub listen_port: u16,
     /// `None` when set to an empty value: no Unix socket.
     pub unix_socket_dir: Option<PathBuf>,
+    /// File mode of the Unix socket (PgBouncer's default 0777).
+    pub unix_socket_mode: u32,
+    /// Group the Unix socket is given; None leaves pgcorral's own.
+    pub unix_socket_group: Option<String>,
     pub auth_type: AuthType,
     /// Already resolved against the main config file's directory.
     pub auth_file: Option<PathBuf>,
@@ -175,6 +179,8 @@ impl Default for General {
             listen_addr: Vec::new(),
             listen_port: 6432,
             unix_socket_dir: Some(PathBuf::from("/tmp")),
+            unix_socket_mode: 0o777,
+            unix_socket_group: None,
             auth_type: AuthType::Md5,
             auth_file: None,
             auth_hba_file: None,
@@ -403,8 +409,6 @@ pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
     "syslog_ident",
     "tcp_defer_accept",
     "tcp_socket_buffer",
-    "unix_socket_group",
-    "unix_socket_mode",
     "user",
 ];
 
@@ -497,6 +501,8 @@ const PGBOUNCER_IMPLEMENTED: &[&str] = &[
     "stats_users",
     "track_extra_parameters",
     "unix_socket_dir",
+    "unix_socket_mode",
+    "unix_socket_group",
     "verbose",
     "workers",
 ];
@@ -748,6 +754,17 @@ pub(crate) fn apply_general(
         "listen_addr" => general.listen_addr = list(s.value),
         "listen_port" => general.listen_port = s.port()?,
         "unix_socket_dir" => general.unix_socket_dir = s.path(),
+        "unix_socket_mode" => {
+            general.unix_socket_mode = u32::from_str_radix(s.value.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|mode| *mode <= 0o777)
+                .ok_or_else(|| {
+                    s.invalid(format!("expected an octal file mode such as 0770, got {:?}", s.value))
+                })?
+        }
+        "unix_socket_group" => {
+            general.unix_socket_group = Some(s.value.trim()).filter(|g| !g.is_empty()).map(str::to_string)
+        }
         "auth_type" => general.auth_type = s.auth_type()?,
         "auth_file" => general.auth_file = s.path().map(|p| base_dir.join(p)),
         "auth_user" => general.auth_user = (!s.value.is_empty()).then(|| s.value.to_string()),
