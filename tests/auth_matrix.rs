@@ -278,3 +278,28 @@ fn secrets_never_reach_logs_or_show_output() {
         assert!(!shown.contains(secret), "{secret} in SHOW output:\n{shown}");
     }
 }
+
+/// A password that SASLprep rewrites (a no-break space, full-width letters): PostgreSQL and
+/// libpq salt its prepared form, and so must pgcorral, both when it checks a client against
+/// the plaintext in `auth_file` and when it logs in to PostgreSQL with it.
+#[tokio::test]
+async fn passwords_that_saslprep_rewrites_work_both_ways() {
+    let pg = Postgres::shared();
+    // U+00A0 maps to a space, U+FF50.. (full-width) fold to ASCII under NFKC.
+    let password = "ｐａｓｓ\u{a0}word";
+    pg.sql(&format!(
+        "DROP ROLE IF EXISTS saslprep_user; CREATE ROLE saslprep_user LOGIN PASSWORD '{password}';
+         GRANT CONNECT ON DATABASE app TO saslprep_user;"
+    ));
+    let stored = pg.sql("SELECT rolpassword FROM pg_authid WHERE rolname = 'saslprep_user'");
+    assert!(stored.starts_with("SCRAM-SHA-256$"), "{stored}");
+    let ini =
+        pool_ini(pg, "app", "", "transaction", "").replace("auth_type = md5", "auth_type = scram-sha-256");
+    let pooler = Pooler::start(&ini, &(app_userlist() + &Pooler::userlist_line("saslprep_user", password)));
+    let client = pooler.connect("saslprep_user", password, "app").await.expect("login through pgcorral");
+    assert_eq!(first_value(&client, "SELECT current_user").await.unwrap(), "saslprep_user");
+    // Its prepared form is the same password, as PostgreSQL sees it; one character off is not.
+    pooler.connect("saslprep_user", "pass word", "app").await.expect("the SASLprep'd spelling");
+    let error = pooler.connect("saslprep_user", "password", "app").await.expect_err("another password");
+    assert_eq!(error.as_db_error().map(|e| e.code().code()), Some("28P01"), "{error:?}");
+}

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use rand::rngs::StdRng;
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, RngExt, SeedableRng};
 use support::*;
 use tokio_postgres::error::SqlState;
 
@@ -506,7 +506,7 @@ async fn random_byte_streams_are_refused() {
 
         // Before login: from the first byte, and behind a plausible startup header so that
         // parameter parsing sees the noise.
-        let mut behind_header = startup_packet(PROTOCOL_3_0, &noise[..rng.gen_range(16..4000)]);
+        let mut behind_header = startup_packet(PROTOCOL_3_0, &noise[..rng.random_range(16..4000)]);
         behind_header.extend_from_slice(&noise);
         for (what, bytes) in
             [("random bytes", &noise), ("a startup header then random bytes", &behind_header)]
@@ -525,8 +525,8 @@ async fn random_byte_streams_are_refused() {
         let mut framed = Vec::new();
         let mut offset = 0;
         while offset + 300 < noise.len() {
-            let len = rng.gen_range(0..300);
-            framed.extend_from_slice(&message(rng.gen_range(b'A'..=b'z'), &noise[offset..offset + len]));
+            let len = rng.random_range(0..300);
+            framed.extend_from_slice(&message(rng.random_range(b'A'..=b'z'), &noise[offset..offset + len]));
             offset += len;
         }
         for (what, bytes) in

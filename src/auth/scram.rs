@@ -20,7 +20,6 @@
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 use super::constant_time_eq;
@@ -84,7 +83,7 @@ impl ScramServer {
     /// Starts an exchange that verifies the client against a stored verifier.
     pub fn new(secret: ScramSecret) -> ScramServer {
         let mut raw = [0u8; SERVER_NONCE_BYTES];
-        rand::thread_rng().fill_bytes(&mut raw);
+        rand::fill(&mut raw);
         // Base64 has no ',' and is printable, as the nonce grammar requires.
         ScramServer::with_server_nonce(secret, STANDARD.encode(raw))
     }
@@ -304,7 +303,7 @@ fn plain_verifier(password: &str, iterations: u32) -> ScramSecret {
         return secret;
     }
     let mut salt = [0u8; PLAIN_SALT_BYTES];
-    rand::thread_rng().fill_bytes(&mut salt);
+    rand::fill(&mut salt);
     let secret = ScramSecret::from_password(password, &salt, iterations);
     let mut cache = plain_verifiers().lock();
     if cache.len() >= MAX_CACHED {

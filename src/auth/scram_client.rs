@@ -18,13 +18,12 @@ use std::fmt;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 use super::constant_time_eq;
 use super::error::ScramClientError;
 use super::kdf::MAX_ITERATIONS;
-use super::secret::{hmac_sha256, salted_password, ScramSecret};
+use super::secret::{hmac_sha256, prepared_password, salted_password, ScramSecret};
 
 /// Random bytes in our nonce; libpq uses as many.
 const CLIENT_NONCE_BYTES: usize = 18;
@@ -45,11 +44,10 @@ pub struct ScramKeys {
 
 impl ScramKeys {
     /// Derives the keys from a password, salted as PostgreSQL salts it for
-    /// the given salt and iteration count. Like
-    /// [`ScramSecret::from_password`], the password bytes are used as they
-    /// are, without SASLprep.
+    /// the given salt and iteration count, SASLprep included, like
+    /// [`ScramSecret::from_password`].
     pub fn from_password(password: &str, salt: &[u8], iterations: u32) -> ScramKeys {
-        let salted = salted_password(password.as_bytes(), salt, iterations);
+        let salted = salted_password(prepared_password(password).as_bytes(), salt, iterations);
         ScramKeys {
             client_key: hmac_sha256(&salted, b"Client Key"),
             server_key: hmac_sha256(&salted, b"Server Key"),
@@ -270,7 +268,7 @@ fn check_extensions<'a>(attrs: impl Iterator<Item = &'a str>) -> Result<(), Scra
 
 fn random_nonce() -> String {
     let mut raw = [0u8; CLIENT_NONCE_BYTES];
-    rand::thread_rng().fill_bytes(&mut raw);
+    rand::fill(&mut raw);
     // Base64 is printable and has no ',', as the nonce grammar requires.
     STANDARD.encode(raw)
 }

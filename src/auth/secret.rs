@@ -6,7 +6,7 @@ use std::fmt;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 
 const SCRAM_PREFIX: &str = "SCRAM-SHA-256$";
@@ -53,20 +53,22 @@ fn is_md5_secret(s: &str) -> bool {
     s.len() == 35 && s.starts_with("md5") && s[3..].bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
+/// A password as SCRAM salts it: SASLprep'd (RFC 4013), as PostgreSQL and libpq do, so that a
+/// password with a non-ASCII space or a full-width letter gives PostgreSQL's verifier. A
+/// password SASLprep refuses (prohibited or unassigned characters) is used as it is, again as
+/// PostgreSQL does.
+pub(crate) fn prepared_password(password: &str) -> std::borrow::Cow<'_, str> {
+    stringprep::saslprep(password).unwrap_or(std::borrow::Cow::Borrowed(password))
+}
+
 /// PostgreSQL's salt length (`SCRAM_DEFAULT_SALT_LEN`).
 const MOCK_SALT_BYTES: usize = 16;
 
 impl ScramSecret {
-    /// Derives the verifier PostgreSQL would store for `password`.
-    ///
-    /// PostgreSQL runs the password through SASLprep first. That needs
-    /// Unicode normalisation tables this crate does not carry, so here the
-    /// password bytes are used as they are. The two agree for every ASCII
-    /// password and for most others; they differ only for passwords holding
-    /// characters SASLprep rewrites (non-ASCII spaces, zero-width characters,
-    /// compatibility forms such as full-width letters).
+    /// Derives the verifier PostgreSQL would store for `password`, SASLprep included (see
+    /// [`prepared_password`]).
     pub fn from_password(password: &str, salt: &[u8], iterations: u32) -> ScramSecret {
-        let salted = salted_password(password.as_bytes(), salt, iterations);
+        let salted = salted_password(prepared_password(password).as_bytes(), salt, iterations);
         let client_key = hmac_sha256(&salted, b"Client Key");
         ScramSecret {
             iterations,
