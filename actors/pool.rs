@@ -58,6 +58,9 @@ pub struct PoolSettings {
     /// Socket options for servers opened from now on; not a reason to reconnect open ones.
     pub tcp: TcpSettings,
     pub pool_mode: PoolMode,
+    /// The database logs in as its own `user=`: one pool serves every client user, and its
+    /// `min_pool_size` is kept whether or not a client is connected.
+    pub forced_user: bool,
     pub pool_size: usize,
     pub reserve_pool_size: usize,
     pub min_pool_size: usize,
@@ -632,13 +635,19 @@ impl Pool {
     }
 
     /// Keeps `min_pool_size` open (never above `pool_size`), spreading the servers across
-    /// workers that have a router. As in PgBouncer, only while the pool has a client: a pool
-    /// nobody uses any more keeps what it has but does not grow back to its minimum.
+    /// workers that have a router.
     fn keep_warm(&mut self) {
         let settings = self.shared.settings();
         let min = settings.min_pool_size.min(settings.pool_size);
         let routers = self.shared.all_routers();
-        if routers.is_empty() || self.shared.client_count() == 0 {
+        // As PgBouncer (1.24+): a pool with a forced user stays warm from start-up on; others
+        // only while they have a client, and keep what they have but do not grow back.
+        if routers.is_empty() || (self.shared.client_count() == 0 && !settings.forced_user) {
+            return;
+        }
+        // A slot another pool of the same database or user is waiting for goes to it: warming
+        // this pool back up would take it again, and the two would trade it forever.
+        if self.shared.shared_limit_contended(&settings) {
             return;
         }
         let missing = min.saturating_sub(self.shared.server_count());

@@ -66,6 +66,7 @@ pub struct Shared {
     /// Connections still logging in, oldest first, each with the signal that evicts it.
     pending_logins: Mutex<VecDeque<(u64, Arc<Notify>)>>,
     next_login: AtomicU64,
+    worker_arbiters: OnceLock<Vec<ArbiterHandle>>,
 }
 
 /// A connection that has not finished logging in, counted in the registry until dropped.
@@ -126,6 +127,7 @@ impl Shared {
             auth_lookups: tokio::sync::Semaphore::new(AUTH_QUERY_CONCURRENCY),
             pending_logins: Mutex::default(),
             next_login: AtomicU64::new(0),
+            worker_arbiters: OnceLock::new(),
         }
     }
 
@@ -242,6 +244,7 @@ impl Shared {
                 pool.update_settings(settings);
             }
         }
+        self.warm_forced_pools();
     }
 
     /// A reload removed `database`: new logins are refused (it no longer resolves), clients
@@ -277,8 +280,19 @@ impl Shared {
         let config = self.config();
         let (key, settings) = resolve(&config, database, user)?;
         let mut pools = self.pools.lock();
+        let pool = self.pool_in(&mut pools, key, settings);
+        Ok(pool.member())
+    }
+
+    /// The pool of `key` in the (locked) registry, created if it is not there.
+    fn pool_in(
+        &self,
+        pools: &mut HashMap<PoolKey, Arc<PoolShared>>,
+        key: PoolKey,
+        settings: PoolSettings,
+    ) -> Arc<PoolShared> {
         if let Some(pool) = pools.get(&key) {
-            return Ok(pool.member());
+            return pool.clone();
         }
         let db_limit = limit_for(&self.db_limits, &key.database, settings.max_db_connections);
         let user_limit = limit_for(&self.user_limits, &key.user, settings.max_user_connections);
@@ -295,7 +309,38 @@ impl Shared {
         pool.set_hold(self.holds.lock().of(&key.database));
         self.start_lifecycle(&pool);
         pools.insert(key, pool.clone());
-        Ok(pool.member())
+        pool
+    }
+
+    /// The worker arbiters, given once by the Supervisor when they have started: where the
+    /// pools warmed without a client get their router.
+    pub fn set_worker_arbiters(&self, arbiters: Vec<ArbiterHandle>) {
+        let _ = self.worker_arbiters.set(arbiters);
+        self.warm_forced_pools();
+    }
+
+    /// As PgBouncer (1.24+): a database that forces its user keeps `min_pool_size` servers
+    /// open from start-up and after every reload, with no client connected. Its pool is made
+    /// now, with a router on the first worker for its Pool actor to grow through.
+    pub fn warm_forced_pools(&self) {
+        let Some(first_worker) = self.worker_arbiters.get().and_then(|a| a.first()) else { return };
+        let config = self.config();
+        for db in config.databases.iter().filter(|db| db.name != "*") {
+            let Some(user) = &db.user else { continue };
+            if db.min_pool_size.unwrap_or(config.general.min_pool_size) == 0 {
+                continue;
+            }
+            let pool = match resolve(&config, &db.name, user) {
+                Ok((key, settings)) => self.pool_in(&mut self.pools.lock(), key, settings),
+                Err(e) => {
+                    log::warn!("database {}: cannot keep min_pool_size: {}", db.name, e.message);
+                    continue;
+                }
+            };
+            first_worker.spawn(async move {
+                crate::actors::router::local_router(&pool);
+            });
+        }
     }
 
     /// Frees every pool that has had no client and no server for its idle lifetime
@@ -501,6 +546,9 @@ pub fn resolve(config: &Config, database: &str, user: &str) -> Result<(PoolKey, 
     let general = &config.general;
     let server_user = entry.user.clone().unwrap_or_else(|| user.to_string());
     let user_entry = config.user(user);
+    // A database that forces its user has one pool for every client user: a client user's
+    // `[users]` pool_size must not size it (as PgBouncer 1.24+), or the first to log in would.
+    let sizing_entry = user_entry.filter(|_| entry.user.is_none());
     let password = match &entry.password {
         Some(password) => Some(Secret::Plain(password.clone())),
         None => config.secret(&server_user).map(Secret::parse),
@@ -528,11 +576,12 @@ pub fn resolve(config: &Config, database: &str, user: &str) -> Result<(PoolKey, 
         tcp: general.tcp,
         max_prepared_statements: general.max_prepared_statements,
         pool_mode: user_entry.and_then(|u| u.pool_mode).or(entry.pool_mode).unwrap_or(general.pool_mode),
-        pool_size: user_entry
+        forced_user: entry.user.is_some(),
+        pool_size: sizing_entry
             .and_then(|u| u.pool_size)
             .or(entry.pool_size)
             .unwrap_or(general.default_pool_size),
-        reserve_pool_size: user_entry
+        reserve_pool_size: sizing_entry
             .and_then(|u| u.reserve_pool_size)
             .or(entry.reserve_pool_size)
             .unwrap_or(general.reserve_pool_size),
@@ -638,6 +687,15 @@ pub(crate) mod tests {
             assert_eq!(shared.cached_secret(&key(0)), Some(Some("md5-of-a-real-user".into())));
             assert_eq!(shared.cached_secret(&key(AUTH_QUERY_CACHE_ENTRIES + 500)), Some(None));
         });
+    }
+
+    #[test]
+    fn a_users_pool_size_does_not_size_a_database_that_forces_its_user() {
+        let ini = "[databases]\nforced = host=h user=svc pool_size=7\nopen = host=h pool_size=7\n\
+                   [users]\nalice = pool_size=3\n[pgbouncer]\nauth_type = trust\n";
+        let (config, _) = Config::parse_str(ini, Path::new("test.ini")).expect("config");
+        assert_eq!(resolve(&config, "forced", "alice").unwrap().1.pool_size, 7);
+        assert_eq!(resolve(&config, "open", "alice").unwrap().1.pool_size, 3);
     }
 
     #[test]

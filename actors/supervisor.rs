@@ -194,6 +194,7 @@ impl Actor for Supervisor {
             }
             self.workers.push(arbiter);
         }
+        self.shared.set_worker_arbiters(self.workers.iter().map(Arbiter::handle).collect());
         log::info!("pgcorral started with {} workers", self.workers.len());
         ctx.run_interval(WATCH_PERIOD, |supervisor, _| {
             supervisor.shared.revive_pools();

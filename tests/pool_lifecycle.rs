@@ -133,3 +133,25 @@ async fn a_pool_of_a_database_reached_through_the_wildcard_is_freed_after_autodb
     let app = pooler.connect(APP_USER, APP_PASSWORD, &auto).await.expect("login after the pool was freed");
     assert_eq!(first_value(&app, "SELECT 3").await.unwrap(), "3");
 }
+
+/// As PgBouncer (1.24+): a database that logs in as its own user keeps `min_pool_size`
+/// servers open from start-up on, with no client ever connected, and follows a reload that
+/// raises it; such a pool is never freed as unused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_that_forces_its_user_keeps_min_pool_size_from_start_up() {
+    let pg = Postgres::shared();
+    let db = pg.create_database("lifecycle_warm");
+    let databases =
+        format!("{db} = host=127.0.0.1 port=@PORT@ dbname={db} user={APP_USER} password={APP_PASSWORD}");
+    let general = "min_pool_size = 2\npool_idle_timeout = 1";
+    let pooler = Pooler::start(&ini(pg, &databases, general), &userlist());
+    let servers = |n: usize| wait_until(Duration::from_secs(20), || backend_count(pg, &db) == n);
+    assert!(servers(2), "min_pool_size never warmed: {} servers\n{}", backend_count(pg, &db), pooler.log());
+    assert_eq!(pools(&pooler).await, vec![(db.clone(), APP_USER.to_string())]);
+
+    let console = pooler.connect(ADMIN, ADMIN_PASSWORD, "pgbouncer").await.expect("admin login");
+    console.simple_query("SET min_pool_size = 3").await.expect("SET");
+    assert!(servers(3), "the reload's min_pool_size was not kept: {} servers", backend_count(pg, &db));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(pools(&pooler).await.len(), 1, "a warm pool is not freed as unused");
+}

@@ -354,6 +354,14 @@ impl Config {
         let general = &self.general;
         let lifetime = match self.database(database) {
             None => return Some(Duration::ZERO),
+            // Kept warm with no client (see `Shared::warm_forced_pools`), so never freed.
+            Some(db)
+                if db.name != "*"
+                    && db.user.is_some()
+                    && db.min_pool_size.unwrap_or(general.min_pool_size) > 0 =>
+            {
+                return None
+            }
             Some(_) if self.is_autodb(database) => general.autodb_idle_timeout,
             Some(_) => general.pool_idle_timeout,
         };
