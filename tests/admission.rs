@@ -170,3 +170,53 @@ fn is_closed(stream: &mut std::net::TcpStream) -> bool {
         Err(e) => !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
     }
 }
+
+/// `max_user_client_connections` and `max_db_client_connections` count a client exactly
+/// once, and give the slot back however its login ends: clients that vanish right after
+/// sending their password (some before, some after pgcorral counted them), and users found
+/// through `auth_query`, leave nothing counted behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_connection_limits_stay_exact_when_logins_end_half_way() {
+    let pg = Postgres::shared();
+    // md5_user is found through auth_query (it is not in auth_file); its md5 secret lets
+    // pgcorral check a cleartext password and log in to PostgreSQL with it.
+    let general = "auth_user = postgres\nmax_user_client_connections = 2\nmax_db_client_connections = 3";
+    let ini = pool_ini(pg, "app", "", "transaction", general).replace("auth_type = md5", "auth_type = plain");
+    let pooler = Pooler::start(&ini, &app_userlist());
+    for round in 0..20 {
+        for (user, password) in [(APP_USER, APP_PASSWORD), (MD5_USER, MD5_PASSWORD)] {
+            let mut half = RawClient::start(pooler.port, user, "app");
+            assert_eq!(half.read().body[..4], 3i32.to_be_bytes(), "asked for a cleartext password");
+            let mut buf = BytesMut::new();
+            frontend::password_message(password.as_bytes(), &mut buf).unwrap();
+            half.send(&buf);
+            if round % 2 == 0 {
+                // Gone before the answer; on odd rounds after AuthenticationOk.
+                drop(half);
+            } else {
+                assert_eq!(half.read().body[..4], 0i32.to_be_bytes(), "AuthenticationOk");
+            }
+        }
+    }
+    // Every slot came back (as each vanished session is noticed): app_user gets exactly its
+    // two, and the database its three.
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        held = vec![
+            pooler.connect(APP_USER, APP_PASSWORD, "app").await,
+            pooler.connect(APP_USER, APP_PASSWORD, "app").await,
+        ];
+        if held.iter().all(Result::is_ok) {
+            break;
+        }
+        held.clear();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(held.iter().all(Result::is_ok), "slots were leaked: {held:?}");
+    let over = pooler.connect(APP_USER, APP_PASSWORD, "app").await.expect_err("a third for app_user");
+    assert!(format!("{over:?}").contains("max_user_client_connections"), "{over:?}");
+    let md5 = pooler.connect(MD5_USER, MD5_PASSWORD, "app").await.expect("the database's third");
+    assert_eq!(first_value(&md5, "SELECT current_user").await.unwrap(), MD5_USER);
+    let over = pooler.connect(MD5_USER, MD5_PASSWORD, "app").await.expect_err("a fourth for the database");
+    assert!(format!("{over:?}").contains("max_db_client_connections"), "{over:?}");
+}
