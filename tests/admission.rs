@@ -220,3 +220,27 @@ async fn client_connection_limits_stay_exact_when_logins_end_half_way() {
     let over = pooler.connect(MD5_USER, MD5_PASSWORD, "app").await.expect_err("a fourth for the database");
     assert!(format!("{over:?}").contains("max_db_client_connections"), "{over:?}");
 }
+
+/// The process ID in BackendKeyData is random, as the secret key is: a sequence would tell
+/// every client how many connections came before it.
+#[test]
+fn backend_key_process_ids_are_not_a_sequence() {
+    let pg = Postgres::shared();
+    let ini = pool_ini(pg, "app", "", "transaction", "").replace("auth_type = md5", "auth_type = plain");
+    let pooler = Pooler::start(&ini, &app_userlist());
+    let mut ids = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let mut client = RawClient::start(pooler.port, APP_USER, "app");
+        assert_eq!(client.read().body[..4], 3i32.to_be_bytes());
+        let mut buf = BytesMut::new();
+        frontend::password_message(APP_PASSWORD.as_bytes(), &mut buf).unwrap();
+        client.send(&buf);
+        let key = client.until_ready().into_iter().find(|m| m.tag == b'K').expect("BackendKeyData");
+        ids.push(i32::from_be_bytes(key.body[..4].try_into().unwrap()));
+        clients.push(client);
+    }
+    let steps: Vec<i64> = ids.windows(2).map(|w| w[1] as i64 - w[0] as i64).collect();
+    assert!(steps.iter().any(|step| step.abs() > 1_000), "process IDs in sequence: {ids:?}");
+    assert!(ids.iter().all(|id| *id > 0), "{ids:?}");
+}
