@@ -458,7 +458,7 @@ async fn authenticate(
             known && matches
         }
         Check::Md5 if matches!(secret, Secret::Scram(_)) => {
-            let (ok, proved) = scram_exchange(wire, &secret, config.general.scram_iterations).await?;
+            let (ok, proved) = scram_exchange(wire, user, &secret, config.general.scram_iterations).await?;
             keys = proved;
             if !(known && ok) {
                 return Err(sasl_failed());
@@ -478,7 +478,7 @@ async fn authenticate(
                 log::warn!("user \"{user}\": scram-sha-256 login impossible with an md5 secret in auth_file");
                 return Err(auth_failed(user));
             }
-            let (ok, proved) = scram_exchange(wire, &secret, config.general.scram_iterations).await?;
+            let (ok, proved) = scram_exchange(wire, user, &secret, config.general.scram_iterations).await?;
             keys = proved;
             if !(known && ok) {
                 return Err(sasl_failed());
@@ -520,17 +520,19 @@ fn decoy_password() -> &'static str {
 /// password, and the keys it proved a stored SCRAM secret with.
 async fn scram_exchange(
     wire: &mut Wire,
+    user: &str,
     secret: &Secret,
     iterations: u32,
 ) -> Result<(bool, Option<ScramKeys>), LoginError> {
     let server = match secret {
         Secret::Scram(keys) => ScramServer::new(keys.clone()),
-        Secret::Plain(password) => match ScramServer::cached_for_plain_password(password, iterations) {
+        Secret::Plain(password) => match ScramServer::cached_for_plain_password(user, password, iterations) {
             Some(server) => server,
             // The first login with this password derives its verifier, off this thread.
             None => {
-                let password = password.clone();
-                kdf::off_worker(move || ScramServer::for_plain_password_with(&password, iterations)).await
+                let (user, password) = (user.to_string(), password.clone());
+                kdf::off_worker(move || ScramServer::for_plain_password_with(&user, &password, iterations))
+                    .await
             }
         },
         Secret::Md5(_) => return Ok((false, None)),

@@ -90,21 +90,23 @@ impl ScramServer {
 
     /// Starts an exchange for a user whose password pgcorral knows in
     /// plaintext. The verifier (random salt, 4096 rounds) is derived once per
-    /// password and process: deriving it at every login made a SCRAM login
+    /// user, password and process: deriving it at every login made a SCRAM login
     /// ten times dearer than an md5 one.
     pub fn for_plain_password(password: &str) -> ScramServer {
-        ScramServer::for_plain_password_with(password, PLAIN_ITERATIONS)
+        ScramServer::for_plain_password_with("", password, PLAIN_ITERATIONS)
     }
 
-    /// As [`for_plain_password`](Self::for_plain_password) with `scram_iterations` rounds.
-    pub fn for_plain_password_with(password: &str, iterations: u32) -> ScramServer {
-        ScramServer::new(plain_verifier(password, iterations.max(1)))
+    /// As [`for_plain_password`](Self::for_plain_password) for `user` with `scram_iterations`
+    /// rounds. The salt is the user's own: two users with one password meet different salts,
+    /// so the exchange does not tell that they share it.
+    pub fn for_plain_password_with(user: &str, password: &str, iterations: u32) -> ScramServer {
+        ScramServer::new(plain_verifier(user, password, iterations.max(1)))
     }
 
     /// As [`for_plain_password_with`](Self::for_plain_password_with) if the verifier is
     /// already derived: what a worker thread may do, the derivation itself being costly.
-    pub fn cached_for_plain_password(password: &str, iterations: u32) -> Option<ScramServer> {
-        cached_plain_verifier(password, iterations.max(1)).map(ScramServer::new)
+    pub fn cached_for_plain_password(user: &str, password: &str, iterations: u32) -> Option<ScramServer> {
+        cached_plain_verifier(user, password, iterations.max(1)).map(ScramServer::new)
     }
 
     /// With a chosen server nonce instead of a random one: for tests and the fuzz harness,
@@ -284,22 +286,24 @@ impl ScramServer {
     }
 }
 
-/// The cached verifier for a plaintext password. The cache is bounded: a flood of
-/// distinct passwords only empties it.
-fn plain_verifiers() -> &'static parking_lot::Mutex<std::collections::HashMap<String, ScramSecret>> {
-    static CACHE: std::sync::OnceLock<parking_lot::Mutex<std::collections::HashMap<String, ScramSecret>>> =
-        std::sync::OnceLock::new();
+/// Verifiers derived for plaintext passwords, by (user, password). The cache is bounded: a
+/// flood of distinct passwords only empties it.
+type PlainVerifiers = parking_lot::Mutex<std::collections::HashMap<(String, String), ScramSecret>>;
+
+fn plain_verifiers() -> &'static PlainVerifiers {
+    static CACHE: std::sync::OnceLock<PlainVerifiers> = std::sync::OnceLock::new();
     CACHE.get_or_init(Default::default)
 }
 
-fn cached_plain_verifier(password: &str, iterations: u32) -> Option<ScramSecret> {
+fn cached_plain_verifier(user: &str, password: &str, iterations: u32) -> Option<ScramSecret> {
+    let key = (user.to_owned(), password.to_owned());
     // A reload that changes scram_iterations makes the cached verifier stale.
-    plain_verifiers().lock().get(password).filter(|s| s.iterations == iterations).cloned()
+    plain_verifiers().lock().get(&key).filter(|s| s.iterations == iterations).cloned()
 }
 
-fn plain_verifier(password: &str, iterations: u32) -> ScramSecret {
+fn plain_verifier(user: &str, password: &str, iterations: u32) -> ScramSecret {
     const MAX_CACHED: usize = 10_000;
-    if let Some(secret) = cached_plain_verifier(password, iterations) {
+    if let Some(secret) = cached_plain_verifier(user, password, iterations) {
         return secret;
     }
     let mut salt = [0u8; PLAIN_SALT_BYTES];
@@ -309,7 +313,7 @@ fn plain_verifier(password: &str, iterations: u32) -> ScramSecret {
     if cache.len() >= MAX_CACHED {
         cache.clear();
     }
-    cache.insert(password.to_owned(), secret.clone());
+    cache.insert((user.to_owned(), password.to_owned()), secret.clone());
     secret
 }
 
@@ -438,6 +442,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn two_users_with_one_plaintext_password_meet_different_salts() {
+        let alice = plain_verifier("alice", "shared", 4096);
+        let bob = plain_verifier("bob", "shared", 4096);
+        assert!(alice.salt != bob.salt, "the salt would tell that they share a password");
+        assert!(plain_verifier("alice", "shared", 4096) == alice, "cached per user");
+    }
+
+    #[test]
     fn a_stored_verifier_with_billions_of_iterations_matches_nothing_and_costs_nothing() {
         let mut hostile = ScramSecret::from_password("pw", b"salt", 1);
         hostile.iterations = 4_000_000_000;
@@ -468,10 +480,10 @@ mod tests {
 
     #[test]
     fn scram_iterations_shape_the_verifier_of_a_plain_password() {
-        let mut server = ScramServer::for_plain_password_with("pw-iter", 5000);
+        let mut server = ScramServer::for_plain_password_with("u", "pw-iter", 5000);
         let first = String::from_utf8(server.client_first(b"n,,n=,r=abc").unwrap()).unwrap();
         assert!(first.ends_with(",i=5000"), "{first}");
-        let mut server = ScramServer::for_plain_password_with("pw-iter", 4096);
+        let mut server = ScramServer::for_plain_password_with("u", "pw-iter", 4096);
         let first = String::from_utf8(server.client_first(b"n,,n=,r=abc").unwrap()).unwrap();
         assert!(first.ends_with(",i=4096"), "a changed count is not served from the cache: {first}");
     }
