@@ -214,7 +214,7 @@ struct Session {
 }
 
 /// Why a login was cut short.
-enum Evicted {
+enum LoginCut {
     /// `client_login_timeout`.
     Timeout,
     /// Newer connections pushed it out (`Shared::start_login`).
@@ -240,8 +240,8 @@ impl Session {
         let pending = self.shared.start_login();
         let attempt = tokio::time::timeout(limit, accept(&mut wire, &self.shared, &mut admitted));
         let login = tokio::select! {
-            login = attempt => login.map_err(|_| Evicted::Timeout),
-            () = pending.evicted() => Err(Evicted::Crowded),
+            login = attempt => login.map_err(|_| LoginCut::Timeout),
+            () = pending.evicted() => Err(LoginCut::Crowded),
         };
         drop(pending);
         self.admitted.set(admitted);
@@ -257,8 +257,8 @@ impl Session {
             Ok(Err(LoginError::Refused(error))) => return Err(self.refuse(&mut wire, error).await),
             Ok(Err(LoginError::Gone)) => return Err(None),
             // Closed without a word: the client may not even speak the protocol yet.
-            Err(Evicted::Timeout) => return Err(Some("client_login_timeout".into())),
-            Err(Evicted::Crowded) => {
+            Err(LoginCut::Timeout) => return Err(Some("client_login_timeout".into())),
+            Err(LoginCut::Crowded) => {
                 return Err(Some(
                     "evicted: max_client_conn connections were logging in, and this one for longest".into(),
                 ))
