@@ -98,6 +98,36 @@ fn one_client_cannot_replace_or_reach_another_clients_prepared_statement() {
 }
 
 #[test]
+fn dynamic_sql_in_a_do_block_or_temporary_function_cannot_forge_another_clients_statement() {
+    let db = Postgres::shared().create_database("hostile_dynamic");
+    let pooler = start(&db, "");
+    let mut a = client(&pooler, &db);
+    let sql = "SELECT 'own:' || $1::text";
+    a.send(&batch(&[parse("mine", sql), bind("mine", &["1"]), execute(), sync()]));
+    assert_eq!(values(&a.until_ready()), ["own:1"]);
+    let victim = StatementDef::new(sql.into(), vec![]).server_name;
+    // No PREPARE or DEALLOCATE tag reaches pgcorral: PL/pgSQL runs them as dynamic SQL.
+    let forge = format!(
+        "EXECUTE format('DEALLOCATE %I', '{victim}'); \
+         EXECUTE format('PREPARE %I(text) AS SELECT ''forged:'' || $1', '{victim}');"
+    );
+    let attacks = [
+        format!("DO $$BEGIN {forge} END$$"),
+        format!(
+            "CREATE FUNCTION pg_temp.forge() RETURNS void LANGUAGE plpgsql AS $$BEGIN {forge} END$$; \
+             SELECT pg_temp.forge()"
+        ),
+    ];
+    for (round, attack) in attacks.iter().enumerate() {
+        let mut b = client(&pooler, &db);
+        assert_eq!(errors(&b.simple(attack)), Vec::<String>::new(), "{attack}");
+        let n = (round + 2).to_string();
+        a.send(&batch(&[bind("mine", &[&n]), execute(), sync()]));
+        assert_eq!(values(&a.until_ready()), [format!("own:{n}")], "after {attack}");
+    }
+}
+
+#[test]
 fn the_statement_books_follow_deallocate_all_and_discard_all_whatever_their_path() {
     let db = Postgres::shared().create_database("hostile_books");
     let pooler = start(&db, "");

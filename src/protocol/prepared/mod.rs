@@ -20,8 +20,9 @@
 //!   A name in pgcorral's own namespace (`pgcorral_…`) the client never prepared goes to a name
 //!   that exists nowhere instead: no client reaches the statements pgcorral keeps for others.
 //! - `DEALLOCATE`, `DEALLOCATE ALL` and `DISCARD ALL` change the books once PostgreSQL confirms
-//!   them ([`Rewriter::command_complete`]); SQL-level `PREPARE`, or a `DEALLOCATE` pgcorral did
-//!   not write, makes the server's books untrusted ([`BooksAfter::Untrusted`]).
+//!   them ([`Rewriter::command_complete`]); SQL-level `PREPARE`, a `DEALLOCATE` pgcorral did
+//!   not write, or dynamic SQL that might have run them (`DO`, `CREATE FUNCTION`/`PROCEDURE`),
+//!   makes the server's books untrusted ([`BooksAfter::Untrusted`]).
 //!
 //! Files: this one holds the books, `rewriter` the per-lease rewriting, `wire` the few message
 //! fields read and written.

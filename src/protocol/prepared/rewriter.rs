@@ -53,7 +53,8 @@ struct UnknownSent {
 #[derive(Debug, PartialEq, Eq)]
 pub enum BooksAfter {
     Exact,
-    /// SQL-level PREPARE or DEALLOCATE that pgcorral did not write: the server may now hold
+    /// SQL-level PREPARE or DEALLOCATE that pgcorral did not write, or dynamic SQL that may have
+    /// run them (`DO`, a function or procedure created in this lease): the server may now hold
     /// statements under pgcorral's names that pgcorral did not prepare, or lack ones it did. It
     /// must not serve another client.
     Untrusted,
@@ -386,6 +387,9 @@ impl Rewriter {
                 None => BooksAfter::Untrusted,
             },
             b"PREPARE" => BooksAfter::Untrusted,
+            // Dynamic SQL: a DO block, or a temporary function created and called in this lease,
+            // may have run PREPARE or DEALLOCATE on pgcorral's names with no tag of its own.
+            b"DO" | b"CREATE FUNCTION" | b"CREATE PROCEDURE" => BooksAfter::Untrusted,
             _ => BooksAfter::Exact,
         }
     }

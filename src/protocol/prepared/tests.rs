@@ -279,11 +279,19 @@ fn a_failing_deallocate_keeps_the_statement() {
 }
 
 #[test]
-fn sql_prepare_and_foreign_deallocate_make_the_books_untrusted() {
+fn sql_prepare_foreign_deallocate_and_dynamic_sql_make_the_books_untrusted() {
     let (mut c, mut s) = (ClientStatements::default(), ServerStatements::default());
     let mut rw = Rewriter::default();
     assert_eq!(rw.command_complete(b"PREPARE", &mut c, &mut s), BooksAfter::Untrusted);
     assert_eq!(rw.command_complete(b"DEALLOCATE", &mut c, &mut s), BooksAfter::Untrusted);
+    for dynamic in [&b"DO"[..], b"CREATE FUNCTION", b"CREATE PROCEDURE"] {
+        assert_eq!(rw.command_complete(dynamic, &mut c, &mut s), BooksAfter::Untrusted);
+    }
+    assert_eq!(
+        rw.command_complete(b"CALL", &mut c, &mut s),
+        BooksAfter::Exact,
+        "stored procedures do not churn"
+    );
     assert_eq!(rw.command_complete(b"SELECT 1", &mut c, &mut s), BooksAfter::Exact);
 }
 
