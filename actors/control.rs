@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::actors::census::ServerState;
-use crate::actors::messages::{CloseIdle, Kill, PermitFreed, Reload, Shutdown};
+use crate::actors::messages::{Kill, Reload, Shutdown};
 use crate::actors::pool::{Hold, PoolShared};
 use crate::actors::registry::Shared;
 use crate::admin::command::ShutdownMode;
@@ -86,11 +86,11 @@ fn apply_holds(shared: &Shared, pools: &[Arc<PoolShared>]) {
         pool.set_hold(hold);
         for (_, router) in pool.all_routers() {
             if hold == Hold::Paused {
-                router.do_send(CloseIdle { outdated_only: false });
+                router.close_idle(false);
             }
             if hold == Hold::None && was != Hold::None {
                 // Serve the clients that queued meanwhile.
-                router.do_send(PermitFreed);
+                router.permit_freed();
             }
         }
     }
@@ -233,7 +233,7 @@ pub fn reconnect(shared: &Shared, database: Option<&str>) -> Result<(), PgError>
     for pool in &pools {
         pool.reconnect();
         for (_, router) in pool.all_routers() {
-            router.do_send(CloseIdle { outdated_only: true });
+            router.close_idle(true);
         }
     }
     Ok(())

@@ -84,7 +84,8 @@ pub struct ServerGone {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Donate {
-    pub to: Addr<Router>,
+    /// The starving router's worker.
+    pub to: usize,
 }
 
 /// An idle server moved here from another worker, with its permit: adopt it.

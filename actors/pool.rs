@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use crate::actors::census::Census;
-use crate::actors::messages::{Grow, PermitFreed, PoolFreed, ShedIdle};
+use crate::actors::messages::PoolFreed;
 use crate::actors::router::Router;
 use crate::auth::{ScramKeys, Secret};
 use crate::config::PoolMode;
@@ -159,6 +159,28 @@ impl Limit {
     }
 }
 
+/// What a pool, the console and other workers tell one worker's router. The actor's address
+/// in the daemon; the simulator's queue in `router::sim`.
+pub trait RouterMailbox: Send + Sync {
+    /// False once the router has stopped.
+    fn connected(&self) -> bool;
+    /// A permit was released: try again to open servers for waiters.
+    fn permit_freed(&self);
+    /// Another pool under a shared limit needs the slot: close one idle server.
+    fn shed_idle(&self);
+    /// `min_pool_size`: open one server.
+    fn grow(&self);
+    /// Worker `to` starves: send it an idle server if none is needed here.
+    fn donate(&self, to: usize);
+    /// Close idle servers: all, or those opened under older connection settings.
+    fn close_idle(&self, outdated_only: bool);
+    /// The pool was freed: stop.
+    fn pool_freed(&self);
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+pub type Mailbox = Arc<dyn RouterMailbox>;
+
 /// Whether the console holds a pool's traffic: new transactions wait while it does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hold {
@@ -236,7 +258,7 @@ pub struct PoolShared {
     welcome: RwLock<Option<Welcome>>,
     /// The tracked-parameter values this pool's clients share (see [`SharedParams`]).
     pub shared_params: SharedParams,
-    routers: Mutex<Vec<Option<Addr<Router>>>>,
+    routers: Mutex<Vec<Option<Mailbox>>>,
     starving: Vec<AtomicBool>,
     hold: AtomicU8,
     /// Since when the pool has had no client and no server (see [`PoolShared::unused_for`]).
@@ -375,7 +397,7 @@ impl PoolShared {
         self.retired.store(true, Ordering::Release);
         let routers: Vec<_> = self.routers.lock().iter_mut().filter_map(Option::take).collect();
         for router in routers {
-            router.do_send(PoolFreed);
+            router.pool_freed();
         }
         if let Some(actor) = self.lifecycle.lock().take() {
             actor.do_send(PoolFreed);
@@ -442,7 +464,7 @@ impl PoolShared {
         for pool in self.db_limit.members().into_iter().chain(self.user_limit.members()) {
             if pool.key != self.key {
                 for (_, router) in pool.all_routers() {
-                    router.do_send(ShedIdle);
+                    router.shed_idle();
                 }
             }
         }
@@ -453,7 +475,7 @@ impl PoolShared {
         for (worker, flag) in self.starving.iter().enumerate() {
             if flag.load(Ordering::Relaxed) {
                 if let Some(router) = &routers[worker] {
-                    router.do_send(PermitFreed);
+                    router.permit_freed();
                 }
             }
         }
@@ -464,24 +486,23 @@ impl PoolShared {
     }
 
     /// While logins are backing off: the error to give clients and when to try again.
-    pub fn login_blocked(&self) -> Option<(PgError, Instant)> {
+    pub fn login_blocked(&self, now: Instant) -> Option<(PgError, Instant)> {
         let backoff = self.login_backoff.lock();
-        backoff.as_ref().filter(|b| b.until > Instant::now()).map(|b| (b.error.clone(), b.until))
+        backoff.as_ref().filter(|b| b.until > now).map(|b| (b.error.clone(), b.until))
     }
 
     /// Records a failed login and sets the next attempt after an exponentially growing,
-    /// jittered delay capped at `server_login_retry`; logs once per step, not per client.
-    pub fn login_failed(&self, error: &PgError) {
+    /// jittered delay capped at `server_login_retry` (`jitter` in [0, 1) spreads it over
+    /// ±20 %); logs once per step, not per client.
+    pub fn login_failed(&self, error: &PgError, now: Instant, jitter: f64) {
         let mut backoff = self.login_backoff.lock();
-        let now = Instant::now();
         if backoff.as_ref().is_some_and(|b| b.until > now) {
             return; // another worker's failure already opened this step
         }
         let failures = backoff.as_ref().map_or(0, |b| b.failures) + 1;
         let cap = self.settings().server_login_retry;
         let doubled = FIRST_RETRY.saturating_mul(1u32 << (failures - 1).min(16));
-        let jitter = rand::random::<f64>() * 0.4 + 0.8;
-        let delay = doubled.min(cap).mul_f64(jitter);
+        let delay = doubled.min(cap).mul_f64(jitter.clamp(0.0, 1.0) * 0.4 + 0.8);
         log::warn!(
             "pool {}: {}; next login attempt in {:.1} s",
             self.key,
@@ -539,36 +560,42 @@ impl PoolShared {
     /// (`my_wait`). PgBouncer serves a pool's clients from one queue; sending freed servers to
     /// where the wait is longest keeps clients of one pool waiting alike whichever worker the
     /// kernel gave them to.
-    pub fn needier_router(&self, worker: usize, my_wait: Duration) -> Option<Addr<Router>> {
-        // Runs on most checkins under load: no allocation, one clock read.
-        let now = Instant::now();
+    pub fn needier_worker(&self, worker: usize, my_wait: Duration, now: Instant) -> Option<usize> {
+        // Runs on most checkins under load: no allocation.
         let waits = self.loads.iter().map(|l| match l.oldest_waiter.load(Ordering::Relaxed) {
             0 => None,
             nanos => Some(now.saturating_duration_since(self.epoch + Duration::from_nanos(nanos - 1))),
         });
-        self.router(needier_worker(waits, worker, my_wait)?)
+        let to = pick_needier_worker(waits, worker, my_wait)?;
+        self.router(to).is_some_and(|r| r.connected()).then_some(to)
     }
 
-    /// The router of another worker that has clients waiting at the limit, if any.
-    pub fn starving_router(&self, worker: usize) -> Option<Addr<Router>> {
+    /// Another worker whose router has clients waiting at the limit, if any.
+    pub fn starving_worker(&self, worker: usize) -> Option<usize> {
         let routers = self.routers.lock();
         self.starving
             .iter()
             .enumerate()
             .find(|(w, f)| *w != worker && f.load(Ordering::Relaxed))
-            .and_then(|(w, _)| routers[w].clone())
-            .filter(|router| router.connected())
+            .map(|(w, _)| w)
+            .filter(|&w| routers[w].as_ref().is_some_and(|r| r.connected()))
     }
 
-    pub fn router(&self, worker: usize) -> Option<Addr<Router>> {
+    pub fn router(&self, worker: usize) -> Option<Mailbox> {
         self.routers.lock()[worker].clone()
     }
 
-    pub fn set_router(&self, worker: usize, router: Addr<Router>) {
+    /// Worker `worker`'s router actor, if it runs one that is alive.
+    pub fn router_addr(&self, worker: usize) -> Option<Addr<Router>> {
+        let router = self.router(worker)?;
+        router.as_any().downcast_ref::<Addr<Router>>().filter(|addr| addr.connected()).cloned()
+    }
+
+    pub fn set_router(&self, worker: usize, router: Mailbox) {
         self.routers.lock()[worker] = Some(router);
     }
 
-    pub fn all_routers(&self) -> Vec<(usize, Addr<Router>)> {
+    pub fn all_routers(&self) -> Vec<(usize, Mailbox)> {
         let routers = self.routers.lock();
         routers
             .iter()
@@ -591,7 +618,7 @@ impl PoolShared {
 
 /// The worker (from `waits`: how long each one's oldest client has waited) that should get
 /// the server this worker frees, whose oldest client has waited `mine`.
-fn needier_worker(
+fn pick_needier_worker(
     waits: impl IntoIterator<Item = Option<Duration>>,
     worker: usize,
     mine: Duration,
@@ -633,29 +660,29 @@ impl Pool {
     pub fn new(shared: Arc<PoolShared>) -> Pool {
         Pool { shared, next_worker: 0 }
     }
+}
 
-    /// Keeps `min_pool_size` open (never above `pool_size`), spreading the servers across
-    /// workers that have a router.
-    fn keep_warm(&mut self) {
-        let settings = self.shared.settings();
-        let min = settings.min_pool_size.min(settings.pool_size);
-        let routers = self.shared.all_routers();
-        // As PgBouncer (1.24+): a pool with a forced user stays warm from start-up on; others
-        // only while they have a client, and keep what they have but do not grow back.
-        if routers.is_empty() || (self.shared.client_count() == 0 && !settings.forced_user) {
-            return;
-        }
-        // A slot another pool of the same database or user is waiting for goes to it: warming
-        // this pool back up would take it again, and the two would trade it forever.
-        if self.shared.shared_limit_contended(&settings) {
-            return;
-        }
-        let missing = min.saturating_sub(self.shared.server_count());
-        for _ in 0..missing {
-            let (_, router) = &routers[self.next_worker % routers.len()];
-            self.next_worker += 1;
-            router.do_send(Grow);
-        }
+/// Keeps `min_pool_size` open (never above `pool_size`), spreading the servers across workers
+/// that have a router, starting with worker `*next_worker`.
+pub fn keep_warm(shared: &PoolShared, next_worker: &mut usize) {
+    let settings = shared.settings();
+    let min = settings.min_pool_size.min(settings.pool_size);
+    let routers = shared.all_routers();
+    // As PgBouncer (1.24+): a pool with a forced user stays warm from start-up on; others
+    // only while they have a client, and keep what they have but do not grow back.
+    if routers.is_empty() || (shared.client_count() == 0 && !settings.forced_user) {
+        return;
+    }
+    // A slot another pool of the same database or user is waiting for goes to it: warming
+    // this pool back up would take it again, and the two would trade it forever.
+    if shared.shared_limit_contended(&settings) {
+        return;
+    }
+    let missing = min.saturating_sub(shared.server_count());
+    for _ in 0..missing {
+        let (_, router) = &routers[*next_worker % routers.len()];
+        *next_worker += 1;
+        router.grow();
     }
 }
 
@@ -663,7 +690,7 @@ impl Actor for Pool {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.run_interval(TICK, |pool, _| pool.keep_warm());
+        ctx.run_interval(TICK, |pool, _| keep_warm(&pool.shared, &mut pool.next_worker));
     }
 }
 
@@ -683,15 +710,15 @@ mod tests {
     fn servers_move_to_the_worker_whose_clients_waited_longest() {
         let ms = Duration::from_millis;
         // Worker 1's oldest client has waited 68 ms, worker 0's 58 ms: more than an eighth more.
-        assert_eq!(needier_worker([Some(ms(58)), Some(ms(68))], 0, ms(58)), Some(1));
+        assert_eq!(pick_needier_worker([Some(ms(58)), Some(ms(68))], 0, ms(58)), Some(1));
         // 64 against 60 is within the margin, so a move is not undone by the next.
-        assert_eq!(needier_worker([Some(ms(60)), Some(ms(64))], 0, ms(60)), None);
-        assert_eq!(needier_worker([Some(ms(60)), Some(ms(64))], 1, ms(64)), None);
+        assert_eq!(pick_needier_worker([Some(ms(60)), Some(ms(64))], 0, ms(60)), None);
+        assert_eq!(pick_needier_worker([Some(ms(60)), Some(ms(64))], 1, ms(64)), None);
         // Short waits move nothing; nobody waiting elsewhere: keep it.
-        assert_eq!(needier_worker([Some(ms(0)), Some(ms(1))], 0, ms(0)), None);
-        assert_eq!(needier_worker([Some(ms(5)), None], 0, ms(5)), None);
+        assert_eq!(pick_needier_worker([Some(ms(0)), Some(ms(1))], 0, ms(0)), None);
+        assert_eq!(pick_needier_worker([Some(ms(5)), None], 0, ms(5)), None);
         // The longest wait of several.
-        assert_eq!(needier_worker([Some(ms(10)), Some(ms(30)), Some(ms(40))], 0, ms(10)), Some(2));
+        assert_eq!(pick_needier_worker([Some(ms(10)), Some(ms(30)), Some(ms(40))], 0, ms(10)), Some(2));
     }
 
     #[test]

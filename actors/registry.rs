@@ -253,7 +253,7 @@ impl Shared {
         for pool in self.all_pools().iter().filter(|p| p.key.database == database) {
             pool.reconnect();
             for (_, router) in pool.all_routers() {
-                router.do_send(crate::actors::messages::CloseIdle { outdated_only: true });
+                router.close_idle(true);
             }
         }
     }

@@ -233,8 +233,9 @@ impl ServerLink {
         self.guard.0 = None;
     }
 
-    pub fn past_lifetime(&self, lifetime: Duration) -> bool {
-        !lifetime.is_zero() && self.born.elapsed() >= lifetime
+    /// When the connection was opened.
+    pub fn born(&self) -> Instant {
+        self.born
     }
 
     pub fn detach(mut self) -> std::io::Result<DetachedLink> {
