@@ -144,6 +144,11 @@ impl Limit {
         self.count.load(Ordering::Relaxed)
     }
 
+    /// The ceiling; 0 for none.
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::Relaxed)
+    }
+
     /// Takes one unit if the count stays within `max + extra`.
     pub fn try_acquire(&self, extra: usize) -> bool {
         let max = self.max.load(Ordering::Relaxed);
@@ -447,8 +452,10 @@ impl PoolShared {
 
     /// Another pool under this pool's database or user limit has clients waiting: a server
     /// coming back idle here should close instead, so that the slot moves there.
-    pub fn shared_limit_contended(&self, settings: &PoolSettings) -> bool {
-        if settings.max_db_connections == 0 && settings.max_user_connections == 0 {
+    /// Read from the limits themselves, not from a copy of the settings that a reload may
+    /// have outdated.
+    pub fn shared_limit_contended(&self) -> bool {
+        if self.db_limit.max() == 0 && self.user_limit.max() == 0 {
             return false;
         }
         self.db_limit
@@ -675,7 +682,7 @@ pub fn keep_warm(shared: &PoolShared, next_worker: &mut usize) {
     }
     // A slot another pool of the same database or user is waiting for goes to it: warming
     // this pool back up would take it again, and the two would trade it forever.
-    if shared.shared_limit_contended(&settings) {
+    if shared.shared_limit_contended() {
         return;
     }
     let missing = min.saturating_sub(shared.server_count());

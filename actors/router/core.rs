@@ -113,6 +113,9 @@ pub struct RouterCore<S: Lendable, W> {
     /// every worker reads, too costly per event.
     settings: Arc<PoolSettings>,
     starving: bool,
+    /// Other pools under the shared limits were asked to close an idle server since this router
+    /// last got a permit: once is enough, they close more as their servers come back.
+    shed_asked: bool,
     scheduled: [bool; 5],
     /// When a server last left for another worker (see [`MOVE_INTERVAL`]).
     last_move: Option<Instant>,
@@ -131,6 +134,7 @@ impl<S: Lendable, W> RouterCore<S, W> {
             owned: 0,
             settings,
             starving: false,
+            shed_asked: false,
             scheduled: [false; 5],
             last_move: None,
         }
@@ -154,6 +158,11 @@ impl<S: Lendable, W> RouterCore<S, W> {
 
     pub fn idle_servers(&self) -> impl Iterator<Item = &S> {
         self.idle.iter().map(|i| &i.server)
+    }
+
+    /// For the simulator: something happens to a server while it idles here.
+    pub fn idle_servers_mut(&mut self) -> impl Iterator<Item = &mut S> {
+        self.idle.iter_mut().map(|i| &mut i.server)
     }
 
     /// Servers started or adopted here and not yet seen go.
@@ -301,18 +310,7 @@ impl<S: Lendable, W> RouterCore<S, W> {
         match timer {
             Timer::Reserve | Timer::Retry | Timer::GiveUp => self.grow(now, io),
             Timer::WaitLimit => self.expire_waiters(now, io),
-            Timer::Donation => {
-                if !self.waiters.is_empty() || self.idle.is_empty() {
-                    return;
-                }
-                if let Some(to) = self.pool.starving_worker(self.worker) {
-                    let oldest = self.idle.remove(0);
-                    self.migrate(oldest.server, to, now, io);
-                    if !self.idle.is_empty() {
-                        self.schedule_donation(now, io);
-                    }
-                }
-            }
+            Timer::Donation => self.send_idle_elsewhere(now, io),
         }
     }
 
@@ -395,6 +393,7 @@ impl<S: Lendable, W> RouterCore<S, W> {
         while self.connecting + self.checking.len() < self.waiters.len().min(MAX_CONNECTING) {
             let refusal = match self.pool.try_acquire(false) {
                 Ok(()) => {
+                    self.shed_asked = false;
                     self.start_server(io);
                     continue;
                 }
@@ -405,7 +404,10 @@ impl<S: Lendable, W> RouterCore<S, W> {
                 self.start_server(io);
                 continue;
             }
-            if refusal == Refusal::SharedLimit && !self.starving {
+            // Not only when starvation begins: it may have begun with this pool full, and then
+            // a server of its own closed while another pool's took the shared slot.
+            if refusal == Refusal::SharedLimit && !self.shed_asked {
+                self.shed_asked = true;
                 self.pool.shed_elsewhere();
             }
             self.starve(now, io);
@@ -467,7 +469,7 @@ impl<S: Lendable, W> RouterCore<S, W> {
 
     /// At the limit with clients waiting: ask other workers for their idle servers, and come
     /// back when the oldest waiter becomes entitled to the reserve.
-    fn starve(&mut self, _now: Instant, io: &mut impl RouterIo<S, Waiter = W>) {
+    fn starve(&mut self, now: Instant, io: &mut impl RouterIo<S, Waiter = W>) {
         // Donations are asked for once per starvation episode, not per waiting client: they
         // cross threads.
         if !self.starving {
@@ -475,10 +477,15 @@ impl<S: Lendable, W> RouterCore<S, W> {
             self.pool.set_starving(self.worker, true);
             io.ask_for_donations();
         }
+        // Only while the oldest waiter is not yet entitled: one that is and was still refused
+        // (the reserve is in use) waits for a permit to free, and a check due at once would
+        // run again at once, forever.
         if self.settings.reserve_pool_size > 0 {
             if let Some(oldest) = self.waiters.front() {
                 let at = oldest.since + self.settings.reserve_pool_timeout;
-                self.schedule(io, Timer::Reserve, at);
+                if at > now {
+                    self.schedule(io, Timer::Reserve, at);
+                }
             }
         }
     }
@@ -486,6 +493,7 @@ impl<S: Lendable, W> RouterCore<S, W> {
     fn update_starving(&mut self) {
         if self.starving && self.waiters.len() <= self.connecting + self.checking.len() {
             self.starving = false;
+            self.shed_asked = false;
             self.pool.set_starving(self.worker, false);
         }
     }
@@ -528,17 +536,28 @@ impl<S: Lendable, W> RouterCore<S, W> {
                 Err(back) => server = back,
             }
         }
-        let starving = self.pool.starving_worker(self.worker);
-        if let Some(to) = starving.filter(|_| self.may_move(now)) {
+        let wanted = self.wanted_elsewhere(now);
+        if let Some(to) = wanted.filter(|_| self.may_move(now)) {
             self.migrate(server, to, now, io);
-        } else if self.pool.shared_limit_contended(&self.settings) {
+        } else if self.pool.shared_limit_contended() {
             io.close(server);
         } else {
             self.keep_idle(server, now);
-            if starving.is_some() {
+            if wanted.is_some() {
                 self.schedule_donation(now, io);
             }
         }
+    }
+
+    /// Another worker with clients waiting for a server this one would keep idle: one starved
+    /// at the limit, else one whose clients wait at all (for a login that may be slow).
+    fn wanted_elsewhere(&self, now: Instant) -> Option<usize> {
+        if self.pool.workers() == 1 {
+            return None;
+        }
+        self.pool
+            .starving_worker(self.worker)
+            .or_else(|| self.pool.needier_worker(self.worker, Duration::ZERO, now))
     }
 
     fn keep_idle(&mut self, server: S, now: Instant) {
@@ -546,9 +565,9 @@ impl<S: Lendable, W> RouterCore<S, W> {
         self.idle.push(Idle { server, since: now });
     }
 
-    /// Another worker starves while a move is throttled: once the interval is over, give it
-    /// the oldest idle server if this router still has no use for it, and so on while it
-    /// starves, so that no client waits for a server idling on another thread.
+    /// Another worker's clients wait while a move is throttled: once the interval is over,
+    /// give it the oldest idle server if this router still has no use for it, and so on while
+    /// they wait, so that no client waits for a server idling on another thread.
     fn schedule_donation(&mut self, now: Instant, io: &mut impl RouterIo<S, Waiter = W>) {
         let at = self.last_move.map_or(now, |at| (at + MOVE_INTERVAL).max(now));
         self.schedule(io, Timer::Donation, at);
@@ -564,7 +583,11 @@ impl<S: Lendable, W> RouterCore<S, W> {
     /// Forgets waiters that left, and closes idle servers that died (so that `min_pool_size`
     /// replaces them), are past `server_lifetime`, were opened before a reload changed the
     /// connection settings, or idle past `server_idle_timeout` while the pool stays at or above
-    /// `min_pool_size`.
+    /// `min_pool_size`. Then closes one idle server if another pool under a shared limit waits
+    /// for the slot (the servers it asked for may have been lent out then, and come back idle
+    /// under settings this router had not read yet), sends one to another worker whose clients
+    /// wait (for a slow login, say: nothing else would tell this router they do), and watches
+    /// `query_wait_timeout` as the settings now say.
     pub fn janitor(&mut self, now: Instant, io: &mut impl RouterIo<S, Waiter = W>) {
         self.waiters.retain(|w| !io.waiter_gone(&w.waiter));
         self.update_starving();
@@ -592,6 +615,30 @@ impl<S: Lendable, W> RouterCore<S, W> {
             } else {
                 self.idle.push(idle);
             }
+        }
+        if !self.idle.is_empty() && self.pool.shared_limit_contended() {
+            self.shed_idle(io);
+        }
+        self.send_idle_elsewhere(now, io);
+        if !self.scheduled[Timer::WaitLimit as usize] {
+            self.expire_waiters(now, io);
+        }
+    }
+
+    /// With no use for its idle servers, gives the oldest to a worker whose clients wait, and
+    /// comes back for the next once moves are no longer throttled.
+    fn send_idle_elsewhere(&mut self, now: Instant, io: &mut impl RouterIo<S, Waiter = W>) {
+        if !self.waiters.is_empty() || self.idle.is_empty() {
+            return;
+        }
+        let Some(to) = self.wanted_elsewhere(now) else { return };
+        if !self.may_move(now) {
+            return self.schedule_donation(now, io);
+        }
+        let oldest = self.idle.remove(0);
+        self.migrate(oldest.server, to, now, io);
+        if !self.idle.is_empty() {
+            self.schedule_donation(now, io);
         }
     }
 }

@@ -13,6 +13,10 @@
 //! ([`PermitFreed`]). Once the oldest waiter has waited `reserve_pool_timeout`, it may grow into
 //! `reserve_pool_size`; one that waited `query_wait_timeout` is refused. A periodic janitor
 //! closes idle servers past `server_idle_timeout` or `server_lifetime`.
+//!
+//! Every decision is [`core::RouterCore`]'s, which does no I/O and reads no clock; this file is
+//! its I/O ([`RouterIo`]: oneshot replies, messages to server actors and other routers, actix
+//! timers), and [`sim`] is another, a deterministic simulation of many routers.
 
 use std::any::Any;
 use std::cell::{Cell, RefCell};
