@@ -81,18 +81,7 @@ fn pools_of(shared: &Shared, database: Option<&str>, verb: &str) -> Result<Vec<A
 fn apply_holds(shared: &Shared, pools: &[Arc<PoolShared>]) {
     let holds = shared.holds.lock();
     for pool in pools {
-        let hold = holds.of(&pool.key.database);
-        let was = pool.hold();
-        pool.set_hold(hold);
-        for (_, router) in pool.all_routers() {
-            if hold == Hold::Paused {
-                router.close_idle(false);
-            }
-            if hold == Hold::None && was != Hold::None {
-                // Serve the clients that queued meanwhile.
-                router.permit_freed();
-            }
-        }
+        pool.hold_traffic(holds.of(&pool.key.database));
     }
 }
 

@@ -186,6 +186,28 @@ pub trait RouterMailbox: Send + Sync {
 
 pub type Mailbox = Arc<dyn RouterMailbox>;
 
+/// One server connection's unit of `pool_size` (or reserve), `max_db_connections` and
+/// `max_user_connections`. It lives in the connection: with its ServerConnection while it logs
+/// in, then in its [`ServerLink`](crate::actors::server::ServerLink) wherever that goes, moving
+/// workers included. Dropped, wherever that happens, it gives the unit back and wakes the
+/// routers starved for one; nobody releases a permit by hand.
+#[must_use = "a permit dropped at once opens nothing and frees its slot"]
+pub struct Permit {
+    pool: Arc<PoolShared>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.pool.release();
+    }
+}
+
+impl std::fmt::Debug for Permit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Permit({})", self.pool.key)
+    }
+}
+
 /// Whether the console holds a pool's traffic: new transactions wait while it does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hold {
@@ -358,6 +380,21 @@ impl PoolShared {
         self.hold.store(hold as u8, Ordering::Relaxed);
     }
 
+    /// PAUSE, SUSPEND, KILL or RESUME: sets the hold and tells every router; a paused pool's
+    /// idle servers close now, a resumed pool serves the clients that queued meanwhile.
+    pub fn hold_traffic(&self, hold: Hold) {
+        let was = self.hold();
+        self.set_hold(hold);
+        for (_, router) in self.all_routers() {
+            if hold == Hold::Paused {
+                router.close_idle(false);
+            }
+            if hold == Hold::None && was != Hold::None {
+                router.permit_freed();
+            }
+        }
+    }
+
     /// RECONNECT: servers open now close as they come back; new ones connect afresh.
     pub fn reconnect(&self) {
         self.connection_generation.fetch_add(1, Ordering::AcqRel);
@@ -419,7 +456,7 @@ impl PoolShared {
     }
 
     /// A permit to open one server. `reserve` allows `reserve_pool_size` beyond `pool_size`.
-    pub fn try_acquire(&self, reserve: bool) -> Result<(), Refusal> {
+    pub fn try_acquire(self: &Arc<Self>, reserve: bool) -> Result<Permit, Refusal> {
         let extra = if reserve { self.settings().reserve_pool_size } else { 0 };
         if !self.servers.try_acquire(extra) {
             return Err(Refusal::PoolFull);
@@ -433,12 +470,12 @@ impl PoolShared {
             self.servers.release();
             return Err(Refusal::SharedLimit);
         }
-        Ok(())
+        Ok(Permit { pool: self.clone() })
     }
 
     /// Gives a permit back (a server closed) and tells starved routers to try again, in this
     /// pool and in every pool sharing its database or user limit.
-    pub fn release(&self) {
+    fn release(&self) {
         self.user_limit.release();
         self.db_limit.release();
         self.servers.release();
@@ -697,7 +734,18 @@ impl Actor for Pool {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.run_interval(TICK, |pool, _| keep_warm(&pool.shared, &mut pool.next_worker));
+        ctx.run_interval(TICK, |pool, _| {
+            // A panic in one round must not end the keeper: the next tick tries again.
+            let kept = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                keep_warm(&pool.shared, &mut pool.next_worker)
+            }));
+            if kept.is_err() {
+                log::error!(
+                    "pool {}: keeping min_pool_size panicked; trying again in {TICK:?}",
+                    pool.shared.key
+                );
+            }
+        });
     }
 }
 

@@ -638,7 +638,7 @@ pub(crate) mod tests {
         shared_with("")
     }
 
-    fn shared_with(general: &str) -> Shared {
+    pub(crate) fn shared_with(general: &str) -> Shared {
         let ini = format!(
             "[databases]\nd = host=127.0.0.1 port=1 dbname=d\n[pgbouncer]\nauth_type = trust\n{general}\n"
         );

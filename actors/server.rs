@@ -1,11 +1,12 @@
 //! ServerConnection: one actor per PostgreSQL backend connection.
 //!
 //! It logs in (whatever authentication PostgreSQL asks for), cleans the server up after a
-//! session or an abandoned transaction (reset query, ROLLBACK), and owns the connection's
-//! permit: however the connection ends, the actor stops and gives the permit back. The
-//! connection itself — socket, BackendKeyData, ParameterStatus — is a [`ServerLink`] that
-//! travels: it waits in its Router while idle and sits in the client's relay loop while lent,
-//! so a lease costs one message each way and query bytes never cross a mailbox.
+//! session or an abandoned transaction (reset query, ROLLBACK), and tells its Router when the
+//! connection ends. The connection itself — socket, BackendKeyData, ParameterStatus and its
+//! [`Permit`] in the pool's limits — is a [`ServerLink`] that travels: it waits in its Router
+//! while idle and sits in the client's relay loop while lent, so a lease costs one message each
+//! way and query bytes never cross a mailbox. Wherever the link is dropped, its permit goes
+//! back with it.
 //!
 //! Takes [`Return`] (clean this link up, then check it in), [`Close`], [`Retire`] (the link
 //! moved to another worker with the permit) and [`LinkLost`]; sends [`Checkin`] and
@@ -19,7 +20,7 @@ use actix::prelude::*;
 
 use crate::actors::census::ServerEntry;
 use crate::actors::messages::*;
-use crate::actors::pool::{PoolSettings, PoolShared};
+use crate::actors::pool::{Permit, PoolSettings, PoolShared};
 use crate::actors::router::{live_router, Router};
 use crate::auth::{self, BackendLoginError, LoginRequest};
 use crate::config::PoolMode;
@@ -62,11 +63,13 @@ pub struct ServerLink {
     /// client's `RESET` must come back to rather than PostgreSQL's own.
     pub baseline: Vec<(String, String)>,
     guard: LendGuard,
+    /// Its share of the pool's limits, given back when the link is dropped, wherever.
+    permit: Permit,
 }
 
 /// While a server is lent, its link knows the way home: dropped anywhere but back in its Router
 /// or actor (a client's future dropped mid-lease, a panic), it tells the actor, which stops and
-/// gives its permit back instead of counting a socket that no longer exists.
+/// tells the Router; the link's permit has gone back with it.
 #[derive(Default)]
 struct LendGuard(Option<Addr<ServerConnection>>);
 
@@ -220,6 +223,7 @@ pub struct DetachedLink {
     session: Vec<(String, String)>,
     session_unknown: bool,
     baseline: Vec<(String, String)>,
+    permit: Permit,
 }
 
 impl ServerLink {
@@ -257,6 +261,7 @@ impl ServerLink {
             session: self.session,
             session_unknown: self.session_unknown,
             baseline: self.baseline,
+            permit: self.permit,
         })
     }
 
@@ -287,6 +292,7 @@ impl DetachedLink {
             session_unknown: self.session_unknown,
             baseline: self.baseline,
             guard: LendGuard::default(),
+            permit: self.permit,
         })
     }
 }
@@ -296,27 +302,27 @@ pub use crate::session::AfterLease;
 pub struct ServerConnection {
     pool: Arc<PoolShared>,
     router: Addr<Router>,
-    /// Logs in when started; false for a connection adopted from another worker.
-    fresh: bool,
+    /// The permit to log in with, when started; none for a connection adopted from another
+    /// worker, whose permit is in its link.
+    login: Option<Permit>,
     login_error: Option<PgError>,
-    /// Moved to another worker: its permit and census entry went along, so stopping must
-    /// release neither.
+    /// Moved to another worker: its census entry went along, so stopping must not remove it.
     retired: bool,
     entry: Arc<ServerEntry>,
 }
 
 impl ServerConnection {
     /// A new connection: it logs in when started and checks itself in to `router`.
-    pub fn new(pool: Arc<PoolShared>, router: Addr<Router>) -> ServerConnection {
+    pub fn new(pool: Arc<PoolShared>, router: Addr<Router>, permit: Permit) -> ServerConnection {
         // The generation first: settings newer than it only make the server close early.
         let entry = pool.census.enter_server(pool.clone(), pool.connection_generation());
-        ServerConnection { pool, router, fresh: true, login_error: None, retired: false, entry }
+        ServerConnection { pool, router, login: Some(permit), login_error: None, retired: false, entry }
     }
 
-    /// The actor for a connection handed over by another worker, with its permit; the Router
-    /// that adopts it keeps the link.
+    /// The actor for a connection handed over by another worker, with its permit in its link;
+    /// the Router that adopts it keeps the link.
     pub fn adopted(pool: Arc<PoolShared>, router: Addr<Router>, entry: Arc<ServerEntry>) -> ServerConnection {
-        ServerConnection { pool, router, fresh: false, login_error: None, retired: false, entry }
+        ServerConnection { pool, router, login: None, login_error: None, retired: false, entry }
     }
 }
 
@@ -330,7 +336,11 @@ impl Drop for ServerConnection {
 }
 
 /// Connects and logs in, then runs `connect_query`.
-async fn open(settings: Arc<PoolSettings>, entry: Arc<ServerEntry>) -> Result<ServerLink, PgError> {
+async fn open(
+    settings: Arc<PoolSettings>,
+    entry: Arc<ServerEntry>,
+    permit: Permit,
+) -> Result<ServerLink, PgError> {
     let addr = settings.addr.clone();
     let connect_failed = |detail: String| {
         PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("server connection failed ({addr}): {detail}"))
@@ -379,6 +389,7 @@ async fn open(settings: Arc<PoolSettings>, entry: Arc<ServerEntry>) -> Result<Se
         generation: entry.generation,
         entry,
         guard: LendGuard::default(),
+        permit,
     };
     let application_name = link.param("application_name").unwrap_or_default().to_string();
     link.entry.logged_in(endpoints, link.process_id, &application_name, tls);
@@ -406,12 +417,10 @@ impl Actor for ServerConnection {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        if !self.fresh {
-            return;
-        }
+        let Some(permit) = self.login.take() else { return };
         let settings = self.pool.settings();
-        ctx.spawn(wrap_future(open(settings, self.entry.clone())).map(|result, server: &mut Self, ctx| {
-            match result {
+        ctx.spawn(wrap_future(open(settings, self.entry.clone(), permit)).map(
+            |result, server: &mut Self, ctx| match result {
                 Ok(link) => {
                     server.pool.set_welcome_once(&link.params);
                     log::debug!("pool {}: new server connection {}", server.pool.key, link.process_id);
@@ -425,14 +434,12 @@ impl Actor for ServerConnection {
                     server.login_error = Some(error);
                     ctx.stop();
                 }
-            }
-        }));
+            },
+        ));
     }
 
+    /// The permit went with the link (or with a failed login) before this.
     fn stopped(&mut self, ctx: &mut Context<Self>) {
-        if !self.retired {
-            self.pool.release();
-        }
         let login_error = self.login_error.take();
         live_router(&mut self.router, &self.pool).do_send(ServerGone { server: ctx.address(), login_error });
     }

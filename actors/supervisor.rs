@@ -9,11 +9,12 @@
 //! request exits at once. SIGUSR1 pauses and SIGUSR2 resumes, as the console's PAUSE and
 //! RESUME. Every `stats_period` it moves the statistics window on and logs the stats line.
 //!
-//! Server connections heal themselves through their Router: a ServerConnection that dies
-//! releases its permit and its Router opens a replacement when clients need one; the Pool actor
-//! keeps `min_pool_size` warm. actix restarts no actor that panicked, so the Supervisor checks
-//! every second that each pool's Pool actor lives and starts a new one if not; a Router that
-//! died is replaced on its worker by the next client or server that needs it
+//! Server connections heal themselves through their Router: a connection that dies gives its
+//! permit back and its Router opens a replacement when clients need one; the Pool actor keeps
+//! `min_pool_size` warm. actix restarts no actor that panicked, so Router and Pool catch their
+//! own panics and restart in place. As a last resort for an actor stopped some other way, the
+//! Supervisor checks every second that each pool's Pool actor lives and starts a new one if
+//! not, and a dead Router is replaced on its worker by the next client or server that needs it
 //! ([`crate::actors::router::live_router`]).
 
 use std::path::PathBuf;

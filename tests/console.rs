@@ -372,6 +372,32 @@ async fn pause_holds_new_transactions_and_resume_releases_them() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn resume_after_suspend_serves_the_clients_that_queued_from_the_servers_it_kept() {
+    let pg = Postgres::shared();
+    let db = pg.create_database("console_suspend");
+    let pooler = start(pg, &db, "pool_size=1", "query_wait_timeout = 60");
+    let console = admin(&pooler).await;
+    let client = Arc::new(pooler.connect(APP_USER, APP_PASSWORD, &db).await.unwrap());
+    first_value(&client, "SELECT 1").await.unwrap();
+
+    console.simple_query("SUSPEND").await.expect("SUSPEND");
+    let held = {
+        let client = client.clone();
+        tokio::spawn(async move { first_value(&client, "SELECT 2").await })
+    };
+    assert!(
+        poll(async || show(&console, "SHOW POOLS").await.row("database", &db)["cl_waiting"] == "1").await,
+        "the transaction queues while suspended"
+    );
+    assert_eq!(backend_count(pg, &db), 1, "SUSPEND keeps the server, idle");
+    console.simple_query("RESUME").await.expect("RESUME");
+    // The kept server serves it at once: no other server comes back to wake the queue, and
+    // the pool has no room to open one, so a lost wake-up would end in query_wait_timeout.
+    assert_eq!(held.await.unwrap().unwrap(), "2");
+    assert_eq!(backend_count(pg, &db), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn kill_drops_clients_and_reconnect_replaces_servers() {
     let pg = Postgres::shared();
     let db = pg.create_database("console_kill");

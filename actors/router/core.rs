@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::actors::pool::{Hold, PoolSettings, PoolShared, Refusal};
+use crate::actors::pool::{Hold, Permit, PoolSettings, PoolShared, Refusal};
 use crate::protocol::error::sqlstate;
 use crate::protocol::PgError;
 
@@ -75,8 +75,8 @@ pub trait RouterIo<S> {
     /// Hands `server` to `waiter`; gives it back if the waiter is gone.
     fn offer(&mut self, waiter: Self::Waiter, server: S) -> Result<(), S>;
     fn refuse(&mut self, waiter: Self::Waiter, error: PgError);
-    /// Opens a server for this router; the permit is taken.
-    fn start_server(&mut self);
+    /// Opens a server for this router, holding `permit` for as long as it lives.
+    fn start_server(&mut self, permit: Permit);
     fn close(&mut self, server: S);
     /// Runs `server_check_query` on it; it comes back through [`RouterCore::checkin`] or goes.
     fn check(&mut self, server: S);
@@ -186,15 +186,20 @@ impl<S: Lendable, W> RouterCore<S, W> {
         }
     }
 
-    fn start_server(&mut self, io: &mut impl RouterIo<S, Waiter = W>) {
+    fn start_server(&mut self, permit: Permit, io: &mut impl RouterIo<S, Waiter = W>) {
         self.connecting += 1;
         self.owned += 1;
-        io.start_server();
+        io.start_server(permit);
     }
 
     /// A client needs a server: the most recently used idle one at once if nobody queues
     /// before it, else it waits in arrival order.
     pub fn checkout(&mut self, waiter: W, now: Instant, io: &mut impl RouterIo<S, Waiter = W>) {
+        self.queue(waiter, now, now, io);
+    }
+
+    /// A client that has waited since `since` (queued in a router that was restarted).
+    pub fn queue(&mut self, waiter: W, since: Instant, now: Instant, io: &mut impl RouterIo<S, Waiter = W>) {
         if self.waiters.is_empty() && self.pool.hold() == Hold::None {
             if let Some(server) = self.take_idle(now, io) {
                 if let Err(server) = io.offer(waiter, server) {
@@ -203,7 +208,7 @@ impl<S: Lendable, W> RouterCore<S, W> {
                 return;
             }
         }
-        self.waiters.push_back(Waiter { since: now, waiter });
+        self.waiters.push_back(Waiter { since, waiter });
         self.grow(now, io);
         if !self.scheduled[Timer::WaitLimit as usize] {
             self.expire_waiters(now, io);
@@ -230,7 +235,7 @@ impl<S: Lendable, W> RouterCore<S, W> {
     }
 
     /// A server of this router stopped (closed, died, or failed to log in: `login_error`); its
-    /// permit is already released.
+    /// permit was dropped with it.
     pub fn server_gone(
         &mut self,
         id: S::Id,
@@ -269,15 +274,31 @@ impl<S: Lendable, W> RouterCore<S, W> {
         self.publish_load();
     }
 
-    /// A permit was released somewhere: try again to open servers for waiters.
+    /// A permit was released somewhere, or the pool was resumed: serve waiters from idle
+    /// servers (SUSPEND kept them idle while clients queued), then open servers for the rest.
     pub fn permit_freed(&mut self, now: Instant, io: &mut impl RouterIo<S, Waiter = W>) {
+        self.serve_from_idle(now, io);
         self.grow(now, io);
+    }
+
+    fn serve_from_idle(&mut self, now: Instant, io: &mut impl RouterIo<S, Waiter = W>) {
+        if self.pool.hold() != Hold::None {
+            return;
+        }
+        // Each round serves a waiter, moves the server to another worker, or finds that every
+        // waiter left.
+        while !self.waiters.is_empty() {
+            let Some(server) = self.take_idle(now, io) else { break };
+            self.place(server, now, io);
+        }
     }
 
     /// `min_pool_size` asks for one more server.
     pub fn grow_one(&mut self, now: Instant, io: &mut impl RouterIo<S, Waiter = W>) {
-        if self.pool.login_blocked(now).is_none() && self.pool.try_acquire(false).is_ok() {
-            self.start_server(io);
+        if self.pool.login_blocked(now).is_none() {
+            if let Ok(permit) = self.pool.try_acquire(false) {
+                self.start_server(permit, io);
+            }
         }
     }
 
@@ -327,6 +348,13 @@ impl<S: Lendable, W> RouterCore<S, W> {
     pub fn take_idle_servers(&mut self) -> Vec<S> {
         self.pool.set_starving(self.worker, false);
         self.idle.drain(..).map(|i| i.server).collect()
+    }
+
+    /// What a restart salvages: the waiters in order, with when each began to wait, and the
+    /// idle servers.
+    pub fn into_parts(mut self) -> (Vec<(W, Instant)>, Vec<S>) {
+        let idle = self.take_idle_servers();
+        (self.waiters.drain(..).map(|w| (w.waiter, w.since)).collect(), idle)
     }
 
     /// The most recently used idle server (the oldest with `server_round_robin`) that is
@@ -392,17 +420,19 @@ impl<S: Lendable, W> RouterCore<S, W> {
         // A server being checked will serve a waiter soon, as a login in flight will.
         while self.connecting + self.checking.len() < self.waiters.len().min(MAX_CONNECTING) {
             let refusal = match self.pool.try_acquire(false) {
-                Ok(()) => {
+                Ok(permit) => {
                     self.shed_asked = false;
-                    self.start_server(io);
+                    self.start_server(permit, io);
                     continue;
                 }
                 Err(refusal) => refusal,
             };
-            if refusal == Refusal::PoolFull && self.reserve_due(now) && self.pool.try_acquire(true).is_ok() {
-                log::info!("pool {}: taking connection from reserve_pool", self.pool.key);
-                self.start_server(io);
-                continue;
+            if refusal == Refusal::PoolFull && self.reserve_due(now) {
+                if let Ok(permit) = self.pool.try_acquire(true) {
+                    log::info!("pool {}: taking connection from reserve_pool", self.pool.key);
+                    self.start_server(permit, io);
+                    continue;
+                }
             }
             // Not only when starvation begins: it may have begun with this pool full, and then
             // a server of its own closed while another pool's took the shared slot.
@@ -616,6 +646,7 @@ impl<S: Lendable, W> RouterCore<S, W> {
                 self.idle.push(idle);
             }
         }
+        self.serve_from_idle(now, io);
         if !self.idle.is_empty() && self.pool.shared_limit_contended() {
             self.shed_idle(io);
         }

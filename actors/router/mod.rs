@@ -21,13 +21,14 @@
 use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Instant;
 
 use actix::prelude::*;
 
 use crate::actors::messages::*;
-use crate::actors::pool::{PoolKey, PoolShared, RouterMailbox};
+use crate::actors::pool::{Permit, PoolKey, PoolShared, RouterMailbox};
 use crate::actors::server::{AfterLease, ServerConnection, ServerLink};
 use crate::protocol::PgError;
 
@@ -113,22 +114,53 @@ pub struct Router {
     core: RouterCore<Held, CheckoutReply>,
     /// The core's pool too, kept here so that the I/O can borrow it while the core is busy.
     pool: Arc<PoolShared>,
+    /// Waiters are being queued again after a panic (see [`Router::restart`]).
+    restarting: bool,
 }
 
 impl Router {
     pub fn new(pool: Arc<PoolShared>, worker: usize) -> Router {
-        Router { core: RouterCore::new(pool.clone(), worker), pool }
+        Router { core: RouterCore::new(pool.clone(), worker), pool, restarting: false }
     }
 
-    /// Runs one event through the core with this actor as its I/O.
+    /// Runs one event through the core with this actor as its I/O. A panic restarts the
+    /// core in place ([`Router::restart`]): the address, which every client and server of
+    /// this worker holds, stays valid.
     fn run(
         &mut self,
         ctx: &mut Context<Self>,
         event: impl FnOnce(&mut RouterCore<Held, CheckoutReply>, Instant, &mut ActorIo<'_>),
     ) {
-        let Router { core, pool } = self;
+        let Router { core, pool, .. } = self;
         let worker = core.worker();
-        event(core, Instant::now(), &mut ActorIo { ctx, pool, worker });
+        let ran = catch_unwind(AssertUnwindSafe(|| {
+            event(core, Instant::now(), &mut ActorIo { ctx, pool, worker })
+        }));
+        if ran.is_err() {
+            self.restart(ctx);
+        }
+    }
+
+    /// A handler panicked, so the core's books cannot be trusted: a fresh core takes over.
+    /// Waiting clients keep their place and their waiting time; idle servers close (their
+    /// permits come back); servers out on lease or logging in come back here as always. A
+    /// panic while the waiters are queued again gives up on them (they get an error) rather
+    /// than loop.
+    fn restart(&mut self, ctx: &mut Context<Self>) {
+        let worker = self.core.worker();
+        log::error!("pool {}: the router of worker {worker} panicked; restarted in place", self.pool.key);
+        let fresh = RouterCore::new(self.pool.clone(), worker);
+        let (waiters, idle) = std::mem::replace(&mut self.core, fresh).into_parts();
+        for held in idle {
+            held.server.do_send(Close);
+        }
+        if std::mem::replace(&mut self.restarting, true) {
+            return;
+        }
+        for (waiter, since) in waiters {
+            self.run(ctx, |core, now, io| core.queue(waiter, since, now, io));
+        }
+        self.restarting = false;
     }
 }
 
@@ -162,8 +194,8 @@ impl RouterIo<Held> for ActorIo<'_> {
         let _ = waiter.send(Err(error));
     }
 
-    fn start_server(&mut self) {
-        ServerConnection::new(self.pool.clone(), self.ctx.address()).start();
+    fn start_server(&mut self, permit: Permit) {
+        ServerConnection::new(self.pool.clone(), self.ctx.address(), permit).start();
     }
 
     fn close(&mut self, held: Held) {
@@ -327,10 +359,9 @@ impl Handler<Adopt> for Router {
                 let server = ServerConnection::adopted(self.pool.clone(), ctx.address(), entry).start();
                 self.run(ctx, |core, now, io| core.adopt(Held { server, link }, now, io));
             }
+            // The permit came along in the detached link and went with it.
             Err(e) => {
-                // The retired actor kept the permit for this connection: give it back here.
-                log::warn!("pool {}: could not take over a server from another worker: {e}", self.pool.key);
-                self.pool.release();
+                log::warn!("pool {}: could not take over a server from another worker: {e}", self.pool.key)
             }
         }
     }
@@ -371,13 +402,51 @@ impl Handler<ShedIdle> for Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::actors::registry::tests::{shared_with_one_database, until, Crash};
+    use crate::actors::registry::tests::{shared_with, shared_with_one_database, until, Crash};
 
     impl Handler<Crash> for Router {
         type Result = ();
-        fn handle(&mut self, _: Crash, _: &mut Context<Self>) {
-            panic!("test: Router crashes");
+        fn handle(&mut self, _: Crash, ctx: &mut Context<Self>) {
+            self.run(ctx, |_, _, _| panic!("test: Router crashes"));
         }
+    }
+
+    /// A handler that panics outside the core: actix drops the actor.
+    struct CrashOutside;
+
+    impl Message for CrashOutside {
+        type Result = ();
+    }
+
+    impl Handler<CrashOutside> for Router {
+        type Result = ();
+        fn handle(&mut self, _: CrashOutside, _: &mut Context<Self>) {
+            panic!("test: Router crashes outside its core");
+        }
+    }
+
+    #[test]
+    fn a_router_whose_core_panics_restarts_in_place_and_its_waiters_keep_their_place() {
+        System::new().block_on(async {
+            // Nothing listens at the pool's address: the waiter's answer is the login error,
+            // once it has waited server_connect_timeout.
+            let shared = shared_with("server_connect_timeout = 0.3");
+            let member = shared.pool("d", "u").expect("pool");
+            let pool = member.pool();
+            let router = local_router(pool);
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            router.do_send(Checkout { reply });
+            router.send(Crash).await.expect("the router survives a panic in its core");
+            assert!(router.connected(), "same address, still alive");
+            assert_eq!(local_router(pool), router, "nobody needs a new one");
+            match answer.await {
+                Ok(Err(error)) => {
+                    assert!(error.message.contains("server connection failed"), "{}", error.message)
+                }
+                Ok(Ok(_)) => panic!("nothing listens there"),
+                Err(_) => panic!("the waiter queued before the panic was dropped instead of kept"),
+            }
+        });
     }
 
     #[test]
@@ -388,7 +457,7 @@ mod tests {
             let pool = member.pool();
             let mut held = local_router(pool);
             pool.set_starving(0, true);
-            assert!(held.send(Crash).await.is_err(), "the handler panicked");
+            assert!(held.send(CrashOutside).await.is_err(), "the handler panicked");
             until(|| !held.connected()).await;
             assert!(pool.starving_worker(1).is_none(), "a dead router is no longer offered servers");
             let replacement = live_router(&mut held, pool).clone();

@@ -22,6 +22,7 @@ pub use pooler::{spawn_supervised, Pooler};
 pub use postgres::pg_bin;
 pub(crate) use postgres::postgres_ids;
 pub use postgres::Postgres;
+use postgres::HELPER_APPLICATION_NAME;
 pub use python::{python, run_python};
 
 use std::collections::HashSet;
@@ -182,7 +183,8 @@ pub async fn first_value(
 /// reach a test database only through the pooler.
 pub fn backend_count(pg: &Postgres, db: &str) -> usize {
     pg.sql(&format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND backend_type = 'client backend'"
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND backend_type = 'client backend' \
+         AND application_name <> '{HELPER_APPLICATION_NAME}'"
     ))
     .parse()
     .expect("a count")

@@ -37,6 +37,9 @@ host all md5_user 127.0.0.1/32 md5
 host all all 127.0.0.1/32 scram-sha-256
 ";
 
+/// The application_name of the test helper's own psql sessions.
+pub const HELPER_APPLICATION_NAME: &str = "pgcorral test helper";
+
 impl Postgres {
     /// A fresh cluster with the standard roles and database `app`.
     pub fn start() -> Postgres {
@@ -175,6 +178,9 @@ impl Postgres {
             .arg("-d")
             .arg(db)
             .env("PGCONNECT_TIMEOUT", "10")
+            // Counts of server connections leave out this helper's own sessions, which may
+            // linger in pg_stat_activity for a moment after psql exits.
+            .env("PGAPPNAME", HELPER_APPLICATION_NAME)
             .env_remove("PGPASSWORD")
             .env_remove("PGOPTIONS")
             .env_remove("PGSERVICE")

@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 
 use super::{ClientState, Sim, Violation, FAIRNESS_BOUND};
+use crate::actors::pool::Hold;
 
 impl Sim {
     pub(super) fn check_limits(&mut self, pool: usize, worker: usize) {
@@ -67,7 +68,8 @@ impl Sim {
                     .filter(|&o| o != w)
                     .map(|o| self.cores[p][o].idle_servers().filter(|s| s.healthy).count())
                     .sum();
-                let Some(client) = waiting.filter(|_| idle_elsewhere > 0) else {
+                let held = self.pools[p].hold() != Hold::None;
+                let Some(client) = waiting.filter(|_| idle_elsewhere > 0 && !held) else {
                     self.unfair_since.remove(&(p, w));
                     continue;
                 };

@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 
 use super::core::{RouterCore, JANITOR_PERIOD};
 use crate::actors::census::Census;
-use crate::actors::pool::{keep_warm, Limit, PoolShared};
+use crate::actors::pool::{keep_warm, Hold, Limit, PoolShared};
 use crate::actors::registry::resolve;
 use crate::protocol::error::sqlstate;
 use crate::protocol::PgError;
@@ -243,6 +243,13 @@ impl Sim {
             let at = self.rng.millis(0..=5000);
             self.after(at, Event::Reload);
         }
+        if self.rng.chance(25) {
+            let at = self.rng.millis(0..=5000);
+            let length = self.rng.millis(100..=2000);
+            let hold = if self.rng.chance(50) { Hold::Paused } else { Hold::Suspended };
+            self.after(at, Event::Hold(hold));
+            self.after(at + length, Event::Hold(Hold::None));
+        }
         for p in 0..pools {
             for w in 0..self.workers {
                 let first = self.rng.millis(0..=999);
@@ -300,7 +307,7 @@ impl Sim {
                 c.state = ClientState::Done;
                 c.member = None;
             }
-            Effect::Start => {
+            Effect::Start(permit) => {
                 let conn = self.id();
                 self.live[pool].insert(conn);
                 trace!(self, "router {pool}/{worker}: starts server {conn}");
@@ -309,7 +316,10 @@ impl Sim {
                 let delay = if slow { self.rng.millis(500..=4000) } else { self.rng.millis(1..=20) };
                 let patience = self.pools[pool].settings().server_connect_timeout;
                 // A login slower than server_connect_timeout fails at that timeout.
-                self.after(delay.min(patience), Event::LoginDone(pool, worker, conn, delay >= patience));
+                self.after(
+                    delay.min(patience),
+                    Event::LoginDone(pool, worker, conn, delay >= patience, permit),
+                );
             }
             Effect::Close(server) => self.close(pool, worker, server),
             Effect::Check(server) => {
@@ -340,13 +350,14 @@ impl Sim {
         }
     }
 
-    /// A server actor stops: its permit is released (waking starved routers), then its router
-    /// hears it is gone.
+    /// A server actor stops: its permit goes back with it (waking starved routers), then its
+    /// router hears it is gone.
     fn close(&mut self, pool: usize, worker: usize, server: SimServer) {
         trace!(self, "server {} closes", server.conn);
         self.live[pool].remove(&server.conn);
-        self.pools[pool].release();
-        self.deliver(pool, worker, RouterEvent::ServerGone(server.actor, None));
+        let actor = server.actor;
+        drop(server);
+        self.deliver(pool, worker, RouterEvent::ServerGone(actor, None));
     }
 
     fn unqueue(&mut self, pool: usize, worker: usize, client: ClientId) {
@@ -396,14 +407,14 @@ impl Sim {
                 trace!(self, "router {pool}/{worker} takes {event:?}");
                 self.route(pool, worker, event);
             }
-            Event::LoginDone(pool, worker, conn, timed_out) => {
+            Event::LoginDone(pool, worker, conn, timed_out, permit) => {
                 let failed = timed_out
                     || self.outage_until.is_some_and(|until| self.now < until)
                     || self.rng.chance(3);
                 if failed {
                     trace!(self, "server {conn}: login fails");
                     self.live[pool].remove(&conn);
-                    self.pools[pool].release();
+                    drop(permit);
                     let error = PgError::fatal(sqlstate::CONNECTION_FAILURE, "server login failed");
                     let actor = conn;
                     self.deliver(pool, worker, RouterEvent::ServerGone(actor, Some(error)));
@@ -414,6 +425,7 @@ impl Sim {
                         born: self.now,
                         generation: self.pools[pool].connection_generation(),
                         healthy: true,
+                        _permit: permit,
                     };
                     trace!(self, "server {conn}: logged in");
                     self.deliver(pool, worker, RouterEvent::Checkin(server, true));
@@ -442,6 +454,12 @@ impl Sim {
                 self.outage_until = Some(self.now + length);
             }
             Event::Reload => self.reload(),
+            Event::Hold(hold) => {
+                trace!(self, "the console holds the database: {hold:?}");
+                for pool in &self.pools {
+                    pool.hold_traffic(hold);
+                }
+            }
             Event::KeepWarm => {
                 for p in 0..self.pools.len() {
                     let pool = self.pools[p].clone();

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::actors::pool::{PoolMember, RouterMailbox};
+use crate::actors::pool::{Hold, Permit, PoolMember, RouterMailbox};
 use crate::actors::router::core::{Lendable, RouterIo, Timer};
 use crate::config::Config;
 use crate::protocol::PgError;
@@ -53,6 +53,8 @@ pub struct SimServer {
     pub(super) born: Instant,
     pub(super) generation: usize,
     pub(super) healthy: bool,
+    /// The real thing: dropping the server gives it back, as dropping a link does.
+    pub(super) _permit: Permit,
 }
 
 impl Lendable for SimServer {
@@ -134,8 +136,9 @@ impl RouterMailbox for SimMailbox {
 pub(super) enum Event {
     /// To router (pool, worker).
     Router(usize, usize, RouterEvent),
-    /// A server login ends: (pool, worker, conn, whether it ran into server_connect_timeout).
-    LoginDone(usize, usize, u64, bool),
+    /// A server login ends: (pool, worker, conn, whether it ran into server_connect_timeout,
+    /// the permit it logs in with).
+    LoginDone(usize, usize, u64, bool, Permit),
     /// A client connects: its pool and worker.
     Arrive(ClientId),
     /// A client's transaction ends (it gives its server back) or it thought long enough.
@@ -146,6 +149,8 @@ pub(super) enum Event {
     Outage(Duration),
     /// A reload: new sizes for every pool.
     Reload,
+    /// PAUSE or SUSPEND of the database, or RESUME (`Hold::None`).
+    Hold(Hold),
     /// Every pool's `min_pool_size` keeper.
     KeepWarm,
 }
@@ -213,7 +218,7 @@ pub(super) struct Client {
 pub(super) enum Effect {
     Offer(ClientId, SimServer),
     Refuse(ClientId, PgError),
-    Start,
+    Start(Permit),
     Close(SimServer),
     Check(SimServer),
     Migrate(SimServer, usize),
@@ -245,8 +250,8 @@ impl RouterIo<SimServer> for SimIo<'_> {
         self.effects.push(Effect::Refuse(waiter, error));
     }
 
-    fn start_server(&mut self) {
-        self.effects.push(Effect::Start);
+    fn start_server(&mut self, permit: Permit) {
+        self.effects.push(Effect::Start(permit));
     }
 
     fn close(&mut self, server: SimServer) {
