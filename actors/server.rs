@@ -33,11 +33,12 @@ use crate::tls::negotiate_server_tls;
 
 /// A logged-in server connection, as it travels between its Router and a client.
 #[derive(Debug)]
-pub struct ServerLink {
+pub struct ServerLink<C = Framed> {
     /// When the connection was opened: `server_lifetime` counts from here on any worker.
     pub born: Instant,
-    /// The socket, with what was read from it and not yet consumed and what is queued for it.
-    pub conn: Framed,
+    /// The socket, with what was read from it and not yet consumed and what is queued for it
+    /// (a bare detached socket while the connection moves between workers).
+    pub conn: C,
     pub addr: ServerAddr,
     pub process_id: i32,
     pub secret_key: i32,
@@ -207,23 +208,49 @@ impl ServerLink {
     }
 }
 
-/// A server connection in transit between workers: its socket out of any reactor.
-#[derive(Debug)]
-pub struct DetachedLink {
-    /// When the connection was opened: `server_lifetime` counts from there on any worker.
-    born: Instant,
-    socket: DetachedSocket,
-    addr: ServerAddr,
-    process_id: i32,
-    secret_key: i32,
-    params: Vec<(String, String)>,
-    generation: usize,
-    entry: Arc<ServerEntry>,
-    statements: ServerStatements,
-    session: Vec<(String, String)>,
-    session_unknown: bool,
-    baseline: Vec<(String, String)>,
-    permit: Permit,
+/// A server connection in transit between workers: the same link, its socket out of any
+/// reactor (and so `Send` to another thread), its permit inside.
+pub type DetachedLink = ServerLink<DetachedSocket>;
+
+impl<C> ServerLink<C> {
+    /// The same connection over another form of its socket: the one place that names every
+    /// field, so that moving a connection moves its socket and nothing is copied or forgotten.
+    fn with_conn<D>(self, convert: impl FnOnce(C) -> std::io::Result<D>) -> std::io::Result<ServerLink<D>> {
+        let ServerLink {
+            born,
+            conn,
+            addr,
+            process_id,
+            secret_key,
+            params,
+            matches_client,
+            generation,
+            entry,
+            statements,
+            session,
+            session_unknown,
+            baseline,
+            guard,
+            permit,
+        } = self;
+        Ok(ServerLink {
+            born,
+            conn: convert(conn)?,
+            addr,
+            process_id,
+            secret_key,
+            params,
+            matches_client,
+            generation,
+            entry,
+            statements,
+            session,
+            session_unknown,
+            baseline,
+            guard,
+            permit,
+        })
+    }
 }
 
 impl ServerLink {
@@ -248,21 +275,7 @@ impl ServerLink {
         if !self.conn.inbox.is_empty() || !self.conn.outbox.is_empty() {
             return Err(std::io::Error::other("server connection has bytes in flight"));
         }
-        Ok(DetachedLink {
-            born: self.born,
-            socket: self.conn.socket.detach()?,
-            addr: self.addr,
-            process_id: self.process_id,
-            secret_key: self.secret_key,
-            params: self.params,
-            generation: self.generation,
-            entry: self.entry,
-            statements: self.statements,
-            session: self.session,
-            session_unknown: self.session_unknown,
-            baseline: self.baseline,
-            permit: self.permit,
-        })
+        self.with_conn(|conn| conn.socket.detach())
     }
 
     /// True when the idle socket has neither closed nor sent anything unasked (a backend
@@ -277,23 +290,7 @@ impl ServerLink {
 impl DetachedLink {
     /// Registers the socket with this thread's reactor.
     pub fn attach(self) -> std::io::Result<ServerLink> {
-        Ok(ServerLink {
-            born: self.born,
-            conn: Framed::new(self.socket.attach()?),
-            addr: self.addr,
-            process_id: self.process_id,
-            secret_key: self.secret_key,
-            params: self.params,
-            matches_client: None,
-            generation: self.generation,
-            entry: self.entry,
-            statements: self.statements,
-            session: self.session,
-            session_unknown: self.session_unknown,
-            baseline: self.baseline,
-            guard: LendGuard::default(),
-            permit: self.permit,
-        })
+        self.with_conn(|socket| Ok(Framed::new(socket.attach()?)))
     }
 }
 
