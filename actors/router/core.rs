@@ -566,7 +566,10 @@ impl<S: Lendable, W> RouterCore<S, W> {
                 Err(back) => server = back,
             }
         }
-        let wanted = self.wanted_elsewhere(now);
+        // Only to a worker starved at the limit here, on every checkin: one whose clients merely
+        // wait (a few milliseconds under load) is the janitor's business, or servers would
+        // bounce between busy workers (client TLS lost 10 % that way).
+        let wanted = self.pool.starving_worker(self.worker);
         if let Some(to) = wanted.filter(|_| self.may_move(now)) {
             self.migrate(server, to, now, io);
         } else if self.pool.shared_limit_contended() {
