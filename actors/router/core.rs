@@ -148,6 +148,11 @@ impl<S: Lendable, W> RouterCore<S, W> {
         self.worker
     }
 
+    /// The settings this router decides by: the pool's, as of its last janitor round.
+    pub fn settings(&self) -> &PoolSettings {
+        &self.settings
+    }
+
     pub fn idle_count(&self) -> usize {
         self.idle.len()
     }
@@ -225,7 +230,8 @@ impl<S: Lendable, W> RouterCore<S, W> {
         }
         let id = server.id();
         self.checking.retain(|s| *s != id);
-        if past_lifetime(server.born(), self.settings.server_lifetime, now) || self.outdated(&server) {
+        // Back from a lease or a check the server is known clean: no health probe here.
+        if self.worn(&server, now).is_some() {
             io.close(server);
         } else {
             self.place(server, now, io);
@@ -270,7 +276,14 @@ impl<S: Lendable, W> RouterCore<S, W> {
     /// A server moved here from another worker, with its permit.
     pub fn adopt(&mut self, server: S, now: Instant, io: &mut impl RouterIo<S, Waiter = W>) {
         self.owned += 1;
-        self.place(server, now, io);
+        // It may have aged past server_lifetime, or a reload may have outdated it, on the way.
+        match self.unfit(&server, now) {
+            Some(reason) => {
+                log::info!("pool {}: moved server {} closed, {reason}", self.pool.key, server.process_id());
+                io.close(server);
+            }
+            None => self.place(server, now, io),
+        }
         self.publish_load();
     }
 
@@ -366,16 +379,7 @@ impl<S: Lendable, W> RouterCore<S, W> {
                 true if !self.idle.is_empty() => self.idle.remove(0),
                 _ => self.idle.pop()?,
             };
-            let unfit = if !idle.server.healthy() {
-                Some("it closed or spoke unasked")
-            } else if past_lifetime(idle.server.born(), self.settings.server_lifetime, now) {
-                Some("it outlived server_lifetime")
-            } else if self.outdated(&idle.server) {
-                Some("a reload changed its connection settings")
-            } else {
-                None
-            };
-            if let Some(reason) = unfit {
+            if let Some(reason) = self.unfit(&idle.server, now) {
                 log::info!(
                     "pool {}: idle server {} closed, {reason}",
                     self.pool.key,
@@ -396,6 +400,27 @@ impl<S: Lendable, W> RouterCore<S, W> {
     }
 
     /// Opened before a reload changed how this pool's servers are reached.
+    /// Why `server` must not be lent any more, if it must not.
+    fn unfit(&self, server: &S, now: Instant) -> Option<&'static str> {
+        if !server.healthy() {
+            Some("it closed or spoke unasked")
+        } else {
+            self.worn(server, now)
+        }
+    }
+
+    /// Whether `server` outlived `server_lifetime` or a reload outdated it: [`Self::unfit`]
+    /// without the health probe, which costs a system call.
+    fn worn(&self, server: &S, now: Instant) -> Option<&'static str> {
+        if past_lifetime(server.born(), self.settings.server_lifetime, now) {
+            Some("it outlived server_lifetime")
+        } else if self.outdated(server) {
+            Some("a reload changed its connection settings")
+        } else {
+            None
+        }
+    }
+
     fn outdated(&self, server: &S) -> bool {
         server.generation() != self.pool.connection_generation()
     }

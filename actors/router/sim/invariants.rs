@@ -2,8 +2,9 @@
 
 use std::collections::HashSet;
 
-use super::{ClientState, Sim, Violation, FAIRNESS_BOUND};
+use super::{ClientId, ClientState, Sim, SimServer, Violation, FAIRNESS_BOUND};
 use crate::actors::pool::Hold;
+use crate::actors::router::core::{past_lifetime, JANITOR_PERIOD};
 
 impl Sim {
     pub(super) fn check_limits(&mut self, pool: usize, worker: usize) {
@@ -40,6 +41,26 @@ impl Sim {
             self.fail(Violation::OverLimit(format!(
                 "{open} servers for user u{pool}, max_user_connections {}",
                 settings.max_user_connections
+            )));
+        }
+    }
+
+    /// A server lent to `client` must be young enough and opened under today's connection
+    /// settings.
+    pub(super) fn check_fit(&mut self, pool: usize, worker: usize, client: ClientId, server: &SimServer) {
+        let lifetime = self.cores[pool][worker].settings().server_lifetime;
+        if past_lifetime(server.born, lifetime, self.now) {
+            let age = self.now.duration_since(server.born);
+            return self.fail(Violation::Outlived(format!(
+                "router {pool}/{worker} lent server {} to client {client} at age {age:?}, server_lifetime {lifetime:?}",
+                server.conn
+            )));
+        }
+        let generation = self.pools[pool].connection_generation();
+        if server.generation != generation {
+            self.fail(Violation::Outlived(format!(
+                "router {pool}/{worker} lent server {} of connection settings {} to client {client} under settings {generation}",
+                server.conn, server.generation
             )));
         }
     }
@@ -107,6 +128,18 @@ impl Sim {
                 if core.waiting() > 0 {
                     let what = format!("router {p}/{w} still has {} waiters", core.waiting());
                     return self.fail(Violation::Leak(what));
+                }
+            }
+            let lifetime = self.pools[p].settings().server_lifetime;
+            for w in (0..self.workers).filter(|_| !lifetime.is_zero()) {
+                let outlived = self.cores[p][w]
+                    .idle_servers()
+                    .find(|s| past_lifetime(s.born, lifetime + JANITOR_PERIOD, self.now))
+                    .map(|s| s.conn);
+                if let Some(conn) = outlived {
+                    let what =
+                        format!("router {p}/{w} keeps server {conn} idle past server_lifetime {lifetime:?}");
+                    return self.fail(Violation::Outlived(what));
                 }
             }
             let idle: usize = (0..self.workers).map(|w| self.cores[p][w].idle_count()).sum();

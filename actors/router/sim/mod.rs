@@ -63,6 +63,10 @@ pub enum Violation {
     Forgotten(String),
     /// Events keep coming with nothing to show for them: some actors trade messages forever.
     Livelock(String),
+    /// A server was lent past `server_lifetime` (as its router reads the settings), or after a
+    /// reload changed the connection settings it was opened with; or, once quiet, one idles
+    /// past its lifetime longer than a janitor period.
+    Outlived(String),
 }
 
 /// Far more steps than any seed's traffic needs: past this, something loops.
@@ -390,6 +394,7 @@ impl Sim {
             }
             self.queues[pool][worker].remove(position);
         }
+        self.check_fit(pool, worker, client, &server);
         self.lent.insert(server.conn, client);
         let length = self.rng.millis(0..=80);
         let c = self.clients.get_mut(&client).expect("client");

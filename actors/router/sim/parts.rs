@@ -305,8 +305,10 @@ pub(super) fn random_config(rng: &mut Rng) -> (String, usize, usize) {
         set("server_check_query", "select 1".into());
         set("server_check_delay", format!("{:.3}", rng.millis(0..=1000).as_secs_f64()));
     }
+    // A reload that moves the database makes every open server outdated.
+    let port = 1 + rng.below(2);
     let ini = format!(
-        "[databases]\nd = host=127.0.0.1 port=1 dbname=d\n[pgbouncer]\nauth_type = trust\npool_mode = transaction\nserver_tls_sslmode = disable\n{general}"
+        "[databases]\nd = host=127.0.0.1 port={port} dbname=d\n[pgbouncer]\nauth_type = trust\npool_mode = transaction\nserver_tls_sslmode = disable\n{general}"
     );
     (ini, workers, pools)
 }
