@@ -414,9 +414,12 @@ async fn authenticate(
     let has_auth_file = config.general.auth_file.is_some();
     let known = stored.is_some();
     let asks_scram = matches!(check, Check::Scram) || (matches!(check, Check::Md5) && config.mostly_scram);
+    // A cleartext password checked against a SCRAM verifier costs a key derivation: where most
+    // users have one, an unknown user's check must cost one too.
+    let mock_scram = asks_scram || (matches!(check, Check::Password) && config.mostly_scram);
     let secret = match stored {
         Some(secret) => secret,
-        None if asks_scram => Secret::Scram(ScramSecret::mock(user, config.general.scram_iterations)),
+        None if mock_scram => Secret::Scram(ScramSecret::mock(user, config.mock_scram_iterations)),
         None => Secret::Plain(decoy_password().to_string()),
     };
     let mut keys = None;

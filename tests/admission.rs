@@ -244,3 +244,103 @@ fn backend_key_process_ids_are_not_a_sequence() {
     assert!(steps.iter().any(|step| step.abs() > 1_000), "process IDs in sequence: {ids:?}");
     assert!(ids.iter().all(|id| *id > 0), "{ids:?}");
 }
+
+/// One failed login over a raw socket, timed from connect to the ErrorResponse: a wrong
+/// cleartext password, or a SCRAM exchange whose proof is wrong (the client computes no key,
+/// so only the pooler's work is timed). Returns the elapsed time and the error's message, with
+/// the iteration count a SCRAM server-first message offered.
+fn failed_login(pooler: &Pooler, user: &str, db: &str) -> (std::time::Duration, String) {
+    let started = std::time::Instant::now();
+    let mut iterations = String::new();
+    let mut client = RawClient::start(pooler.port, user, db);
+    loop {
+        let m = client.read();
+        let mut buf = BytesMut::new();
+        match (m.tag, m.body.get(..4).map(|code| i32::from_be_bytes(code.try_into().unwrap()))) {
+            (b'R', Some(3)) => frontend::password_message(b"not the password", &mut buf).unwrap(),
+            (b'R', Some(10)) => {
+                frontend::sasl_initial_response("SCRAM-SHA-256", b"n,,n=,r=rOprNGfwEbeRWgbNEkqO", &mut buf)
+                    .unwrap()
+            }
+            (b'R', Some(11)) => {
+                let server_first = String::from_utf8(m.body[4..].to_vec()).unwrap();
+                let nonce = server_first.split(',').find_map(|p| p.strip_prefix("r=")).unwrap();
+                iterations = server_first.split(',').find_map(|p| p.strip_prefix("i=")).unwrap().to_string();
+                // 32 bytes of proof, base64: well formed and wrong.
+                let client_final = format!("c=biws,r={nonce},p=AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=");
+                frontend::sasl_response(client_final.as_bytes(), &mut buf).unwrap();
+            }
+            (b'E', _) => {
+                let message = m.field(b'M').unwrap_or_default();
+                return (started.elapsed(), format!("{message}{iterations}"));
+            }
+            other => panic!("unexpected {other:?} for {user}@{db}"),
+        }
+        client.send(&buf);
+    }
+}
+
+/// Times failed logins of each `(user, database)` case, interleaved round by round so that
+/// noise falls on all of them alike, and returns each case's median with its message.
+fn median_failures(pooler: &Pooler, cases: &[(&str, &str)]) -> Vec<(std::time::Duration, String)> {
+    const ROUNDS: usize = 15;
+    let mut times = vec![Vec::new(); cases.len()];
+    let mut messages = vec![String::new(); cases.len()];
+    for _ in 0..ROUNDS {
+        for (i, (user, db)) in cases.iter().enumerate() {
+            let (elapsed, message) = failed_login(pooler, user, db);
+            times[i].push(elapsed);
+            messages[i] = message;
+        }
+    }
+    times
+        .into_iter()
+        .zip(messages)
+        .map(|(mut t, m)| {
+            t.sort();
+            (t[ROUNDS / 2], m)
+        })
+        .collect()
+}
+
+/// Whether the slowest case's median is within `bound` times the fastest's.
+fn within(medians: &[(std::time::Duration, String)], bound: f64) -> bool {
+    let slowest = medians.iter().map(|m| m.0).max().unwrap().as_secs_f64();
+    let fastest = medians.iter().map(|m| m.0).min().unwrap().as_secs_f64();
+    slowest <= fastest * bound
+}
+
+/// A failed login costs the same whether the user exists, the database exists, or neither: an
+/// attacker timing refusals learns nothing. Cleartext passwords checked against SCRAM verifiers
+/// cost a key derivation, so an unknown user pays one too; a SCRAM exchange runs in full. The
+/// bound compares medians of one run with each other, never with a clock: a key derivation
+/// skipped for unknown users makes them several times faster, noise does not.
+#[test]
+fn a_failed_login_takes_as_long_whether_or_not_the_user_or_the_database_exists() {
+    let pg = Postgres::shared();
+    let cases = [("s1", "app"), ("nobody", "app"), ("s1", "no_such_db"), ("nobody", "no_such_db")];
+    // Far more iterations than the default, as a careful operator stores them: a skipped
+    // derivation would stand out from any noise.
+    let verifier = SCRAM_VERIFIER.replace("$4096:", "$40000:");
+    let userlist =
+        app_userlist() + &Pooler::userlist_line("s1", &verifier) + &Pooler::userlist_line("s2", &verifier);
+
+    // scram_iterations stays at its default: the unknown users' mock verifiers follow what
+    // most users have.
+    let ini = pool_ini(pg, "app", "", "transaction", "").replace("auth_type = md5", "auth_type = plain");
+    let pooler = Pooler::start(&ini, &userlist);
+    let medians = median_failures(&pooler, &cases);
+    let refused = |user: &str| format!("password authentication failed for user \"{user}\"");
+    let words: Vec<_> = medians.iter().map(|m| m.1.clone()).collect();
+    assert_eq!(words, [refused("s1"), refused("nobody"), refused("s1"), refused("nobody")]);
+    assert!(within(&medians, 2.0), "cleartext refusals, medians per case {cases:?}: {medians:?}");
+
+    let ini = ini.replace("auth_type = plain", "auth_type = scram-sha-256");
+    let pooler = Pooler::start(&ini, &userlist);
+    let medians = median_failures(&pooler, &cases);
+    assert!(
+        medians.iter().all(|m| m.1 == "SASL authentication failed40000"),
+        "the same words, and the same i= in server-first: {medians:?}"
+    );
+    assert!(within(&medians, 2.0), "SCRAM refusals, medians per case {cases:?}: {medians:?}");
+}

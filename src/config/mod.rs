@@ -177,6 +177,7 @@ fn assemble(
     };
     let scram_secrets = userlist.iter().filter(|(_, secret)| secret.starts_with("SCRAM-SHA-256$")).count();
     let mostly_scram = scram_secrets * 2 > userlist.len();
+    let mock_scram_iterations = typical_scram_iterations(&userlist, general.scram_iterations);
     let config = Config {
         path: path.to_path_buf(),
         general,
@@ -185,11 +186,30 @@ fn assemble(
         users,
         userlist,
         mostly_scram,
+        mock_scram_iterations,
         tls,
         hba,
         ident,
     };
     Ok((config, warnings))
+}
+
+/// The iteration count most users' SCRAM verifiers have: a stored verifier's own, or
+/// `scram_iterations` for a plaintext secret (pgcorral derives its verifier). An unknown user's
+/// mock verifier uses it, so that the `i=` of a server-first message does not tell who exists.
+fn typical_scram_iterations(userlist: &[(String, String)], derived: u32) -> u32 {
+    use crate::auth::Secret;
+    let mut counts: std::collections::BTreeMap<u32, usize> = std::collections::BTreeMap::new();
+    for (_, secret) in userlist {
+        match Secret::parse(secret) {
+            Secret::Scram(verifier) => *counts.entry(verifier.iterations).or_default() += 1,
+            Secret::Plain(_) => *counts.entry(derived).or_default() += 1,
+            Secret::Md5(_) => {}
+        }
+    }
+    // Ties go to the larger count of iterations: the map iterates in ascending order, and
+    // max_by_key keeps the last of equal keys.
+    counts.into_iter().max_by_key(|&(_, n)| n).map_or(derived, |(iterations, _)| iterations)
 }
 
 #[cfg(test)]
@@ -207,6 +227,23 @@ mod tests {
 
     fn parse(text: &str) -> Result<(Config, Vec<ConfigWarning>), ConfigError> {
         parse_at(text, Path::new("pgbouncer.ini"))
+    }
+
+    #[test]
+    fn an_unknown_users_mock_verifier_has_the_iterations_most_users_have() {
+        let key = "A".repeat(43) + "=";
+        let verifier = |i: u32| format!("SCRAM-SHA-256${i}:c2FsdA==${key}:{key}");
+        let list = |secrets: &[String]| -> Vec<(String, String)> {
+            secrets.iter().enumerate().map(|(n, s)| (format!("u{n}"), s.clone())).collect()
+        };
+        let md5 = "md5".to_string() + &"0".repeat(32);
+        assert_eq!(typical_scram_iterations(&[], 4096), 4096, "nobody: scram_iterations");
+        let mostly_stored = list(&[verifier(40000), verifier(40000), "plain".into(), md5.clone()]);
+        assert_eq!(typical_scram_iterations(&mostly_stored, 4096), 40000);
+        let mostly_derived = list(&[verifier(40000), "a".into(), "b".into(), md5.clone(), md5]);
+        assert_eq!(typical_scram_iterations(&mostly_derived, 4096), 4096, "md5 secrets do not count");
+        let tied = list(&[verifier(10000), verifier(20000)]);
+        assert_eq!(typical_scram_iterations(&tied, 4096), 20000);
     }
 
     fn parse_with_env(

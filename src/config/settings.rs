@@ -325,6 +325,9 @@ pub struct Config {
     /// asked for SCRAM, so an unknown user is asked the way most users are: the question does
     /// not tell who exists.
     pub mostly_scram: bool,
+    /// The iteration count of an unknown user's mock SCRAM verifier: what most users' verifiers
+    /// have.
+    pub mock_scram_iterations: u32,
     /// TLS contexts built from `client_tls_*` and `server_tls_*`.
     pub tls: crate::tls::TlsContexts,
     /// `auth_hba_file`, parsed; None without one.
