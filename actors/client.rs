@@ -15,8 +15,8 @@ use actix::prelude::*;
 use bytes::BytesMut;
 
 use crate::actors::census::{ClientEntry, ClientLogin};
-use crate::actors::client_login::{accept, Accepted, LoginError, Wire};
-use crate::actors::console::{Console, Role};
+use crate::actors::client_login::{accept, Accepted, ConsoleLogin, LoginError, Wire};
+use crate::actors::console::Console;
 use crate::actors::control::ADMIN_DATABASES;
 use crate::actors::messages::{CancelQuery, Kill};
 use crate::actors::registry::Shared;
@@ -247,11 +247,9 @@ impl Session {
         self.admitted.set(admitted);
         let login = match login {
             Ok(Ok(Accepted::Login(login))) => login,
-            Ok(Ok(Accepted::Console { user, database, startup, role })) => {
-                return self.console(wire, control_rx, user, database, startup, role).await;
-            }
+            Ok(Ok(Accepted::Console(login))) => return self.console(wire, control_rx, login).await,
             Ok(Ok(Accepted::Cancel { process_id, secret_key })) => {
-                self.shared.cancel(process_id, secret_key);
+                self.shared.cancel(process_id, &secret_key);
                 return Err(None);
             }
             Ok(Err(LoginError::Refused(error))) => return Err(self.refuse(&mut wire, error).await),
@@ -291,7 +289,7 @@ impl Session {
         );
         self.logged_in(&login.database, &login.user);
 
-        let (process_id, secret_key) = self.shared.register_cancel_key(self.me.clone());
+        let (process_id, secret_key) = self.shared.register_cancel_key(self.me.clone(), login.protocol_minor);
         self.process_id.set(Some(process_id));
         let config = self.shared.config();
         let router = local_router(login.member.pool());
@@ -323,7 +321,7 @@ impl Session {
         for (name, value) in &reported {
             backend::parameter_status(&mut hello, name, value);
         }
-        backend::backend_key_data(&mut hello, process_id, secret_key);
+        backend::backend_key_data(&mut hello, process_id, secret_key.as_bytes());
         backend::ready_for_query(&mut hello, b'I');
         relay.queue_to_client(&hello);
         relay.set_params(tracked);
@@ -363,11 +361,9 @@ impl Session {
         self,
         mut wire: Wire,
         control_rx: LocalReceiver<Control>,
-        user: String,
-        database: String,
-        startup: Vec<(String, String)>,
-        role: Role,
+        login: ConsoleLogin,
     ) -> Result<Serve, Option<String>> {
+        let ConsoleLogin { user, database, startup, role, protocol_minor } = login;
         if let Err(error) = self.shared.admit_login(&database, &user) {
             wire.conn.outbox.clear();
             return Err(self.refuse(&mut wire, error).await);
@@ -381,7 +377,7 @@ impl Session {
             ClientLogin { database: listed, user, pool: None },
             application_name.map_or("", |(_, v)| v.as_str()),
         );
-        let (process_id, secret_key) = self.shared.register_cancel_key(self.me.clone());
+        let (process_id, secret_key) = self.shared.register_cancel_key(self.me.clone(), protocol_minor);
         self.process_id.set(Some(process_id));
         let Wire { mut conn, tls } = wire;
         if let Some(tls) = tls {
@@ -390,7 +386,7 @@ impl Session {
         for (name, value) in CONSOLE_PARAMETERS {
             backend::parameter_status(&mut conn.outbox, name, value);
         }
-        backend::backend_key_data(&mut conn.outbox, process_id, secret_key);
+        backend::backend_key_data(&mut conn.outbox, process_id, secret_key.as_bytes());
         backend::ready_for_query(&mut conn.outbox, b'I');
         let console = Console::new(conn, self.shared.clone(), role, control_rx, self.entry.clone());
         self.logged_in(ADMIN_DATABASES[0], &self.entry.login().map_or(String::new(), |l| l.user.clone()));

@@ -23,7 +23,7 @@ use crate::protocol::backend;
 use crate::protocol::error::sqlstate;
 use crate::protocol::frontend::{parse_password, parse_sasl_initial};
 use crate::protocol::options::{is_parameter_name, parse_options};
-use crate::protocol::startup::{parse_startup, StartupPacket};
+use crate::protocol::startup::{parse_startup, Negotiation, StartupPacket};
 use crate::protocol::{PgError, ProtocolError};
 use crate::tls::{ClientTls, ClientTlsInfo};
 
@@ -66,22 +66,28 @@ impl From<ReadError<ProtocolError>> for LoginError {
 pub enum Accepted {
     Cancel {
         process_id: i32,
-        secret_key: i32,
+        secret_key: Vec<u8>,
     },
     Login(Login),
     /// A login to the admin console (database `pgbouncer` or `pgcorral`).
-    Console {
-        user: String,
-        database: String,
-        startup: Vec<(String, String)>,
-        role: Role,
-    },
+    Console(ConsoleLogin),
+}
+
+pub struct ConsoleLogin {
+    pub user: String,
+    pub database: String,
+    pub startup: Vec<(String, String)>,
+    pub role: Role,
+    /// The minor protocol version agreed on: 2 gives the client a long cancel key.
+    pub protocol_minor: u16,
 }
 
 pub struct Login {
     pub user: String,
     pub database: String,
     pub startup: Vec<(String, String)>,
+    /// The minor protocol version agreed on: 2 gives the client a long cancel key.
+    pub protocol_minor: u16,
     /// The client's place in its pool, taken once it authenticated.
     pub member: PoolMember,
 }
@@ -187,9 +193,17 @@ pub async fn accept(wire: &mut Wire, shared: &Shared, admitted: &mut bool) -> Re
             StartupPacket::Cancel { process_id, secret_key } => {
                 return Ok(Accepted::Cancel { process_id, secret_key })
             }
-            StartupPacket::Startup { params } => break params,
+            StartupPacket::Startup { minor, mut params } => {
+                let negotiation = Negotiation::of(minor, &mut params);
+                // Before anything else, as PostgreSQL: the client learns what it may use.
+                if negotiation.must_tell {
+                    backend::negotiate_protocol_version(&mut wire.conn.outbox, &negotiation);
+                }
+                break (params, negotiation.minor);
+            }
         }
     };
+    let (params, protocol_minor) = params;
     // client_tls_sslmode = require and above: plaintext TCP logins are refused (Unix-socket
     // clients are local and never need TLS).
     if client_tls.as_ref().is_some_and(|tls| tls.sslmode().requires_tls())
@@ -214,7 +228,7 @@ pub async fn accept(wire: &mut Wire, shared: &Shared, admitted: &mut bool) -> Re
         let role = console_login(wire, &config, &user).await?;
         admit(shared, admitted)?;
         backend::authentication_ok(&mut wire.conn.outbox);
-        return Ok(Accepted::Console { user, database, startup: params, role });
+        return Ok(Accepted::Console(ConsoleLogin { user, database, startup: params, role, protocol_minor }));
     }
     let queried = match config.secret(&user) {
         Some(_) => None,
@@ -239,7 +253,7 @@ pub async fn accept(wire: &mut Wire, shared: &Shared, admitted: &mut bool) -> Re
         .into());
     }
     backend::authentication_ok(&mut wire.conn.outbox);
-    Ok(Accepted::Login(Login { user, database, startup: settings, member }))
+    Ok(Accepted::Login(Login { user, database, startup: settings, protocol_minor, member }))
 }
 
 /// Counts an authenticated client against `max_client_conn`. Clients still logging in are
@@ -310,8 +324,7 @@ fn startup_settings(params: &[(String, String)], config: &Config) -> Result<Vec<
                 "replication connections are not supported",
             ));
         }
-        // `_pq_.` names ask for protocol extensions, which pgcorral does not speak.
-        if lower.starts_with("_pq_.") || !is_parameter_name(name) {
+        if !is_parameter_name(name) {
             return Err(PgError::fatal(
                 sqlstate::PROTOCOL_VIOLATION,
                 format!("unsupported startup parameter: {name}"),

@@ -259,6 +259,9 @@ const FIRST_RETRY: Duration = Duration::from_millis(250);
 pub struct PoolShared {
     pub key: PoolKey,
     login_backoff: Mutex<Option<Backoff>>,
+    /// The minor protocol version to ask servers for: 3.2 until a server refuses it outright
+    /// (a pooler that does not negotiate), then 3.0 until the connection settings change.
+    server_protocol_minor: std::sync::atomic::AtomicU16,
     /// SCRAM pass-through: the keys a client proved its stored SCRAM secret with, used to log
     /// in to PostgreSQL as that user when no password is configured for it.
     scram_keys: Mutex<Option<ScramKeys>>,
@@ -331,6 +334,7 @@ impl PoolShared {
             loads: (0..workers).map(|_| WorkerLoad::default()).collect(),
             epoch: Instant::now(),
             login_backoff: Mutex::new(None),
+            server_protocol_minor: std::sync::atomic::AtomicU16::new(crate::protocol::startup::LATEST_MINOR),
             scram_keys: Mutex::new(None),
             queried_secret: Mutex::new(None),
             stats: PoolStats::new(workers),
@@ -358,6 +362,7 @@ impl PoolShared {
     pub fn update_settings(&self, settings: PoolSettings) {
         if !self.settings().same_connection(&settings) {
             self.connection_generation.fetch_add(1, Ordering::AcqRel);
+            self.server_protocol_minor.store(crate::protocol::startup::LATEST_MINOR, Ordering::Relaxed);
             log::info!("pool {}: connection settings changed; servers reconnect as they come back", self.key);
         }
         self.servers.set_max(settings.pool_size);
@@ -398,6 +403,14 @@ impl PoolShared {
     /// RECONNECT: servers open now close as they come back; new ones connect afresh.
     pub fn reconnect(&self) {
         self.connection_generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn server_protocol_minor(&self) -> u16 {
+        self.server_protocol_minor.load(Ordering::Relaxed)
+    }
+
+    pub fn server_refuses_newer_protocol(&self) {
+        self.server_protocol_minor.store(0, Ordering::Relaxed);
     }
 
     pub fn server_count(&self) -> usize {

@@ -24,12 +24,13 @@ use crate::auth::auth_query::AuthQuery;
 use crate::auth::Secret;
 use crate::config::Config;
 use crate::net::ServerAddr;
+use crate::protocol::cancel_key::SecretKey;
 use crate::protocol::error::sqlstate;
 use crate::protocol::PgError;
 use crate::stats::{PoolStats, StatsWindow};
 
 struct CancelEntry {
-    secret_key: i32,
+    secret_key: SecretKey,
     client: Addr<ClientSession>,
 }
 
@@ -496,9 +497,10 @@ impl Shared {
         self.clients.load(Ordering::Relaxed)
     }
 
-    /// Gives a client its own BackendKeyData and remembers who holds it.
-    pub fn register_cancel_key(&self, client: Addr<ClientSession>) -> (i32, i32) {
-        let secret_key: i32 = rand::random();
+    /// Gives a client its own BackendKeyData, with a key as long as its protocol allows (32
+    /// bytes in 3.2), and remembers who holds it.
+    pub fn register_cancel_key(&self, client: Addr<ClientSession>, protocol_minor: u16) -> (i32, SecretKey) {
+        let secret_key = SecretKey::random(protocol_minor);
         let mut keys = self.cancel_keys.lock();
         // Random, as the secret is: a sequence would tell every client how many came before.
         let process_id = loop {
@@ -507,7 +509,7 @@ impl Shared {
                 break id;
             }
         };
-        keys.insert(process_id, CancelEntry { secret_key, client });
+        keys.insert(process_id, CancelEntry { secret_key: secret_key.clone(), client });
         (process_id, secret_key)
     }
 
@@ -515,19 +517,12 @@ impl Shared {
         self.cancel_keys.lock().remove(&process_id);
     }
 
-    /// Routes a CancelRequest to the client that owns the key; a wrong key is ignored, as
-    /// PostgreSQL does.
-    pub fn cancel(&self, process_id: i32, secret_key: i32) {
+    /// Routes a CancelRequest to the client that owns the key; a wrong key, or one of the
+    /// wrong length, is ignored, as PostgreSQL does.
+    pub fn cancel(&self, process_id: i32, secret_key: &[u8]) {
         let keys = self.cancel_keys.lock();
         match keys.get(&process_id) {
-            Some(entry)
-                if crate::auth::constant_time_eq(
-                    &entry.secret_key.to_be_bytes(),
-                    &secret_key.to_be_bytes(),
-                ) =>
-            {
-                entry.client.do_send(CancelQuery)
-            }
+            Some(entry) if entry.secret_key.matches(secret_key) => entry.client.do_send(CancelQuery),
             _ => log::debug!("cancel request with an unknown key ignored"),
         }
     }

@@ -26,6 +26,7 @@ use crate::auth::{self, BackendLoginError, LoginRequest};
 use crate::config::PoolMode;
 use crate::net::{DetachedSocket, Framed, ServerAddr};
 use crate::params::{sorted_session, TrackedParams, SESSION_PROBE};
+use crate::protocol::cancel_key::SecretKey;
 use crate::protocol::error::sqlstate;
 use crate::protocol::prepared::{is_discard_all, ServerStatements};
 use crate::protocol::PgError;
@@ -41,7 +42,8 @@ pub struct ServerLink<C = Framed> {
     pub conn: C,
     pub addr: ServerAddr,
     pub process_id: i32,
-    pub secret_key: i32,
+    /// 4 bytes in protocol 3.0, up to 256 in 3.2.
+    pub secret_key: SecretKey,
     /// The server's current ParameterStatus values, kept up to date by whoever reads its output.
     pub params: Vec<(String, String)>,
     /// The client values these parameters were last found to match; any ParameterStatus
@@ -332,6 +334,13 @@ impl Drop for ServerConnection {
     }
 }
 
+/// How one attempt to open a server connection failed.
+enum Failed {
+    /// Reaching the server, its TLS handshake, or the login's time limit.
+    Connect(String),
+    Login(BackendLoginError),
+}
+
 /// Connects and logs in, then runs `connect_query`.
 async fn open(
     settings: Arc<PoolSettings>,
@@ -347,28 +356,52 @@ async fn open(
         crate::net::ServerAddr::Tcp { host, .. } => host.as_str(),
         crate::net::ServerAddr::Unix { .. } => "",
     };
-    let connect = async {
-        let socket = addr.connect_with(&settings.tcp).await.map_err(|e| e.to_string())?;
-        negotiate_server_tls(socket, &settings.server_tls, host).await
-    };
-    let socket = tokio::time::timeout(timeout, connect)
-        .await
-        .map_err(|_| connect_failed("timed out".into()))?
-        .map_err(connect_failed)?;
-    let mut conn = Framed::new(socket);
     let scram_keys = entry.pool.scram_keys();
     let queried = entry.pool.queried_secret();
-    let request = LoginRequest {
+    let request = |protocol_minor| LoginRequest {
         user: &settings.server_user,
         database: &settings.dbname,
         password: settings.password.as_ref().or(queried.as_ref()),
         scram_keys: scram_keys.as_ref(),
         params: &settings.startup_params,
+        protocol_minor,
     };
-    let outcome = tokio::time::timeout(timeout, auth::login(&mut conn, &request))
-        .await
-        .map_err(|_| connect_failed("login timed out".into()))?
-        .map_err(|e| login_error(e, &connect_failed))?;
+    let attempt = |protocol_minor| {
+        let request = request(protocol_minor);
+        let (addr, settings) = (&addr, &settings);
+        async move {
+            let socket = tokio::time::timeout(timeout, async {
+                let socket = addr.connect_with(&settings.tcp).await.map_err(|e| e.to_string())?;
+                negotiate_server_tls(socket, &settings.server_tls, host).await
+            })
+            .await
+            .map_err(|_| Failed::Connect("timed out".into()))?
+            .map_err(Failed::Connect)?;
+            let mut conn = Framed::new(socket);
+            let outcome = tokio::time::timeout(timeout, auth::login(&mut conn, &request))
+                .await
+                .map_err(|_| Failed::Connect("login timed out".into()))?
+                .map_err(Failed::Login)?;
+            Ok((conn, outcome))
+        }
+    };
+    let asked = entry.pool.server_protocol_minor();
+    let (conn, outcome) = match attempt(asked).await {
+        // A server that refuses protocol 3.2 instead of negotiating: 3.0 from now on.
+        Err(Failed::Login(BackendLoginError::VersionRefused { minor, message })) => {
+            log::info!(
+                "pool {}: server refused protocol 3.{minor} ({message}); asking for 3.0",
+                entry.pool.key
+            );
+            entry.pool.server_refuses_newer_protocol();
+            attempt(0).await
+        }
+        other => other,
+    }
+    .map_err(|failed| match failed {
+        Failed::Connect(detail) => connect_failed(detail),
+        Failed::Login(e) => login_error(e, &connect_failed),
+    })?;
     let endpoints = conn.socket.endpoints(addr.port());
     let tls = conn.socket.tls_description();
     let mut link = ServerLink {

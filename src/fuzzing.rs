@@ -31,7 +31,7 @@ use crate::protocol::options::{is_parameter_name, parse_options};
 use crate::protocol::prepared::{
     deallocate_target, is_discard_all, ClientStatements, Rewriter, Rewritten, ServerStatements, ServerVerdict,
 };
-use crate::protocol::startup::{parse_startup, StartupPacket, MAX_STARTUP_LEN};
+use crate::protocol::startup::{parse_startup, Negotiation, StartupPacket, LATEST_MINOR, MAX_STARTUP_LEN};
 
 /// Formats an error or value as the daemon would in a log line or a client's message, so
 /// that its `Display` runs on whatever the decoder made of the input.
@@ -70,7 +70,18 @@ pub fn startup(data: &[u8]) {
             let declared = u32::from_be_bytes([data[0], data[1], data[2], data[3]]) as usize;
             assert_eq!(len, declared, "the packet is as long as it says");
             assert!((8..=MAX_STARTUP_LEN).contains(&len) && len <= data.len());
-            if let StartupPacket::Startup { params } = packet {
+            if let StartupPacket::Startup { minor, mut params } = packet {
+                let asked = params.len();
+                let negotiation = Negotiation::of(minor, &mut params);
+                assert!(negotiation.minor <= LATEST_MINOR && negotiation.minor <= minor);
+                assert_eq!(asked, params.len() + negotiation.unknown_options.len());
+                assert!(params.iter().all(|(name, _)| !name.starts_with("_pq_.")));
+                assert_eq!(
+                    negotiation.must_tell,
+                    minor > LATEST_MINOR || !negotiation.unknown_options.is_empty()
+                );
+                let mut answer = bytes::BytesMut::new();
+                crate::protocol::backend::negotiate_protocol_version(&mut answer, &negotiation);
                 for (name, value) in &params {
                     assert!(!name.is_empty() && !name.contains('\0') && !value.contains('\0'));
                     if name == "options" {

@@ -3,13 +3,14 @@
 
 use super::*;
 use crate::net::TcpSettings;
+use crate::protocol::cancel_key::{write_cancel_request, SecretKey};
 
 /// Where to send a cancel for the query this client is running now, if any.
 #[derive(Debug, Clone)]
 pub struct CancelTarget {
     pub addr: ServerAddr,
     pub process_id: i32,
-    pub secret_key: i32,
+    pub secret_key: SecretKey,
     /// The pool's socket options (tcp_keepalive, tcp_user_timeout, ...), as for its servers.
     pub tcp: TcpSettings,
 }
@@ -30,7 +31,7 @@ pub async fn send_cancel(target: &CancelTarget) -> io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut socket = target.addr.connect_with(&target.tcp).await?;
     let mut request = BytesMut::new();
-    postgres_protocol::message::frontend::cancel_request(target.process_id, target.secret_key, &mut request);
+    write_cancel_request(&mut request, target.process_id, &target.secret_key);
     socket.write_all(&request).await?;
     let mut sink = [0u8; 16];
     let _ = tokio::time::timeout(Duration::from_secs(5), socket.read(&mut sink)).await;

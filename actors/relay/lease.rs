@@ -130,7 +130,7 @@ impl Relay {
         self.cancel.target.replace(Some(CancelTarget {
             addr: link.addr.clone(),
             process_id: link.process_id,
-            secret_key: link.secret_key,
+            secret_key: link.secret_key.clone(),
             tcp: self.settings.1.tcp,
         }));
         self.lease = Some(Lease { server, link, pending_syncs: 0, passthrough: 0 });

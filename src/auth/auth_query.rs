@@ -64,6 +64,7 @@ impl AuthQuery<'_> {
             password: self.auth_secret,
             params: &[],
             scram_keys: None,
+            protocol_minor: 0,
         };
         login(&mut conn, &request).await.map_err(query_error)?;
         let rows = query_rows(&mut conn, &bind_user(self.query, user), 1).await.map_err(query_error)?;

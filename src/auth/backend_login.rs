@@ -17,6 +17,8 @@ use super::scram::SCRAM_SHA_256;
 use super::scram_client::{ScramClient, ScramKeys};
 use super::secret::Secret;
 use crate::net::{Framed, ReadError, Stream};
+use crate::protocol::cancel_key::SecretKey;
+use crate::protocol::error::sqlstate;
 use crate::protocol::fields::Fields;
 use crate::protocol::{Frame, PgError, ProtocolError};
 
@@ -45,6 +47,10 @@ pub struct LoginRequest<'a> {
     /// TimeZone, application_name. `user` and `database` here are ignored in
     /// favour of the fields above.
     pub params: &'a [(String, String)],
+    /// The minor version of protocol 3 to ask for: 2 where the server may speak it (PostgreSQL
+    /// answers a newer minor than its own with NegotiateProtocolVersion), 0 for a server known
+    /// to refuse anything newer.
+    pub protocol_minor: u16,
 }
 
 /// What the server told pgcorral while logging in.
@@ -55,7 +61,9 @@ pub struct LoginOutcome {
     /// From BackendKeyData; what a CancelRequest for this connection needs.
     /// Zero if the server sent none.
     pub process_id: i32,
-    pub secret_key: i32,
+    pub secret_key: SecretKey,
+    /// The minor protocol version agreed on: the one asked for, or the server's newest.
+    pub protocol_minor: u16,
 }
 
 /// Why logging in to (or running a query on) a server connection failed.
@@ -73,6 +81,11 @@ pub enum BackendLoginError {
     Protocol(String),
     #[error("i/o error during server login: {0}")]
     Io(#[from] std::io::Error),
+    /// The server refused the protocol version itself before anything else (a server or
+    /// pooler that does not negotiate: PgBouncer before 1.23 closes on 3.2): worth a new
+    /// connection that asks for 3.0.
+    #[error("server refused protocol 3.{minor}: {message}")]
+    VersionRefused { minor: u16, message: String },
 }
 
 impl BackendLoginError {
@@ -110,16 +123,36 @@ pub async fn login<S: Stream>(
         .filter(|(k, _)| k != "user" && k != "database")
         .map(|(k, v)| (k.as_str(), v.as_str()));
     let params = [("user", req.user), ("database", req.database)].into_iter().chain(extra);
+    let start = buf.len();
     frontend::startup_message(params, buf).map_err(|e| encode_error("startup message", e))?;
+    // postgres-protocol writes 3.0; the version is the four bytes after the length.
+    let version = (3u32 << 16) | u32::from(req.protocol_minor);
+    buf[start + 4..start + 8].copy_from_slice(&version.to_be_bytes());
     send(conn).await?;
 
     let mut sasl = Sasl::NotStarted;
     let mut authenticated = false;
-    let mut outcome = LoginOutcome { params: Vec::new(), process_id: 0, secret_key: 0 };
+    let mut outcome = LoginOutcome {
+        params: Vec::new(),
+        process_id: 0,
+        secret_key: SecretKey::from_bytes(&[0; 4]).expect("a 4-byte key"),
+        protocol_minor: req.protocol_minor,
+    };
     let mut got_key_data = false;
+    let mut first = true;
 
     loop {
-        let frame = next_header(conn).await?;
+        let frame = match next_header(conn).await {
+            // Closed at once, before a word: what a server that cannot read the version does.
+            Err(BackendLoginError::Io(e)) if first && req.protocol_minor > 0 => {
+                return Err(BackendLoginError::VersionRefused {
+                    minor: req.protocol_minor,
+                    message: e.to_string(),
+                })
+            }
+            other => other?,
+        };
+        let was_first = std::mem::replace(&mut first, false);
         match frame.tag {
             b'R' => {
                 let body = read_body(conn, frame).await?;
@@ -240,7 +273,20 @@ pub async fn login<S: Stream>(
             }
             b'E' => {
                 let body = read_body(conn, frame).await?;
-                return Err(server_error(&body));
+                let error = server_error(&body);
+                // PostgreSQL never refuses a minor version (it negotiates): an error that comes
+                // first, about the protocol, is a server that does not know 3.x.
+                let about_protocol = matches!(
+                    error.sqlstate(),
+                    Some(sqlstate::PROTOCOL_VIOLATION | sqlstate::FEATURE_NOT_SUPPORTED)
+                );
+                if was_first && req.protocol_minor > 0 && about_protocol {
+                    return Err(BackendLoginError::VersionRefused {
+                        minor: req.protocol_minor,
+                        message: error.to_string(),
+                    });
+                }
+                return Err(error);
             }
             b'S' => {
                 let body = read_body(conn, frame).await?;
@@ -248,21 +294,31 @@ pub async fn login<S: Stream>(
             }
             b'K' => {
                 let body = read_body(conn, frame).await?;
-                // Protocol 3.0, which is what we ask for, has a 4-byte key.
-                if body.len() != 8 {
-                    return Err(protocol(format!("BackendKeyData of {} bytes", body.len())));
-                }
-                let mut r = Fields::new(&body, "BackendKeyData");
-                outcome.process_id = r.i32()?;
-                outcome.secret_key = r.i32()?;
+                // Protocol 3.0 has a 4-byte key; 3.2 up to 256 bytes.
+                let key = body.get(4..).and_then(SecretKey::from_bytes);
+                let key = match key {
+                    Some(key) if outcome.protocol_minor >= 2 || key.as_bytes().len() == 4 => key,
+                    _ => return Err(protocol(format!("BackendKeyData of {} bytes", body.len()))),
+                };
+                outcome.process_id = Fields::new(&body, "BackendKeyData").i32()?;
+                outcome.secret_key = key;
                 got_key_data = true;
             }
             b'N' => conn.discard(frame.len).await?,
-            // Only sent in answer to a newer minor version or to _pq_
-            // options, neither of which we ask for; harmless if it comes.
+            // The server speaks an older minor version than we asked for (PostgreSQL before
+            // 18 answers 3.0), or knows none of our options (we send none).
             b'v' => {
-                log::debug!("server sent NegotiateProtocolVersion during login");
-                conn.discard(frame.len).await?;
+                let body = read_body(conn, frame).await?;
+                let version = Fields::new(&body, "NegotiateProtocolVersion").i32()? as u32;
+                let minor = (version & 0xffff) as u16;
+                if version >> 16 != 3 || minor > req.protocol_minor || authenticated {
+                    return Err(protocol(format!(
+                        "NegotiateProtocolVersion offers {}.{minor} in answer to 3.{}",
+                        version >> 16,
+                        req.protocol_minor
+                    )));
+                }
+                outcome.protocol_minor = minor;
             }
             b'Z' => {
                 read_body(conn, frame).await?;
@@ -486,10 +542,14 @@ mod tests {
     // ---- a scripted server on the other end of an in-memory pipe ----
 
     async fn read_startup(s: &mut DuplexStream) -> Vec<(String, String)> {
+        read_startup_of(s, 0).await
+    }
+
+    async fn read_startup_of(s: &mut DuplexStream, minor: u16) -> Vec<(String, String)> {
         let len = s.read_i32().await.unwrap() as usize;
         let mut body = vec![0; len - 4];
         s.read_exact(&mut body).await.unwrap();
-        assert_eq!(&body[..4], &196608i32.to_be_bytes(), "protocol 3.0");
+        assert_eq!(&body[..4], &(0x0003_0000 | i32::from(minor)).to_be_bytes(), "protocol 3.{minor}");
         let mut r = Fields::new(&body[4..], "test");
         let mut params = Vec::new();
         loop {
@@ -535,7 +595,14 @@ mod tests {
     }
 
     fn request<'a>(password: Option<&'a Secret>) -> LoginRequest<'a> {
-        LoginRequest { user: "alice", database: "app", password, scram_keys: None, params: &[] }
+        LoginRequest {
+            user: "alice",
+            database: "app",
+            password,
+            scram_keys: None,
+            params: &[],
+            protocol_minor: 0,
+        }
     }
 
     #[tokio::test]
@@ -585,10 +652,76 @@ mod tests {
                     ("client_encoding".into(), "UTF8".into()),
                 ],
                 process_id: 4242,
-                secret_key: -7,
+                secret_key: SecretKey::from_bytes(&(-7i32).to_be_bytes()).unwrap(),
+                protocol_minor: 0,
             }
         );
         server_task.await.unwrap();
+    }
+
+    /// A trust login asking for 3.2 from a server that plays `script` after the startup
+    /// message.
+    async fn login_3_2(script: Vec<(u8, Vec<u8>)>) -> Result<LoginOutcome, BackendLoginError> {
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let mut client = Framed::new(client);
+        let server_task = tokio::spawn(async move {
+            read_startup_of(&mut server, 2).await;
+            for (tag, body) in script {
+                write_msg(&mut server, tag, &body).await;
+            }
+            // Then it hangs up: what it wrote is still read.
+        });
+        let req = LoginRequest { protocol_minor: 2, ..request(None) };
+        let outcome = login(&mut client, &req).await;
+        server_task.await.unwrap();
+        outcome
+    }
+
+    fn key_data(key: &[u8]) -> (u8, Vec<u8>) {
+        let mut body = 77i32.to_be_bytes().to_vec();
+        body.extend_from_slice(key);
+        (b'K', body)
+    }
+
+    #[tokio::test]
+    async fn protocol_3_2_is_asked_for_and_negotiated_down_when_the_server_is_older() {
+        let ok = (b'R', 0i32.to_be_bytes().to_vec());
+        let ready = (b'Z', b"I".to_vec());
+        // PostgreSQL 18: 3.2 and a 32-byte key.
+        let outcome = login_3_2(vec![ok.clone(), key_data(&[3; 32]), ready.clone()]).await.unwrap();
+        assert_eq!((outcome.protocol_minor, outcome.secret_key.as_bytes()), (2, &[3u8; 32][..]));
+        // PostgreSQL 15: NegotiateProtocolVersion 3.0 first, then a 4-byte key.
+        let mut npv = 196_608i32.to_be_bytes().to_vec();
+        npv.extend_from_slice(&0i32.to_be_bytes());
+        let outcome =
+            login_3_2(vec![(b'v', npv.clone()), ok.clone(), key_data(&[1, 2, 3, 4]), ready.clone()])
+                .await
+                .unwrap();
+        assert_eq!((outcome.protocol_minor, outcome.secret_key.as_bytes()), (0, &[1u8, 2, 3, 4][..]));
+        // A long key in 3.0, or a newer version than asked for: the server is broken.
+        let long_in_3_0 = login_3_2(vec![(b'v', npv), ok.clone(), key_data(&[3; 32]), ready.clone()]).await;
+        assert!(matches!(long_in_3_0, Err(BackendLoginError::Protocol(_))), "{long_in_3_0:?}");
+        let mut newer = 196_611i32.to_be_bytes().to_vec();
+        newer.extend_from_slice(&0i32.to_be_bytes());
+        let newer = login_3_2(vec![(b'v', newer), ok, ready]).await;
+        assert!(matches!(newer, Err(BackendLoginError::Protocol(_))), "{newer:?}");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_refuses_3_2_outright_is_told_apart_from_a_refused_login() {
+        let error = |code: &str| (b'E', format!("SFATAL\0C{code}\0Munsupported protocol\0\0").into_bytes());
+        let refused = login_3_2(vec![error("08P01")]).await;
+        assert!(matches!(refused, Err(BackendLoginError::VersionRefused { minor: 2, .. })), "{refused:?}");
+        let closed = login_3_2(vec![]).await;
+        assert!(
+            matches!(closed, Err(BackendLoginError::VersionRefused { .. })),
+            "closed at once: {closed:?}"
+        );
+        // Any other first error is the server's answer to the login, not to the version.
+        let no_db = login_3_2(vec![error("3D000")]).await;
+        assert!(matches!(no_db, Err(BackendLoginError::Server { .. })), "{no_db:?}");
+        let later = login_3_2(vec![(b'R', 0i32.to_be_bytes().to_vec()), error("08P01")]).await;
+        assert!(matches!(later, Err(BackendLoginError::Server { .. })), "{later:?}");
     }
 
     /// Logs in to a scripted server that runs our SCRAM server against
@@ -997,6 +1130,7 @@ mod tests {
                     password: password.as_ref(),
                     scram_keys: None,
                     params: &params,
+                    protocol_minor: 2,
                 };
                 login(&mut conn, &req).await.map(|o| (o, conn))
             }
@@ -1005,6 +1139,15 @@ mod tests {
         // trust
         let (outcome, _) = try_login("trustuser", None).await.unwrap();
         assert_ne!(outcome.process_id, 0);
+        // Asked for 3.2: PostgreSQL 18 agrees, older servers negotiate 3.0 with a 4-byte key.
+        let version = outcome.params.iter().find(|(n, _)| n == "server_version").unwrap().1.clone();
+        let major: u32 = version.split(['.', ' ']).next().unwrap().parse().unwrap();
+        let (minor, key_len) = if major >= 18 { (2, 32) } else { (0, 4) };
+        assert_eq!(
+            (outcome.protocol_minor, outcome.secret_key.as_bytes().len()),
+            (minor, key_len),
+            "{version}"
+        );
         let param = |name: &str| outcome.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
         assert_eq!(param("application_name").as_deref(), Some("pgcorral-test"));
         assert_eq!(param("DateStyle").as_deref(), Some("ISO, DMY"));
@@ -1038,6 +1181,7 @@ mod tests {
                     password: password.as_ref(),
                     scram_keys: Some(&keys),
                     params: &[],
+                    protocol_minor: 2,
                 };
                 login(&mut conn, &req).await.map(|o| (o, conn))
             }
@@ -1074,6 +1218,7 @@ mod tests {
             password: None,
             scram_keys: None,
             params: &[],
+            protocol_minor: 2,
         };
         assert_eq!(sqlstate(login(&mut conn, &req).await), "3D000");
 

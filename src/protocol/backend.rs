@@ -65,10 +65,24 @@ pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
     finish(buf, at);
 }
 
-pub fn backend_key_data(buf: &mut BytesMut, process_id: i32, secret_key: i32) {
+/// BackendKeyData: a key of 4 bytes for protocol 3.0 clients, longer for 3.2 ones.
+pub fn backend_key_data(buf: &mut BytesMut, process_id: i32, secret_key: &[u8]) {
     let at = begin(buf, b'K');
     buf.put_i32(process_id);
-    buf.put_i32(secret_key);
+    buf.put_slice(secret_key);
+    finish(buf, at);
+}
+
+/// NegotiateProtocolVersion: the version pgcorral will speak with the client and the protocol
+/// options it does not know.
+pub fn negotiate_protocol_version(buf: &mut BytesMut, negotiation: &super::startup::Negotiation) {
+    let at = begin(buf, b'v');
+    buf.put_i32(negotiation.version());
+    buf.put_i32(negotiation.unknown_options.len() as i32);
+    for option in &negotiation.unknown_options {
+        buf.put_slice(option.as_bytes());
+        buf.put_u8(0);
+    }
     finish(buf, at);
 }
 
@@ -96,7 +110,7 @@ mod tests {
         let mut buf = BytesMut::new();
         authentication_md5(&mut buf, [1, 2, 3, 4]);
         parameter_status(&mut buf, "TimeZone", "UTC");
-        backend_key_data(&mut buf, 42, 7);
+        backend_key_data(&mut buf, 42, &7i32.to_be_bytes());
         ready_for_query(&mut buf, b'I');
         match Message::parse(&mut buf).unwrap().unwrap() {
             Message::AuthenticationMd5Password(b) => assert_eq!(b.salt(), [1, 2, 3, 4]),

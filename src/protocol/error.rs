@@ -98,7 +98,7 @@ pub enum ProtocolError {
     BadLength(i64),
     #[error("malformed {what} message")]
     Malformed { what: &'static str },
-    #[error("unsupported frontend protocol {major}.{minor}: server supports 3.0")]
+    #[error("unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.2")]
     UnsupportedVersion { major: u16, minor: u16 },
     #[error("this client's prepared statements exceed pgcorral's limit of {limit} bytes of statement text")]
     TooManyStatements { limit: usize },

@@ -5,7 +5,9 @@
 //! requests, ParameterStatus, errors). Everything here is pure: no sockets, only bytes.
 //!
 //! - [`framing`]: finding message boundaries in a read buffer, with the `max_packet_size` cap.
-//! - [`startup`]: the untagged first packet (StartupMessage, SSLRequest, GSSENCRequest, CancelRequest).
+//! - [`startup`]: the untagged first packet (StartupMessage, SSLRequest, GSSENCRequest, CancelRequest),
+//!   and the protocol version negotiated with it.
+//! - [`cancel_key`]: cancel keys of 4 bytes (protocol 3.0) or up to 256 (3.2).
 //! - [`options`]: the `options` startup parameter's `-c name=value` switches.
 //! - [`backend`]: writers for the messages pgcorral sends to clients as if it were PostgreSQL.
 //! - [`frontend`]: the few client messages pgcorral reads itself (password, SASL) and writes to servers.
@@ -17,6 +19,7 @@
 //! - [`tracker`]: the transaction-boundary state machine that decides when a server can be released.
 
 pub mod backend;
+pub mod cancel_key;
 pub mod error;
 pub mod extended;
 pub mod fields;

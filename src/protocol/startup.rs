@@ -1,8 +1,14 @@
 //! The first packet a client sends, which has no tag.
 //!
-//! It is a StartupMessage (protocol 3.0 and its parameters), or a request that comes before one:
+//! It is a StartupMessage (protocol 3.x and its parameters), or a request that comes before one:
 //! SSLRequest, GSSENCRequest, or a CancelRequest on a connection of its own.
+//!
+//! A client may ask for any minor version of protocol 3 and for protocol options (`_pq_.`
+//! parameters). pgcorral speaks 3.0 and 3.2 (3.1 was never used: 3.2 differs from 3.0 only in
+//! the length of cancel keys) and no option; [`Negotiation`] is what it answers, as PostgreSQL
+//! 18 answers.
 
+use super::cancel_key::MAX_SECRET_KEY_LEN;
 use super::ProtocolError;
 
 /// PostgreSQL refuses startup packets above this size; so do we, before buffering them.
@@ -11,20 +17,60 @@ pub const MAX_STARTUP_LEN: usize = 10_000;
 const SSL_REQUEST: u32 = 80_877_103;
 const GSSENC_REQUEST: u32 = 80_877_104;
 const CANCEL_REQUEST: u32 = 80_877_102;
-const PROTOCOL_3_0: u32 = 196_608;
+const PROTOCOL_3: u32 = 3;
+/// The newest minor version of protocol 3 pgcorral speaks.
+pub const LATEST_MINOR: u16 = 2;
+/// What protocol options are named with: `_pq_.` and the option.
+const PROTOCOL_OPTION_PREFIX: &str = "_pq_.";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StartupPacket {
     Ssl,
     GssEnc,
+    /// The key is 4 bytes in protocol 3.0, up to 256 in 3.2.
     Cancel {
         process_id: i32,
-        secret_key: i32,
+        secret_key: Vec<u8>,
     },
     /// Parameters in the order sent; names as sent (PostgreSQL compares GUC names case-insensitively).
+    /// `minor` is the minor protocol version the client asked for, whatever it is.
     Startup {
+        minor: u16,
         params: Vec<(String, String)>,
     },
+}
+
+/// The protocol a client and pgcorral agree on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiation {
+    /// The minor version both speak: the client's, or pgcorral's newest if the client's is newer.
+    pub minor: u16,
+    /// The `_pq_.` options the client asked for, none of which pgcorral knows.
+    pub unknown_options: Vec<String>,
+    /// Whether the client must be told (NegotiateProtocolVersion): it asked for a newer minor
+    /// version or for options.
+    pub must_tell: bool,
+}
+
+impl Negotiation {
+    /// Takes the protocol options out of `params` and decides, as PostgreSQL does.
+    pub fn of(minor: u16, params: &mut Vec<(String, String)>) -> Negotiation {
+        let mut unknown_options = Vec::new();
+        params.retain(|(name, _)| match name.starts_with(PROTOCOL_OPTION_PREFIX) {
+            true => {
+                unknown_options.push(name.clone());
+                false
+            }
+            false => true,
+        });
+        let must_tell = minor > LATEST_MINOR || !unknown_options.is_empty();
+        Negotiation { minor: minor.min(LATEST_MINOR), unknown_options, must_tell }
+    }
+
+    /// The full version number NegotiateProtocolVersion carries (3.2: 196610).
+    pub fn version(&self) -> i32 {
+        ((PROTOCOL_3 << 16) | u32::from(self.minor)) as i32
+    }
 }
 
 /// Finds the startup packet at the start of `buf`: `Ok(None)` until all of it has arrived,
@@ -50,11 +96,13 @@ pub fn parse_startup(buf: &[u8]) -> Result<Option<(StartupPacket, usize)>, Proto
     let packet = match code {
         SSL_REQUEST if body.is_empty() => StartupPacket::Ssl,
         GSSENC_REQUEST if body.is_empty() => StartupPacket::GssEnc,
-        CANCEL_REQUEST if body.len() == 8 => StartupPacket::Cancel {
+        CANCEL_REQUEST if (8..=4 + MAX_SECRET_KEY_LEN).contains(&body.len()) => StartupPacket::Cancel {
             process_id: i32::from_be_bytes([body[0], body[1], body[2], body[3]]),
-            secret_key: i32::from_be_bytes([body[4], body[5], body[6], body[7]]),
+            secret_key: body[4..].to_vec(),
         },
-        PROTOCOL_3_0 => StartupPacket::Startup { params: parse_params(body)? },
+        code if code >> 16 == PROTOCOL_3 => {
+            StartupPacket::Startup { minor: (code & 0xffff) as u16, params: parse_params(body)? }
+        }
         SSL_REQUEST | GSSENC_REQUEST | CANCEL_REQUEST => {
             return Err(ProtocolError::Malformed { what: "startup" })
         }
@@ -93,6 +141,8 @@ fn parse_params(body: &[u8]) -> Result<Vec<(String, String)>, ProtocolError> {
 mod tests {
     use super::*;
 
+    const PROTOCOL_3_0: u32 = 196_608;
+
     fn packet(code: u32, body: &[u8]) -> Vec<u8> {
         let mut v = ((body.len() + 8) as i32).to_be_bytes().to_vec();
         v.extend_from_slice(&code.to_be_bytes());
@@ -108,6 +158,7 @@ mod tests {
         assert_eq!(
             parsed,
             StartupPacket::Startup {
+                minor: 0,
                 params: vec![("user".into(), "alice".into()), ("database".into(), "app".into())]
             }
         );
@@ -121,8 +172,46 @@ mod tests {
         let cancel = packet(CANCEL_REQUEST, &[0, 0, 0, 7, 0, 0, 0, 9]);
         assert_eq!(
             parse_startup(&cancel).unwrap().unwrap().0,
-            StartupPacket::Cancel { process_id: 7, secret_key: 9 }
+            StartupPacket::Cancel { process_id: 7, secret_key: vec![0, 0, 0, 9] }
         );
+        let mut long = vec![0, 0, 0, 7];
+        long.extend_from_slice(&[5; 256]);
+        assert_eq!(
+            parse_startup(&packet(CANCEL_REQUEST, &long)).unwrap().unwrap().0,
+            StartupPacket::Cancel { process_id: 7, secret_key: vec![5; 256] },
+            "protocol 3.2: keys up to 256 bytes"
+        );
+        long.push(5);
+        assert!(parse_startup(&packet(CANCEL_REQUEST, &long)).is_err(), "257 bytes is no key");
+    }
+
+    fn negotiate(minor: u16, names: &[&str]) -> (Negotiation, Vec<String>) {
+        let mut params: Vec<(String, String)> =
+            names.iter().map(|n| (n.to_string(), "v".to_string())).collect();
+        let n = Negotiation::of(minor, &mut params);
+        (n, params.into_iter().map(|(name, _)| name).collect())
+    }
+
+    #[test]
+    fn any_minor_version_of_protocol_3_is_negotiated_down_as_postgresql_18_does() {
+        for (minor, agreed, tell) in
+            [(0, 0, false), (1, 1, false), (2, 2, false), (3, 2, true), (9999, 2, true)]
+        {
+            let p = packet((3 << 16) | minor as u32, b"user\0a\0\0");
+            let (StartupPacket::Startup { minor: asked, params }, _) = parse_startup(&p).unwrap().unwrap()
+            else {
+                panic!("a startup message")
+            };
+            assert_eq!(asked, minor);
+            let n = Negotiation::of(asked, &mut params.clone());
+            assert_eq!((n.minor, n.must_tell), (agreed, tell), "3.{minor}");
+        }
+        let (n, left) = negotiate(2, &["user", "_pq_.compression", "database", "_pq_.x"]);
+        assert_eq!(n.unknown_options, ["_pq_.compression", "_pq_.x"]);
+        assert!(n.must_tell, "options are answered even in the newest version");
+        assert_eq!(left, ["user", "database"], "options are no run-time parameters");
+        assert_eq!(n.version(), 196_610);
+        assert_eq!(negotiate(0, &["user"]).0.version(), 196_608);
     }
 
     #[test]
