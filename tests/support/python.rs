@@ -15,7 +15,8 @@ use std::sync::OnceLock;
 /// fastapi, uvicorn and httpx serve and load the deployment guide's application.
 const PACKAGES: &[&str] = &[
     "asyncpg",
-    "psycopg[binary]",
+    // 3.3.9: its wheel bundles libpq 18, which speaks protocol 3.2 (tests/protocol_versions.rs).
+    "psycopg[binary]==3.3.9",
     "prometheus_client",
     "sqlalchemy",
     "greenlet",
