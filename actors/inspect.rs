@@ -202,8 +202,9 @@ pub fn servers(shared: &Shared) -> Vec<ConnView> {
         .map(|server| {
             let settings = server.pool.settings();
             let (remote, local) = server.endpoints().cloned().unwrap_or_else(|| {
-                let remote =
-                    crate::net::Endpoint { addr: settings.addr.to_string(), port: settings.addr.port() };
+                // Still logging in: which host it reaches is not known yet; the first is named.
+                let first = &settings.servers[0];
+                let remote = crate::net::Endpoint { addr: first.to_string(), port: first.port() };
                 (remote, Default::default())
             });
             let client = server.client();

@@ -17,9 +17,11 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use crate::actors::census::Census;
+use crate::actors::hosts::HostRotation;
 use crate::actors::messages::PoolFreed;
 use crate::actors::router::Router;
 use crate::auth::{ScramKeys, Secret};
+use crate::config::hosts::{LoadBalanceHosts, TargetSessionAttrs};
 use crate::config::PoolMode;
 use crate::net::{ServerAddr, TcpSettings};
 use crate::params::SharedParams;
@@ -44,7 +46,11 @@ impl std::fmt::Display for PoolKey {
 /// Everything needed to open and manage this pool's servers, resolved from the config.
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
-    pub addr: ServerAddr,
+    /// The database's servers (`host=` and `port=` lists), tried in the order `hosts`
+    /// (the pool's [`HostRotation`]) gives.
+    pub servers: Arc<[ServerAddr]>,
+    pub load_balance_hosts: LoadBalanceHosts,
+    pub target_session_attrs: TargetSessionAttrs,
     pub dbname: String,
     pub server_user: String,
     pub password: Option<Secret>,
@@ -95,7 +101,8 @@ impl PoolSettings {
     /// user, password, startup parameters, connect_query and TLS settings.
     fn same_connection(&self, other: &PoolSettings) -> bool {
         self.server_tls_settings == other.server_tls_settings
-            && self.addr == other.addr
+            && self.servers == other.servers
+            && self.target_session_attrs == other.target_session_attrs
             && self.dbname == other.dbname
             && self.server_user == other.server_user
             && self.password == other.password
@@ -259,6 +266,8 @@ const FIRST_RETRY: Duration = Duration::from_millis(250);
 pub struct PoolShared {
     pub key: PoolKey,
     login_backoff: Mutex<Option<Backoff>>,
+    /// Which host a new server connection tries first.
+    pub hosts: HostRotation,
     /// The minor protocol version to ask servers for: 3.2 until a server refuses it outright
     /// (a pooler that does not negotiate), then 3.0 until the connection settings change.
     server_protocol_minor: std::sync::atomic::AtomicU16,
@@ -334,6 +343,7 @@ impl PoolShared {
             loads: (0..workers).map(|_| WorkerLoad::default()).collect(),
             epoch: Instant::now(),
             login_backoff: Mutex::new(None),
+            hosts: HostRotation::default(),
             server_protocol_minor: std::sync::atomic::AtomicU16::new(crate::protocol::startup::LATEST_MINOR),
             scram_keys: Mutex::new(None),
             queried_secret: Mutex::new(None),

@@ -177,7 +177,8 @@ impl Shared {
             .map_or(database, String::as_str);
         let auth_secret = config.secret(auth_user).map(Secret::parse);
         let lookup = AuthQuery {
-            addr: &ServerAddr::from_host(entry.host.as_deref(), entry.port),
+            // The first host: auth_query asks whichever server holds the roles.
+            addr: &ServerAddr::from_host(entry.servers[0].0.as_deref(), entry.servers[0].1),
             tls: &config.tls.server,
             tcp: &general.tcp,
             auth_user,
@@ -560,7 +561,13 @@ pub fn resolve(config: &Config, database: &str, user: &str) -> Result<(PoolKey, 
         }
     }
     let settings = PoolSettings {
-        addr: ServerAddr::from_host(entry.host.as_deref(), entry.port),
+        servers: entry
+            .servers
+            .iter()
+            .map(|(host, port)| ServerAddr::from_host(host.as_deref(), *port))
+            .collect(),
+        load_balance_hosts: entry.load_balance_hosts,
+        target_session_attrs: entry.target_session_attrs,
         dbname: entry.dbname.clone().unwrap_or_else(|| database.to_string()),
         server_user: server_user.clone(),
         password,

@@ -20,17 +20,15 @@ use actix::prelude::*;
 
 use crate::actors::census::ServerEntry;
 use crate::actors::messages::*;
-use crate::actors::pool::{Permit, PoolSettings, PoolShared};
+use crate::actors::pool::{Permit, PoolShared};
 use crate::actors::router::{live_router, Router};
-use crate::auth::{self, BackendLoginError, LoginRequest};
+use crate::auth::{self, BackendLoginError};
 use crate::config::PoolMode;
 use crate::net::{DetachedSocket, Framed, ServerAddr};
 use crate::params::{sorted_session, TrackedParams, SESSION_PROBE};
 use crate::protocol::cancel_key::SecretKey;
-use crate::protocol::error::sqlstate;
 use crate::protocol::prepared::{is_discard_all, ServerStatements};
 use crate::protocol::PgError;
-use crate::tls::negotiate_server_tls;
 
 /// A logged-in server connection, as it travels between its Router and a client.
 #[derive(Debug)]
@@ -214,6 +212,35 @@ impl ServerLink {
 /// reactor (and so `Send` to another thread), its permit inside.
 pub type DetachedLink = ServerLink<DetachedSocket>;
 
+impl ServerLink {
+    /// A connection that just logged in to `addr`, holding its permit.
+    pub(crate) fn logged_in(
+        conn: Framed,
+        addr: ServerAddr,
+        outcome: crate::auth::LoginOutcome,
+        entry: Arc<ServerEntry>,
+        permit: Permit,
+    ) -> ServerLink {
+        ServerLink {
+            born: Instant::now(),
+            conn,
+            addr,
+            process_id: outcome.process_id,
+            secret_key: outcome.secret_key,
+            params: outcome.params,
+            matches_client: None,
+            statements: ServerStatements::default(),
+            session: Vec::new(),
+            session_unknown: false,
+            baseline: Vec::new(),
+            generation: entry.generation,
+            entry,
+            guard: LendGuard::default(),
+            permit,
+        }
+    }
+}
+
 impl<C> ServerLink<C> {
     /// The same connection over another form of its socket: the one place that names every
     /// field, so that moving a connection moves its socket and nothing is copied or forgotten.
@@ -283,9 +310,8 @@ impl ServerLink {
     /// True when the idle socket has neither closed nor sent anything unasked (a backend
     /// ended by `pg_terminate_backend` or a restart sends a FATAL and closes).
     pub fn is_healthy(&self) -> bool {
-        let mut probe = [0u8; 1];
         self.conn.inbox.is_empty()
-            && matches!(self.conn.socket.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            && matches!(self.conn.socket.peek_now(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 }
 
@@ -334,128 +360,13 @@ impl Drop for ServerConnection {
     }
 }
 
-/// How one attempt to open a server connection failed.
-enum Failed {
-    /// Reaching the server, its TLS handshake, or the login's time limit.
-    Connect(String),
-    Login(BackendLoginError),
-}
-
-/// Connects and logs in, then runs `connect_query`.
-async fn open(
-    settings: Arc<PoolSettings>,
-    entry: Arc<ServerEntry>,
-    permit: Permit,
-) -> Result<ServerLink, PgError> {
-    let addr = settings.addr.clone();
-    let connect_failed = |detail: String| {
-        PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("server connection failed ({addr}): {detail}"))
-    };
-    let timeout = settings.server_connect_timeout;
-    let host = match &addr {
-        crate::net::ServerAddr::Tcp { host, .. } => host.as_str(),
-        crate::net::ServerAddr::Unix { .. } => "",
-    };
-    let scram_keys = entry.pool.scram_keys();
-    let queried = entry.pool.queried_secret();
-    let request = |protocol_minor| LoginRequest {
-        user: &settings.server_user,
-        database: &settings.dbname,
-        password: settings.password.as_ref().or(queried.as_ref()),
-        scram_keys: scram_keys.as_ref(),
-        params: &settings.startup_params,
-        protocol_minor,
-    };
-    let attempt = |protocol_minor| {
-        let request = request(protocol_minor);
-        let (addr, settings) = (&addr, &settings);
-        async move {
-            let socket = tokio::time::timeout(timeout, async {
-                let socket = addr.connect_with(&settings.tcp).await.map_err(|e| e.to_string())?;
-                negotiate_server_tls(socket, &settings.server_tls, host).await
-            })
-            .await
-            .map_err(|_| Failed::Connect("timed out".into()))?
-            .map_err(Failed::Connect)?;
-            let mut conn = Framed::new(socket);
-            let outcome = tokio::time::timeout(timeout, auth::login(&mut conn, &request))
-                .await
-                .map_err(|_| Failed::Connect("login timed out".into()))?
-                .map_err(Failed::Login)?;
-            Ok((conn, outcome))
-        }
-    };
-    let asked = entry.pool.server_protocol_minor();
-    let (conn, outcome) = match attempt(asked).await {
-        // A server that refuses protocol 3.2 instead of negotiating: 3.0 from now on.
-        Err(Failed::Login(BackendLoginError::VersionRefused { minor, message })) => {
-            log::info!(
-                "pool {}: server refused protocol 3.{minor} ({message}); asking for 3.0",
-                entry.pool.key
-            );
-            entry.pool.server_refuses_newer_protocol();
-            attempt(0).await
-        }
-        other => other,
-    }
-    .map_err(|failed| match failed {
-        Failed::Connect(detail) => connect_failed(detail),
-        Failed::Login(e) => login_error(e, &connect_failed),
-    })?;
-    log::debug!(
-        "pool {}: server {} logged in with protocol 3.{}",
-        entry.pool.key,
-        outcome.process_id,
-        outcome.protocol_minor
-    );
-    let endpoints = conn.socket.endpoints(addr.port());
-    let tls = conn.socket.tls_description();
-    let mut link = ServerLink {
-        born: Instant::now(),
-        conn,
-        addr: addr.clone(),
-        process_id: outcome.process_id,
-        secret_key: outcome.secret_key,
-        params: outcome.params,
-        matches_client: None,
-        statements: ServerStatements::default(),
-        session: Vec::new(),
-        session_unknown: false,
-        baseline: Vec::new(),
-        generation: entry.generation,
-        entry,
-        guard: LendGuard::default(),
-        permit,
-    };
-    let application_name = link.param("application_name").unwrap_or_default().to_string();
-    link.entry.logged_in(endpoints, link.process_id, &application_name, tls);
-    if let Some(query) = &settings.connect_query {
-        link.run(query).await.map_err(|e| login_error(e, &connect_failed))?;
-        // What connect_query set is this connection's starting point, not a client's doing.
-        let set_now = link.learn_session().await.map_err(|e| login_error(e, &connect_failed))?;
-        link.baseline = sorted_session(set_now);
-        link.session.clear();
-    }
-    Ok(link)
-}
-
-fn login_error(e: BackendLoginError, connect_failed: &dyn Fn(String) -> PgError) -> PgError {
-    match e {
-        // The server's own words reach the client, with its SQLSTATE (e.g. 28P01, 3D000, 53300).
-        BackendLoginError::Server { code, message, .. } => {
-            PgError::fatal(&code, format!("server login failed: {message}"))
-        }
-        other => connect_failed(other.to_string()),
-    }
-}
-
 impl Actor for ServerConnection {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         let Some(permit) = self.login.take() else { return };
         let settings = self.pool.settings();
-        ctx.spawn(wrap_future(open(settings, self.entry.clone(), permit)).map(
+        ctx.spawn(wrap_future(super::server_open::open(settings, self.entry.clone(), permit)).map(
             |result, server: &mut Self, ctx| match result {
                 Ok(link) => {
                     server.pool.set_welcome_once(&link.params);

@@ -80,8 +80,10 @@ async fn show_pools_clients_and_servers_under_fifty_clients_on_two_servers() {
     let mut still = None;
     let waiting = poll(async || {
         let pools = show(&console, "SHOW POOLS").await;
+        // The census marks the client active a moment before its server: wait for both.
         let seen = pools.number("database", &db, "cl_waiting") == 48
-            && pools.number("database", &db, "cl_active") == 2;
+            && pools.number("database", &db, "cl_active") == 2
+            && pools.number("database", &db, "sv_active") == 2;
         if seen {
             still = Some(pools);
         }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::actors::pool::{Hold, Permit, PoolSettings, PoolShared, Refusal};
+use crate::config::hosts::TargetSessionAttrs;
 use crate::protocol::error::sqlstate;
 use crate::protocol::PgError;
 
@@ -45,6 +46,11 @@ pub trait Lendable {
     fn process_id(&self) -> i32;
     /// It starts to wait idle in this router (SHOW SERVERS says so).
     fn mark_idle(&self, _pool: &PoolShared, _now: Instant) {}
+    /// Still what `target_session_attrs` asks for, as far as the server last reported (a
+    /// standby promoted since it logged in reports `in_hot_standby = off`).
+    fn serves(&self, _attrs: TargetSessionAttrs) -> bool {
+        true
+    }
 }
 
 /// Whether `server` has outlived `lifetime` (zero: never) at `now`.
@@ -416,6 +422,10 @@ impl<S: Lendable, W> RouterCore<S, W> {
             Some("it outlived server_lifetime")
         } else if self.outdated(server) {
             Some("a reload changed its connection settings")
+        } else if self.settings.target_session_attrs.checks_role()
+            && !server.serves(self.settings.target_session_attrs)
+        {
+            Some("it is no longer what target_session_attrs asks for")
         } else {
             None
         }

@@ -30,6 +30,7 @@ use actix::prelude::*;
 use crate::actors::messages::*;
 use crate::actors::pool::{Permit, PoolKey, PoolShared, RouterMailbox};
 use crate::actors::server::{AfterLease, ServerConnection, ServerLink};
+use crate::config::hosts::TargetSessionAttrs;
 use crate::protocol::PgError;
 
 pub mod core;
@@ -107,6 +108,10 @@ impl Lendable for Held {
 
     fn mark_idle(&self, pool: &PoolShared, now: Instant) {
         self.link.entry.idle(pool.census.clock.stamp(now));
+    }
+
+    fn serves(&self, attrs: TargetSessionAttrs) -> bool {
+        crate::actors::server_open::role_reported(&self.link.params).is_none_or(|role| attrs.accepts(role))
     }
 }
 

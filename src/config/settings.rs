@@ -248,9 +248,16 @@ impl Default for General {
 pub struct DatabaseEntry {
     /// Client-side name; `*` is the fallback for names not listed.
     pub name: String,
-    /// `None`, or a value starting with `/`, means a Unix socket directory.
+    /// `None`, or a value starting with `/`, means a Unix socket directory; a comma list names
+    /// several servers (see `servers`).
     pub host: Option<String>,
+    /// The first of `port`'s list.
     pub port: u16,
+    /// Each server's (host, port), as `host=` and `port=` pair them (one port for all, or one
+    /// per host).
+    pub servers: Vec<(Option<String>, u16)>,
+    pub load_balance_hosts: super::hosts::LoadBalanceHosts,
+    pub target_session_attrs: super::hosts::TargetSessionAttrs,
     /// `None` means the same as `name` (for `*`: the client's database name).
     pub dbname: Option<String>,
     pub user: Option<String>,
@@ -430,7 +437,7 @@ pub fn known_keys() -> impl Iterator<Item = &'static str> {
 }
 
 /// Connection-string parameters of `[databases]` that pgcorral ignores.
-pub const DATABASE_NOT_IMPLEMENTED: &[&str] = &["load_balance_hosts", "target_session_attrs"];
+pub const DATABASE_NOT_IMPLEMENTED: &[&str] = &[];
 
 /// Parameters of `[users]` entries that pgcorral ignores.
 pub const USER_NOT_IMPLEMENTED: &[&str] = &[];
@@ -541,6 +548,8 @@ const DATABASE_IMPLEMENTED: &[&str] = &[
     "connect_query",
     "query_wait_timeout",
     "server_lifetime",
+    "load_balance_hosts",
+    "target_session_attrs",
 ];
 
 const USER_IMPLEMENTED: &[&str] = &[
@@ -609,6 +618,20 @@ impl Setting<'_> {
                 Err(self.invalid(format!("expected a port number between 1 and 65535, got {:?}", self.value)))
             }
         }
+    }
+
+    /// `port=`: one port, or a comma list (one per host).
+    fn ports(&self) -> Result<Vec<u16>, ConfigError> {
+        self.value
+            .split(',')
+            .map(|p| match p.trim().parse::<u16>() {
+                Ok(port) if port != 0 => Ok(port),
+                _ => {
+                    Err(self
+                        .invalid(format!("expected port numbers between 1 and 65535, got {:?}", self.value)))
+                }
+            })
+            .collect()
     }
 
     fn bool(&self) -> Result<bool, ConfigError> {
@@ -939,6 +962,9 @@ pub(crate) fn parse_database(line: &Line<'_>) -> Result<(DatabaseEntry, Vec<Conf
         name: line.name.to_string(),
         host: None,
         port: 5432,
+        servers: Vec::new(),
+        load_balance_hosts: Default::default(),
+        target_session_attrs: Default::default(),
         dbname: None,
         user: None,
         password: None,
@@ -959,13 +985,22 @@ pub(crate) fn parse_database(line: &Line<'_>) -> Result<(DatabaseEntry, Vec<Conf
         auth_query: None,
         auth_dbname: None,
     };
+    let mut ports = vec![db.port];
     let warnings =
         line.each_param("database", DATABASE_IMPLEMENTED, DATABASE_NOT_IMPLEMENTED, |param, s| {
             let text = Some(s.value.to_string());
             match param {
                 "dbname" => db.dbname = text,
                 "host" => db.host = text,
-                "port" => db.port = s.port()?,
+                "port" => ports = s.ports()?,
+                "load_balance_hosts" => {
+                    db.load_balance_hosts =
+                        super::hosts::LoadBalanceHosts::parse(s.value).map_err(|e| s.invalid(e))?
+                }
+                "target_session_attrs" => {
+                    db.target_session_attrs =
+                        super::hosts::TargetSessionAttrs::parse(s.value).map_err(|e| s.invalid(e))?
+                }
                 "user" => db.user = text,
                 "password" => db.password = text,
                 "pool_size" => db.pool_size = Some(s.usize()?),
@@ -989,6 +1024,8 @@ pub(crate) fn parse_database(line: &Line<'_>) -> Result<(DatabaseEntry, Vec<Conf
             }
             Ok(())
         })?;
+    db.port = ports[0];
+    db.servers = super::hosts::pair_hosts(db.host.as_deref(), &ports).map_err(|e| line.invalid(e))?;
     Ok((db, warnings))
 }
 
@@ -1236,7 +1273,24 @@ mod tests {
             "{err}"
         );
         let err = parse_database(&line("mydb", "port=x")).unwrap_err().to_string();
-        assert_eq!(err, "pgbouncer.ini:3: mydb: port: expected a port number between 1 and 65535, got \"x\"");
+        assert_eq!(err, "pgbouncer.ini:3: mydb: port: expected port numbers between 1 and 65535, got \"x\"");
+        let err = parse_database(&line("mydb", "host=a,b,c port=1,2")).unwrap_err().to_string();
+        assert!(err.ends_with("3 hosts and 2 ports: give one port, or one per host"), "{err}");
+        let err = parse_database(&line("mydb", "host=a load_balance_hosts=random")).unwrap_err().to_string();
+        assert!(err.contains("load_balance_hosts: expected round-robin or disable"), "{err}");
+        let err =
+            parse_database(&line("mydb", "host=a target_session_attrs=master")).unwrap_err().to_string();
+        assert!(err.contains("target_session_attrs: expected any, read-write"), "{err}");
+        let (db, _) = parse_database(&line(
+            "mydb",
+            "host=p,s1,s2 port=5432,5433,5434 load_balance_hosts=disable target_session_attrs=prefer-standby",
+        ))
+        .unwrap();
+        let s = |h: &str| Some(h.to_string());
+        assert_eq!(db.servers, [(s("p"), 5432), (s("s1"), 5433), (s("s2"), 5434)]);
+        assert_eq!((db.host.as_deref(), db.port), (Some("p,s1,s2"), 5432), "SHOW DATABASES shows the lists");
+        assert_eq!(db.load_balance_hosts, crate::config::hosts::LoadBalanceHosts::Disable);
+        assert_eq!(db.target_session_attrs, crate::config::hosts::TargetSessionAttrs::PreferStandby);
         let err = parse_database(&line("mydb", "pool_mode=fast")).unwrap_err().to_string();
         assert!(err.contains("mydb: pool_mode: expected one of session"), "{err}");
         let err = parse_database(&line("mydb", "host='x")).unwrap_err().to_string();
@@ -1246,17 +1300,15 @@ mod tests {
 
         let (db, warnings) = parse_database(&line(
             "mydb",
-            "host=a target_session_attrs=any load_balance_hosts=random target_session_attrs=read-write \
+            "host=a target_session_attrs=any target_session_attrs=read-write \
              server_lifetime=10 query_wait_timeout=2.5 auth_user=x",
         ))
         .unwrap();
-        let shown: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+        assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!(
-            shown,
-            [
-                "pgbouncer.ini:3: mydb: target_session_attrs: not implemented yet by pgcorral; ignored",
-                "pgbouncer.ini:3: mydb: load_balance_hosts: not implemented yet by pgcorral; ignored",
-            ]
+            db.target_session_attrs,
+            crate::config::hosts::TargetSessionAttrs::ReadWrite,
+            "the last wins"
         );
         assert_eq!(db.auth_user.as_deref(), Some("x"));
         assert_eq!(db.server_lifetime, Some(Duration::from_secs(10)));
