@@ -309,7 +309,16 @@ impl ServerLink {
 
     /// True when the idle socket has neither closed nor sent anything unasked (a backend
     /// ended by `pg_terminate_backend` or a restart sends a FATAL and closes).
+    /// Costs no system call while the reactor has seen nothing: what every lease asks.
     pub fn is_healthy(&self) -> bool {
+        let mut probe = [0u8; 1];
+        self.conn.inbox.is_empty()
+            && matches!(self.conn.socket.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    /// [`Self::is_healthy`] with a system call: for a connection that just moved to this
+    /// worker, whose reactor has not polled its socket yet.
+    pub fn is_healthy_now(&self) -> bool {
         self.conn.inbox.is_empty()
             && matches!(self.conn.socket.peek_now(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }

@@ -38,8 +38,12 @@ pub const MOVE_INTERVAL: Duration = Duration::from_millis(10);
 pub trait Lendable {
     type Id: PartialEq;
     fn id(&self) -> Self::Id;
-    /// Still open, and silent while idle.
+    /// Still open, and silent while idle, as far as this worker's reactor has seen.
     fn healthy(&self) -> bool;
+    /// [`Self::healthy`], asked of the socket itself: for a server that just moved here.
+    fn healthy_now(&self) -> bool {
+        self.healthy()
+    }
     fn born(&self) -> Instant;
     /// The pool's connection generation when it logged in.
     fn generation(&self) -> usize;
@@ -282,8 +286,11 @@ impl<S: Lendable, W> RouterCore<S, W> {
     /// A server moved here from another worker, with its permit.
     pub fn adopt(&mut self, server: S, now: Instant, io: &mut impl RouterIo<S, Waiter = W>) {
         self.owned += 1;
-        // It may have aged past server_lifetime, or a reload may have outdated it, on the way.
-        match self.unfit(&server, now) {
+        // It may have closed, aged past server_lifetime, or been outdated by a reload on the
+        // way; this reactor has not polled its socket yet, so the socket itself is asked.
+        let unfit =
+            if server.healthy_now() { self.worn(&server, now) } else { Some("it closed or spoke unasked") };
+        match unfit {
             Some(reason) => {
                 log::info!("pool {}: moved server {} closed, {reason}", self.pool.key, server.process_id());
                 io.close(server);

@@ -94,6 +94,10 @@ impl Lendable for Held {
         self.link.is_healthy()
     }
 
+    fn healthy_now(&self) -> bool {
+        self.link.is_healthy_now()
+    }
+
     fn born(&self) -> Instant {
         self.link.born()
     }

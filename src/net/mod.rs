@@ -264,12 +264,22 @@ impl Socket {
         }
     }
 
-    /// Peeks without waiting; used to notice that an idle server closed or spoke out of turn.
-    /// A system call every time, not tokio's cached readiness: a socket that just moved to
-    /// another worker's reactor reads as "not ready" until that reactor has polled it, and a
-    /// server that closed meanwhile would be lent. Under TLS the plain socket is peeked at too:
-    /// any byte there (an alert, a message) or its end is news an idle connection should not
-    /// have.
+    /// Reads without waiting, from tokio's cached readiness: no system call unless the
+    /// reactor saw the socket become readable. Used to notice that an idle server closed or
+    /// spoke out of turn. Under TLS the plain socket is peeked at: any byte there (an alert, a
+    /// message) or its end is news an idle connection should not have.
+    pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Socket::Tcp(s) => s.try_read(buf),
+            Socket::Unix(s) => s.try_read(buf),
+            Socket::Moving => Err(moving()),
+            tls => tls.peek_now(),
+        }
+    }
+
+    /// Peeks with a system call, whatever tokio's readiness says: a socket that just moved to
+    /// another worker's reactor reads as "not ready" there until that reactor has polled it,
+    /// and a server that closed meanwhile would look silent.
     pub fn peek_now(&self) -> io::Result<usize> {
         let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
         match self.plain() {
