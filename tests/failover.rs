@@ -112,9 +112,9 @@ async fn round_robin_spreads_servers_evenly_over_two_standbys() {
             "127.0.0.1,127.0.0.1",
             &format!("{},{}", first.port, second.port),
             "load_balance_hosts=round-robin target_session_attrs=standby",
-            "default_pool_size = 10",
+            "default_pool_size = 10\nadmin_users = admin",
         ),
-        &app_userlist(),
+        &(app_userlist() + &Pooler::userlist_line("admin", "admin-pass")),
     );
     // Ten clients each hold a transaction open: ten servers, five per standby.
     let mut clients = Vec::new();
@@ -129,6 +129,17 @@ async fn round_robin_spreads_servers_evenly_over_two_standbys() {
     };
     assert_eq!((count(&first), count(&second)), ("5".to_string(), "5".to_string()));
     assert_eq!(count(&primary), "0", "target_session_attrs=standby never reaches the primary");
+
+    // The console names each server's host and port, and the database's whole host list.
+    let console = pooler.connect("admin", "admin-pass", "pgbouncer").await.expect("console");
+    let servers = console::show(&console, "SHOW SERVERS").await;
+    let on = |pg: &Postgres| servers.rows.iter().filter(|r| r["port"] == pg.port.to_string()).count();
+    assert_eq!((on(&first), on(&second)), (5, 5), "{:?}", servers.rows);
+    assert!(servers.rows.iter().all(|r| r["addr"] == "127.0.0.1"));
+    let databases = console::show(&console, "SHOW DATABASES").await;
+    let row = databases.row("name", APP_DB);
+    assert_eq!(row["host"], "127.0.0.1,127.0.0.1");
+    assert_eq!(row["port"], first.port.to_string(), "the first port, as PgBouncer shows it");
 }
 
 #[test]
