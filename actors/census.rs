@@ -86,6 +86,8 @@ pub struct ClientLogin {
     pub user: String,
     /// None on the admin console.
     pub pool: Option<Arc<PoolShared>>,
+    /// A replication connection's mode (SHOW CLIENTS' `replication` column).
+    pub replication: crate::actors::replication::Replication,
 }
 
 pub struct ClientEntry {

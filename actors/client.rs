@@ -21,6 +21,7 @@ use crate::actors::control::ADMIN_DATABASES;
 use crate::actors::messages::{CancelQuery, Kill};
 use crate::actors::registry::Shared;
 use crate::actors::relay::{send_cancel, CancelState, Control, Relay};
+use crate::actors::replication::{self, Replication, ReplicationPipe};
 use crate::actors::router::local_router;
 use crate::local_queue::{local_queue, LocalReceiver, LocalSender};
 use crate::net::{Endpoint, Socket};
@@ -93,6 +94,14 @@ impl Actor for ClientSession {
                     session.closing(&reason);
                     ctx.stop()
                 }));
+            }
+            Ok(Serve::Replication(pipe)) => {
+                ctx.spawn(wrap_future(pipe.run()).map(
+                    |reason, session: &mut Self, ctx: &mut Context<Self>| {
+                        session.closing(&reason);
+                        ctx.stop()
+                    },
+                ));
             }
             Ok(Serve::Console(console)) => {
                 ctx.spawn(wrap_future(console.run()).map(
@@ -200,6 +209,7 @@ impl Handler<CancelQuery> for ClientSession {
 enum Serve {
     Relay(Relay),
     Console(Console),
+    Replication(ReplicationPipe),
 }
 
 /// The session's login and welcome, run as a future on the actor's arbiter.
@@ -284,13 +294,32 @@ impl Session {
                 database: login.database.clone(),
                 user: login.user.clone(),
                 pool: Some(login.member.pool().clone()),
+                replication: login.replication,
             },
             application_name.map_or("", |(_, v)| v.as_str()),
         );
-        self.logged_in(&login.database, &login.user);
+        self.logged_in(&login.database, &login.user, login.replication);
 
         let (process_id, secret_key) = self.shared.register_cancel_key(self.me.clone(), login.protocol_minor);
         self.process_id.set(Some(process_id));
+        if login.replication != Replication::None {
+            let pool = login.member.pool().clone();
+            let key = (process_id, &secret_key);
+            return match replication::open(&pool, login.replication, &login.startup, &mut wire.conn, key)
+                .await
+            {
+                Ok(server) => Ok(Serve::Replication(ReplicationPipe {
+                    client: wire.conn,
+                    server,
+                    control_rx,
+                    member: login.member,
+                })),
+                Err(error) => {
+                    self.pooler_error(&error);
+                    Err(self.refuse(&mut wire, error).await)
+                }
+            };
+        }
         let config = self.shared.config();
         let router = local_router(login.member.pool());
         let pool = login.member.pool().clone();
@@ -329,14 +358,19 @@ impl Session {
     }
 
     /// `log_connections`: a client logged in.
-    fn logged_in(&self, database: &str, user: &str) {
+    fn logged_in(&self, database: &str, user: &str, replication: Replication) {
         if self.shared.config().general.log_connections {
             log::info!(
-                "{} login attempt: db={database} user={user} tls={} replication=no",
+                "{} login attempt: db={database} user={user} tls={} replication={}",
                 self.entry.describe(),
                 match self.entry.tls() {
                     "" => "no",
                     tls => tls,
+                },
+                match replication {
+                    Replication::None => "no",
+                    Replication::Physical => "yes",
+                    Replication::Logical => "database",
                 }
             );
         }
@@ -374,7 +408,7 @@ impl Session {
         self.counted.replace(Some((database.clone(), user.clone())));
         let application_name = startup.iter().find(|(n, _)| n == "application_name");
         self.entry.logged_in(
-            ClientLogin { database: listed, user, pool: None },
+            ClientLogin { database: listed, user, pool: None, replication: Replication::None },
             application_name.map_or("", |(_, v)| v.as_str()),
         );
         let (process_id, secret_key) = self.shared.register_cancel_key(self.me.clone(), protocol_minor);
@@ -389,7 +423,8 @@ impl Session {
         backend::backend_key_data(&mut conn.outbox, process_id, secret_key.as_bytes());
         backend::ready_for_query(&mut conn.outbox, b'I');
         let console = Console::new(conn, self.shared.clone(), role, control_rx, self.entry.clone());
-        self.logged_in(ADMIN_DATABASES[0], &self.entry.login().map_or(String::new(), |l| l.user.clone()));
+        let user = self.entry.login().map_or(String::new(), |l| l.user.clone());
+        self.logged_in(ADMIN_DATABASES[0], &user, Replication::None);
         Ok(Serve::Console(console))
     }
 }

@@ -14,6 +14,7 @@ use crate::actors::console::Role;
 use crate::actors::control::is_admin_database;
 use crate::actors::pool::PoolMember;
 use crate::actors::registry::Shared;
+use crate::actors::replication::Replication;
 use crate::auth::hba::{ConnKind, HbaMethod};
 use crate::auth::kdf;
 use crate::auth::{md5_verify, verify_plaintext, ScramKeys, ScramSecret, ScramServer, Secret};
@@ -88,6 +89,8 @@ pub struct Login {
     pub startup: Vec<(String, String)>,
     /// The minor protocol version agreed on: 2 gives the client a long cancel key.
     pub protocol_minor: u16,
+    /// `replication=true` or `database`: the client gets a server connection of its own.
+    pub replication: Replication,
     /// The client's place in its pool, taken once it authenticated.
     pub member: PoolMember,
 }
@@ -224,6 +227,19 @@ pub async fn accept(wire: &mut Wire, shared: &Shared, admitted: &mut bool) -> Re
     })?;
     let database = param("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
     let settings = startup_settings(&params, &config)?;
+    let replication = match param("replication") {
+        Some(value) => {
+            Replication::parse(&value).map_err(|e| PgError::fatal(sqlstate::INVALID_PARAMETER_VALUE, e))?
+        }
+        None => Replication::None,
+    };
+    if is_admin_database(&database) && replication != Replication::None {
+        return Err(PgError::fatal(
+            sqlstate::FEATURE_NOT_SUPPORTED,
+            "the admin console takes no replication connections",
+        )
+        .into());
+    }
     if is_admin_database(&database) {
         let role = console_login(wire, &config, &user).await?;
         admit(shared, admitted)?;
@@ -253,7 +269,7 @@ pub async fn accept(wire: &mut Wire, shared: &Shared, admitted: &mut bool) -> Re
         .into());
     }
     backend::authentication_ok(&mut wire.conn.outbox);
-    Ok(Accepted::Login(Login { user, database, startup: settings, protocol_minor, member }))
+    Ok(Accepted::Login(Login { user, database, startup: settings, protocol_minor, replication, member }))
 }
 
 /// Counts an authenticated client against `max_client_conn`. Clients still logging in are
@@ -318,11 +334,9 @@ fn startup_settings(params: &[(String, String)], config: &Config) -> Result<Vec<
             settings.extend(options.into_iter().filter(|(name, _)| !ignored(name)));
             continue;
         }
+        // Not a run-time setting: it decides what kind of connection this is (see `accept`).
         if lower == "replication" {
-            return Err(PgError::fatal(
-                sqlstate::PROTOCOL_VIOLATION,
-                "replication connections are not supported",
-            ));
+            continue;
         }
         if !is_parameter_name(name) {
             return Err(PgError::fatal(

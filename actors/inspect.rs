@@ -10,6 +10,7 @@ use std::time::Duration;
 use crate::actors::census::{ClientState, ServerState};
 use crate::actors::control::{is_admin_database, ADMIN_DATABASES};
 use crate::actors::registry::Shared;
+use crate::actors::replication::Replication;
 use crate::admin::resultset::ResultSet;
 use crate::admin::show::{self, ConfigRow, ConnView, DatabaseView, PoolView, StatsView, UserView};
 use crate::config::catalog;
@@ -167,6 +168,8 @@ pub fn clients(shared: &Shared) -> Vec<ConnView> {
                 ClientState::Waiting => ("waiting", census.clock.since(client.waiting_since())),
                 _ if server != 0 => ("active", census.clock.since(client.request())),
                 _ if login.pool.is_none() => ("active", Duration::ZERO),
+                // It holds a server of its own for as long as it stays.
+                _ if login.replication != Replication::None => ("active", Duration::ZERO),
                 _ => ("idle", Duration::ZERO),
             };
             Some(ConnView {
@@ -189,6 +192,7 @@ pub fn clients(shared: &Shared) -> Vec<ConnView> {
                 prepared: client.prepared(),
                 application_name: client.application_name(),
                 buffered: 0,
+                replication: login.replication.shown(),
             })
         })
         .collect()
@@ -228,6 +232,7 @@ pub fn servers(shared: &Shared) -> Vec<ConnView> {
                 prepared: server.prepared(),
                 application_name: server.application_name(),
                 buffered: 0,
+                replication: "none",
             }
         })
         .collect()

@@ -14,6 +14,7 @@ pub mod metrics_server;
 pub mod pool;
 pub mod registry;
 pub mod relay;
+pub mod replication;
 pub mod router;
 pub mod server;
 pub mod server_open;

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use crate::actors::census::ServerEntry;
 use crate::actors::hosts::HostRotation;
-use crate::actors::pool::{Permit, PoolSettings};
+use crate::actors::pool::{Permit, PoolSettings, PoolShared};
 use crate::actors::server::ServerLink;
 use crate::auth::{self, query_rows, BackendLoginError, LoginOutcome, LoginRequest};
 use crate::config::hosts::{ServerRole, TargetSessionAttrs};
@@ -52,7 +52,26 @@ pub async fn open(
     entry: Arc<ServerEntry>,
     permit: Permit,
 ) -> Result<ServerLink, PgError> {
-    let hosts: &HostRotation = &entry.pool.hosts;
+    let (addr, conn, outcome) = walk_hosts(&settings, &entry.pool, &settings.startup_params).await?;
+    finish(&settings, entry, &addr, conn, outcome, permit).await
+}
+
+/// Logs in to the first suitable host with `params` as the startup parameters (a replication
+/// connection's own): the connection and what the server said.
+pub async fn walk(
+    settings: &PoolSettings,
+    pool: &PoolShared,
+    params: &[(String, String)],
+) -> Result<(Framed, LoginOutcome), PgError> {
+    walk_hosts(settings, pool, params).await.map(|(_, conn, outcome)| (conn, outcome))
+}
+
+async fn walk_hosts(
+    settings: &PoolSettings,
+    pool: &PoolShared,
+    params: &[(String, String)],
+) -> Result<(ServerAddr, Framed, LoginOutcome), PgError> {
+    let hosts: &HostRotation = &pool.hosts;
     let order = hosts.order(settings.servers.len(), settings.load_balance_hosts, Instant::now());
     let attrs = settings.target_session_attrs;
     // prefer-standby: a standby first; only if no host is one, any server, as libpq does.
@@ -67,10 +86,10 @@ pub async fn open(
         let candidates = if pass == 0 { order.clone() } else { std::mem::take(&mut wrong_role) };
         for index in candidates {
             let addr = &settings.servers[index];
-            match on_host(&settings, &entry, addr, *want).await {
+            match on_host(settings, pool, addr, params, *want).await {
                 Ok((conn, outcome)) => {
                     hosts.reached(index);
-                    return finish(&settings, entry, addr, conn, outcome, permit).await;
+                    return Ok((addr.clone(), conn, outcome));
                 }
                 Err(failed) => {
                     match &failed {
@@ -81,7 +100,7 @@ pub async fn open(
                         Failed::Login(_) => {}
                     }
                     if settings.servers.len() > 1 {
-                        log::info!("pool {}: server {addr}: {}", entry.pool.key, describe(&failed, *want));
+                        log::info!("pool {}: server {addr}: {}", pool.key, describe(&failed, *want));
                     }
                     if !failed.next_host_may_do_better() {
                         return Err(to_pg(addr, failed, *want));
@@ -99,19 +118,17 @@ pub async fn open(
 /// refuses 3.2 instead of negotiating), then check its role if `want` cares.
 async fn on_host(
     settings: &PoolSettings,
-    entry: &ServerEntry,
+    pool: &PoolShared,
     addr: &ServerAddr,
+    params: &[(String, String)],
     want: TargetSessionAttrs,
 ) -> Result<(Framed, LoginOutcome), Failed> {
-    let asked = entry.pool.server_protocol_minor();
-    let (mut conn, outcome) = match login_once(settings, entry, addr, asked).await {
+    let asked = pool.server_protocol_minor();
+    let (mut conn, outcome) = match login_once(settings, pool, addr, params, asked).await {
         Err(Failed::Login(BackendLoginError::VersionRefused { minor, message })) => {
-            log::info!(
-                "pool {}: server refused protocol 3.{minor} ({message}); asking for 3.0",
-                entry.pool.key
-            );
-            entry.pool.server_refuses_newer_protocol();
-            login_once(settings, entry, addr, 0).await?
+            log::info!("pool {}: server refused protocol 3.{minor} ({message}); asking for 3.0", pool.key);
+            pool.server_refuses_newer_protocol();
+            login_once(settings, pool, addr, params, 0).await?
         }
         other => other?,
     };
@@ -129,8 +146,9 @@ async fn on_host(
 
 async fn login_once(
     settings: &PoolSettings,
-    entry: &ServerEntry,
+    pool: &PoolShared,
     addr: &ServerAddr,
+    params: &[(String, String)],
     protocol_minor: u16,
 ) -> Result<(Framed, LoginOutcome), Failed> {
     let timeout = settings.server_connect_timeout;
@@ -146,14 +164,14 @@ async fn login_once(
     .map_err(|_| Failed::Connect("timed out".into()))?
     .map_err(Failed::Connect)?;
     let mut conn = Framed::new(socket);
-    let scram_keys = entry.pool.scram_keys();
-    let queried = entry.pool.queried_secret();
+    let scram_keys = pool.scram_keys();
+    let queried = pool.queried_secret();
     let request = LoginRequest {
         user: &settings.server_user,
         database: &settings.dbname,
         password: settings.password.as_ref().or(queried.as_ref()),
         scram_keys: scram_keys.as_ref(),
-        params: &settings.startup_params,
+        params,
         protocol_minor,
     };
     let outcome = tokio::time::timeout(timeout, auth::login(&mut conn, &request))

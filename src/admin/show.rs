@@ -67,6 +67,8 @@ pub struct ConnView {
     pub application_name: String,
     /// Bytes buffered, for `SHOW ACTIVE_SOCKETS` (pgcorral keeps none between reads).
     pub buffered: usize,
+    /// `none`, `physical` or `logical`.
+    pub replication: &'static str,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -297,7 +299,7 @@ fn connection_row(c: &ConnView) -> Vec<Value> {
         c.kind.into(),
         c.user.as_str().into(),
         c.database.as_str().into(),
-        "none".into(),
+        c.replication.into(),
         c.state.into(),
         c.addr.as_str().into(),
         c.port.into(),
