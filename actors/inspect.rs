@@ -421,3 +421,74 @@ pub fn metrics_snapshot(shared: &Shared) -> metrics::Snapshot {
 pub fn is_console(database: &str) -> bool {
     is_admin_database(database)
 }
+
+/// What `GET /health` answers: whether pgcorral can serve, and each database's state.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Health {
+    /// 200 when true; 503 while paused, shutting down, or with a database none of whose
+    /// hosts can be reached.
+    pub serving: bool,
+    /// `ok`, `paused`, `suspended`, `shutting down` or `unreachable`.
+    pub status: &'static str,
+    /// Per `[databases]` entry: `reachable` (its last server login worked), `untried` (no
+    /// server opened yet), `unreachable` (every host failed at the last attempt, within
+    /// `server_login_retry`), `paused` or `disabled`.
+    pub databases: BTreeMap<String, &'static str>,
+}
+
+impl Health {
+    pub fn to_json(&self) -> String {
+        let databases: Vec<String> =
+            self.databases.iter().map(|(name, state)| format!("{}:\"{state}\"", json_string(name))).collect();
+        format!("{{\"status\":\"{}\",\"databases\":{{{}}}}}\n", self.status, databases.join(","))
+    }
+}
+
+fn json_string(text: &str) -> String {
+    let mut out = String::from("\"");
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+pub fn health(shared: &Shared, now: std::time::Instant) -> Health {
+    let config = shared.config();
+    let pools = shared.all_pools();
+    let holds = shared.holds.lock();
+    let mut databases = BTreeMap::new();
+    for entry in config.databases.iter().filter(|db| db.name != "*") {
+        let of_db: Vec<_> = pools.iter().filter(|p| p.key.database == entry.name).collect();
+        let state = if holds.disabled(&entry.name) {
+            "disabled"
+        } else if holds.of(&entry.name) != crate::actors::pool::Hold::None {
+            "paused"
+        } else if !of_db.is_empty() && of_db.iter().all(|p| p.login_blocked(now).is_some()) {
+            "unreachable"
+        } else if of_db.iter().any(|p| p.ever_logged_in()) {
+            "reachable"
+        } else {
+            "untried"
+        };
+        databases.insert(entry.name.clone(), state);
+    }
+    let (_, paused, suspended) = holds.state();
+    let status = if shared.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
+        "shutting down"
+    } else if paused {
+        "paused"
+    } else if suspended {
+        "suspended"
+    } else if databases.values().any(|s| matches!(*s, "unreachable" | "paused")) {
+        "unreachable"
+    } else {
+        "ok"
+    };
+    Health { serving: status == "ok", status, databases }
+}

@@ -1,4 +1,5 @@
-//! MetricsServer: serves `GET /metrics` on `metrics_addr` in the Prometheus text format.
+//! MetricsServer: serves `GET /metrics` on `metrics_addr` in the Prometheus text format, and
+//! `GET /health` for Kubernetes probes and load balancers (see [`inspect::health`]).
 //!
 //! Runs on the Supervisor's arbiter, away from the workers. A scrape takes a snapshot through
 //! [`super::inspect`] (atomics and the census, whose lock is taken only by connects and
@@ -95,7 +96,12 @@ async fn answer(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             let body = metrics::render(&inspect::metrics_snapshot(shared));
             respond(&mut stream, "200 OK", "text/plain; version=0.0.4; charset=utf-8", &body).await
         }
-        ("GET", _) => respond(&mut stream, "404 Not Found", "text/plain", "try /metrics\n").await,
+        ("GET", "/health") => {
+            let health = inspect::health(shared, std::time::Instant::now());
+            let status = if health.serving { "200 OK" } else { "503 Service Unavailable" };
+            respond(&mut stream, status, "application/json", &health.to_json()).await
+        }
+        ("GET", _) => respond(&mut stream, "404 Not Found", "text/plain", "try /metrics or /health\n").await,
         _ => respond(&mut stream, "405 Method Not Allowed", "text/plain", "").await,
     }
 }

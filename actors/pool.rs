@@ -675,6 +675,11 @@ impl PoolShared {
         self.welcome.read().clone()
     }
 
+    /// Whether a server of this pool ever logged in.
+    pub fn ever_logged_in(&self) -> bool {
+        self.welcome.read().is_some()
+    }
+
     pub fn set_welcome_once(&self, params: &[(String, String)]) {
         let mut welcome = self.welcome.write();
         if welcome.is_none() {

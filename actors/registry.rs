@@ -7,7 +7,7 @@
 
 use parking_lot::{Mutex, RwLock};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -55,6 +55,8 @@ pub struct Shared {
     home: ArbiterHandle,
     /// What the console paused, suspended or disabled.
     pub holds: Mutex<Holds>,
+    /// A shutdown was asked for (SIGINT, SIGTERM, SHUTDOWN): `/health` answers 503.
+    pub shutting_down: AtomicBool,
     /// Console commands, counted as PgBouncer counts its admin database's traffic.
     pub console_stats: PoolStats,
     /// Totals at the last two `stats_period` ticks, for averages.
@@ -121,6 +123,7 @@ impl Shared {
             census: Arc::default(),
             home,
             holds: Mutex::default(),
+            shutting_down: AtomicBool::new(false),
             console_stats: PoolStats::new(1),
             stats_window: Mutex::new(StatsWindow::new()),
             supervisor: OnceLock::new(),

@@ -224,6 +224,8 @@ impl Handler<Shutdown> for Supervisor {
             return;
         }
         self.shutting_down = true;
+        self.shared.shutting_down.store(true, std::sync::atomic::Ordering::Relaxed);
+        crate::daemon::notify_systemd("STOPPING=1");
         match msg.0 {
             ShutdownMode::WaitForServers => {
                 // PgBouncer's SIGINT: pause (transactions under way finish, servers close as

@@ -269,3 +269,25 @@ pub fn switch_user(name: &str) -> Result<(), DaemonError> {
     }
     Ok(())
 }
+
+/// systemd's readiness protocol (`Type=notify`): `state` (`READY=1`, `STOPPING=1`, ...) as one
+/// datagram to `$NOTIFY_SOCKET`, a path or, with a leading `@`, an abstract socket name.
+/// Nothing happens without the variable; a failure is logged, never fatal.
+pub fn notify_systemd(state: &str) {
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let sent = (|| {
+        let socket = std::os::unix::net::UnixDatagram::unbound()?;
+        let name = target.as_encoded_bytes();
+        match name.strip_prefix(b"@") {
+            Some(abstract_name) => {
+                use std::os::linux::net::SocketAddrExt;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)?;
+                socket.send_to_addr(state.as_bytes(), &addr)
+            }
+            None => socket.send_to(state.as_bytes(), &target),
+        }
+    })();
+    if let Err(e) = sent {
+        log::warn!("could not notify systemd ({}): {e}", target.to_string_lossy());
+    }
+}

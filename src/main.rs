@@ -106,6 +106,8 @@ fn run(
         let shared = Arc::new(Shared::new(config, workers, Arbiter::current()));
         Supervisor::new(shared, signals, config_path, listeners, metrics).start();
     });
+    // The sockets are bound and the workers started: connections are accepted from now on.
+    daemon::notify_systemd(&format!("READY=1\nSTATUS=listening on port {}", general.listen_port));
     system.run()?;
     log::info!("pgcorral stopped");
     Ok(())

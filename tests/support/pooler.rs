@@ -29,6 +29,11 @@ impl Pooler {
     /// Err carries the daemon's output when it exits (or hangs) instead of
     /// listening, which is what configuration-error tests assert on.
     pub fn start_result(ini: &str, userlist: &str) -> Result<Pooler, String> {
+        Self::start_with_env(ini, userlist, &[])
+    }
+
+    /// `start_result` with extra environment variables for the daemon (NOTIFY_SOCKET, say).
+    pub fn start_with_env(ini: &str, userlist: &str, env: &[(&str, &str)]) -> Result<Pooler, String> {
         let dir = scratch_dir("pooler");
         let port = free_port();
         std::fs::write(dir.join("userlist.txt"), userlist).expect("write userlist.txt");
@@ -45,6 +50,7 @@ impl Pooler {
         cmd.arg("-v")
             .arg(&ini_path)
             .current_dir(&dir)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("dup stderr.log"))
             .stderr(out);
