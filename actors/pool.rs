@@ -724,13 +724,15 @@ impl Drop for PoolMember {
 pub struct Pool {
     shared: Arc<PoolShared>,
     next_worker: usize,
+    /// Per server host name, the cache version its servers were opened under.
+    dns_seen: std::collections::HashMap<String, u64>,
 }
 
 const TICK: Duration = Duration::from_secs(1);
 
 impl Pool {
     pub fn new(shared: Arc<PoolShared>) -> Pool {
-        Pool { shared, next_worker: 0 }
+        Pool { shared, next_worker: 0, dns_seen: Default::default() }
     }
 }
 
@@ -773,7 +775,41 @@ impl Actor for Pool {
                     pool.shared.key
                 );
             }
+            pool.follow_dns();
         });
+    }
+}
+
+impl Pool {
+    /// Looks the pool's host names up again once their answers expire (`dns_max_ttl`), while
+    /// it has servers on them, and reconnects its servers when a name moved to other
+    /// addresses: they close as they come back and new ones go to the new addresses.
+    fn follow_dns(&mut self) {
+        let settings = self.shared.settings();
+        let now = Instant::now();
+        for addr in settings.servers.iter() {
+            let ServerAddr::Tcp { host, .. } = addr else { continue };
+            if host.parse::<std::net::IpAddr>().is_ok() {
+                continue;
+            }
+            let cache = crate::net::dns::cache();
+            let version = cache.version(host);
+            let seen = self.dns_seen.entry(host.clone()).or_insert(version);
+            if *seen != version {
+                *seen = version;
+                log::info!(
+                    "pool {}: {host} resolves to other addresses now; servers reconnect as they come back",
+                    self.shared.key
+                );
+                self.shared.reconnect();
+            }
+            if self.shared.server_count() > 0 && cache.expired(host, now) {
+                let host = host.clone();
+                actix::spawn(async move {
+                    crate::net::dns::refresh(&host).await;
+                });
+            }
+        }
     }
 }
 

@@ -109,6 +109,7 @@ const AUTH_QUERY_CONCURRENCY: usize = 4;
 
 impl Shared {
     pub fn new(config: Config, workers: usize, home: ArbiterHandle) -> Shared {
+        apply_dns_ttls(&config);
         Shared {
             config: RwLock::new(Arc::new(config)),
             pools: Mutex::new(HashMap::new()),
@@ -239,6 +240,7 @@ impl Shared {
     /// Installs a reloaded configuration: new logins use it at once, and existing pools take
     /// their new sizes and connection settings (servers already open keep running).
     pub fn set_config(&self, config: Config) {
+        apply_dns_ttls(&config);
         let config = Arc::new(config);
         *self.config.write() = config.clone();
         self.logins.lock().clear();
@@ -530,6 +532,14 @@ impl Shared {
             _ => log::debug!("cancel request with an unknown key ignored"),
         }
     }
+}
+
+/// `dns_max_ttl` and `dns_nxdomain_ttl` for the process's name cache.
+fn apply_dns_ttls(config: &Config) {
+    crate::net::dns::cache().set_ttls(crate::net::dns::DnsTtls {
+        found: config.general.dns_max_ttl,
+        not_found: config.general.dns_nxdomain_ttl,
+    });
 }
 
 fn limit_for(limits: &Mutex<HashMap<String, Arc<Limit>>>, name: &str, max: usize) -> Arc<Limit> {

@@ -248,7 +248,15 @@ async fn finish(
     );
     let endpoints = conn.socket.endpoints(addr.port());
     let tls = conn.socket.tls_description();
-    let mut link = ServerLink::logged_in(conn, addr.clone(), outcome, entry, permit);
+    // Cancels go to the address this connection reached, not to the name, which may resolve
+    // to another address by then (round robin, or a moved name).
+    let reached = match (addr, &endpoints.0) {
+        (ServerAddr::Tcp { port, .. }, remote) if remote.addr.parse::<std::net::IpAddr>().is_ok() => {
+            ServerAddr::Tcp { host: remote.addr.clone(), port: *port }
+        }
+        _ => addr.clone(),
+    };
+    let mut link = ServerLink::logged_in(conn, reached, outcome, entry, permit);
     let application_name = link.param("application_name").unwrap_or_default().to_string();
     link.entry.logged_in(endpoints, link.process_id, &application_name, tls);
     if let Some(query) = &settings.connect_query {

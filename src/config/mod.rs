@@ -502,7 +502,7 @@ batch = pool_mode=session max_user_connections=5
     #[test]
     fn not_implemented_warns_once_per_key() {
         let (config, warnings) = parse(
-            "[pgbouncer]\ntcp_socket_buffer = 3600\ndns_max_ttl = 600\n\
+            "[pgbouncer]\ntcp_socket_buffer = 3600\ndns_zone_check_period = 600\n\
              client_tls_dheparams = auto\ntcp_socket_buffer = 10\n\
              [databases]\nd = host=a,b load_balance_hosts=disable target_session_attrs=read-write\n\
              [users]\nu = query_timeout=5 pool_size=3\n[peers]\n1 = host=/tmp/p1\n",
@@ -512,7 +512,7 @@ batch = pool_mode=session max_user_connections=5
             shown(&warnings),
             [
                 "pgbouncer.ini:5: tcp_socket_buffer: not implemented yet by pgcorral; ignored",
-                "pgbouncer.ini:3: dns_max_ttl: not implemented yet by pgcorral; ignored",
+                "pgbouncer.ini:3: dns_zone_check_period: not implemented yet by pgcorral; ignored",
                 "pgbouncer.ini:4: client_tls_dheparams: not implemented yet by pgcorral; ignored",
                 "pgbouncer.ini:11: 1: not implemented yet by pgcorral; ignored",
             ]

@@ -106,6 +106,10 @@ pub struct General {
     /// After a failed server login, the longest wait before the next attempt (backoff grows
     /// to it); meanwhile clients with no server to wait for get the login error at once.
     pub server_login_retry: Duration,
+    /// How long a host name's addresses are cached (see `net::dns`).
+    pub dns_max_ttl: Duration,
+    /// How long a failed lookup is cached.
+    pub dns_nxdomain_ttl: Duration,
     /// Lend idle servers oldest first instead of most recently used first.
     pub server_round_robin: bool,
     /// A client waiting this long for a server is told so with a NOTICE (0 = never).
@@ -204,6 +208,8 @@ impl Default for General {
             server_connect_timeout: Duration::from_secs(15),
             client_login_timeout: Duration::from_secs(60),
             server_login_retry: Duration::from_secs(15),
+            dns_max_ttl: Duration::from_secs(15),
+            dns_nxdomain_ttl: Duration::from_secs(15),
             server_round_robin: false,
             query_wait_notify: Duration::from_secs(5),
             client_idle_timeout: Duration::ZERO,
@@ -409,8 +415,6 @@ pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
     "client_tls_ecdhcurve",
     "conffile",
     "disable_pqexec",
-    "dns_max_ttl",
-    "dns_nxdomain_ttl",
     "dns_zone_check_period",
     "job_name",
     "listen_backlog",
@@ -482,6 +486,8 @@ const PGBOUNCER_IMPLEMENTED: &[&str] = &[
     "max_db_client_connections",
     "max_user_client_connections",
     "server_login_retry",
+    "dns_max_ttl",
+    "dns_nxdomain_ttl",
     "server_round_robin",
     "client_idle_timeout",
     "idle_transaction_timeout",
@@ -828,6 +834,8 @@ pub(crate) fn apply_general(
         "server_connect_timeout" => general.server_connect_timeout = s.seconds()?,
         "client_login_timeout" => general.client_login_timeout = s.seconds()?,
         "server_login_retry" => general.server_login_retry = s.seconds()?,
+        "dns_max_ttl" => general.dns_max_ttl = s.seconds()?,
+        "dns_nxdomain_ttl" => general.dns_nxdomain_ttl = s.seconds()?,
         "server_round_robin" => general.server_round_robin = s.bool()?,
         "query_wait_notify" => general.query_wait_notify = s.seconds()?,
         "client_idle_timeout" => general.client_idle_timeout = s.seconds()?,

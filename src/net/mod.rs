@@ -17,6 +17,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
+pub mod dns;
 mod framed;
 pub use framed::{Framed, ReadError, Stream, GOODBYE_DEADLINE};
 
@@ -151,7 +152,8 @@ impl ServerAddr {
     pub async fn connect_with(&self, tcp: &TcpSettings) -> io::Result<Socket> {
         match self {
             ServerAddr::Tcp { host, port } => {
-                let stream = TcpStream::connect((host.as_str(), *port)).await?;
+                let ip = dns::resolve(host).await?;
+                let stream = TcpStream::connect((ip, *port)).await?;
                 stream.set_nodelay(true)?;
                 tcp.apply(&stream)?;
                 Ok(Socket::Tcp(stream))

@@ -34,6 +34,24 @@ impl Pooler {
 
     /// `start_result` with extra environment variables for the daemon (NOTIFY_SOCKET, say).
     pub fn start_with_env(ini: &str, userlist: &str, env: &[(&str, &str)]) -> Result<Pooler, String> {
+        Self::launch(ini, userlist, env, None)
+    }
+
+    /// A daemon that sees `hosts` as its /etc/hosts: it runs in a mount namespace of its own
+    /// (`unshare -m`, root only) with the file bound over /etc/hosts, so that a test decides
+    /// what its server host names resolve to, and can change it while it runs by rewriting the
+    /// file in place.
+    pub fn start_with_hosts_file(ini: &str, userlist: &str, hosts: &std::path::Path) -> Pooler {
+        Self::launch(ini, userlist, &[], Some(hosts))
+            .unwrap_or_else(|e| panic!("pgcorral did not start:\n{e}"))
+    }
+
+    fn launch(
+        ini: &str,
+        userlist: &str,
+        env: &[(&str, &str)],
+        hosts: Option<&std::path::Path>,
+    ) -> Result<Pooler, String> {
         let dir = scratch_dir("pooler");
         let port = free_port();
         std::fs::write(dir.join("userlist.txt"), userlist).expect("write userlist.txt");
@@ -46,7 +64,16 @@ impl Pooler {
         std::fs::write(&ini_path, config).expect("write pgcorral.ini");
 
         let out = File::create(dir.join("stderr.log")).expect("create stderr.log");
-        let mut cmd = Command::new(binary());
+        let mut cmd = match hosts {
+            None => Command::new(binary()),
+            Some(hosts) => {
+                let mut cmd = Command::new("unshare");
+                cmd.args(["-m", "--", "sh", "-c", "mount --bind \"$0\" /etc/hosts && exec \"$@\""])
+                    .arg(hosts)
+                    .arg(binary());
+                cmd
+            }
+        };
         cmd.arg("-v")
             .arg(&ini_path)
             .current_dir(&dir)
