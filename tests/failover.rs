@@ -234,3 +234,36 @@ fn a_read_write_database_follows_the_promotion_of_its_standby() {
     // Failed writes fell inside the window, not after it.
     assert!(writes.iter().all(|(at, ok)| *ok || *at <= first_after));
 }
+
+/// A `standby` database whose only standby is promoted: its idle server learns it at its next
+/// query (PostgreSQL reports `in_hot_standby = off` with that query's answer, not to an idle
+/// session), is closed as it comes back, and no new server fits, so later clients are refused
+/// rather than served by what is now a primary.
+#[test]
+fn a_standby_database_lets_go_of_a_server_whose_host_was_promoted() {
+    let primary = Postgres::start();
+    let standby = primary.start_replica();
+    let pooler = Pooler::start(
+        &ini(
+            "127.0.0.1",
+            &standby.port.to_string(),
+            "target_session_attrs=standby",
+            "server_login_retry = 1\nquery_wait_timeout = 2",
+        ),
+        &app_userlist(),
+    );
+    let in_recovery = || ask(&pooler, "SELECT pg_is_in_recovery()");
+    assert_eq!(in_recovery(), Ok("t".into()));
+    assert_eq!(standby.sql("SELECT pg_promote()"), "t");
+    let mut answers = Vec::new();
+    let let_go = wait_until(Duration::from_secs(20), || {
+        let answer = in_recovery();
+        answers.push(answer.clone());
+        answer.is_err()
+    });
+    assert!(let_go, "still served by the promoted server: {answers:?}");
+    let on_primary = answers.iter().filter(|a| **a == Ok("f".into())).count();
+    assert!(on_primary <= 1, "only the query that brought the news ran on the promoted server: {answers:?}");
+    let log = pooler.log();
+    assert!(log.contains("not standby (in_hot_standby=off"), "{log}");
+}
