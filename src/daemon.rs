@@ -23,6 +23,10 @@ pub enum DaemonError {
     Resolve(String),
     #[error("pidfile {path}: {source}")]
     Pidfile { path: String, source: io::Error },
+    #[error(
+        "{addr}: another process listens on this port; set so_reuseport = 1 in every process that shares it"
+    )]
+    PortTaken { addr: String },
     #[error("pidfile {0} exists and process {1} is running: is another pgcorral running?")]
     AlreadyRunning(String, i32),
     #[error("no listen_addr and no unix_socket_dir: nothing to listen on")]
@@ -83,9 +87,20 @@ pub fn raise_file_limit(needed: u64) -> u64 {
 
 /// Binds every listening socket: for each TCP address one socket per worker (SO_REUSEPORT),
 /// and the Unix socket once. Returns the listeners grouped by worker.
+///
+/// Without `so_reuseport`, a port another process listens on is refused first: the workers'
+/// own SO_REUSEPORT would otherwise let a second pgcorral (of the same OS user) share it
+/// silently. With it, processes share the port and the kernel spreads connections.
 pub fn bind_listeners(general: &General, workers: usize) -> Result<Vec<Vec<BoundListener>>, DaemonError> {
     let mut per_worker: Vec<Vec<BoundListener>> = (0..workers).map(|_| Vec::new()).collect();
     for addr in tcp_addresses(general)? {
+        if !general.so_reuseport {
+            if let Err(e) = probe_exclusive(addr) {
+                if e.kind() == io::ErrorKind::AddrInUse {
+                    return Err(DaemonError::PortTaken { addr: addr.to_string() });
+                }
+            }
+        }
         for listeners in per_worker.iter_mut() {
             match bind_tcp(addr) {
                 Ok(l) => listeners.push(BoundListener::Tcp(l)),
@@ -151,6 +166,18 @@ fn tcp_addresses(general: &General) -> Result<Vec<SocketAddr>, DaemonError> {
         }
     }
     Ok(addrs)
+}
+
+/// Binds `addr` without SO_REUSEPORT and lets it go: fails with AddrInUse while another
+/// process listens there.
+fn probe_exclusive(addr: SocketAddr) -> io::Result<()> {
+    let socket = RawSocket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    // TIME_WAIT connections of an earlier run must not count as a listener.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())
 }
 
 fn bind_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {

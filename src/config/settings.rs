@@ -64,6 +64,9 @@ pub struct General {
     pub unix_socket_mode: u32,
     /// Group the Unix socket is given; None leaves pgcorral's own.
     pub unix_socket_group: Option<String>,
+    /// Other processes may listen on the same TCP port (each with its own pidfile, logfile and
+    /// Unix socket directory); the kernel spreads connections across them.
+    pub so_reuseport: bool,
     pub auth_type: AuthType,
     /// Already resolved against the main config file's directory.
     pub auth_file: Option<PathBuf>,
@@ -184,6 +187,7 @@ impl Default for General {
             listen_port: 6432,
             unix_socket_dir: Some(PathBuf::from("/tmp")),
             unix_socket_mode: 0o777,
+            so_reuseport: false,
             unix_socket_group: None,
             auth_type: AuthType::Md5,
             auth_file: None,
@@ -424,7 +428,6 @@ pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
     "resolv_conf",
     "sbuf_loopcnt",
     "service_name",
-    "so_reuseport",
     "suspend_timeout",
     "syslog",
     "syslog_facility",
@@ -527,6 +530,7 @@ const PGBOUNCER_IMPLEMENTED: &[&str] = &[
     "unix_socket_dir",
     "unix_socket_mode",
     "unix_socket_group",
+    "so_reuseport",
     "verbose",
     "workers",
 ];
@@ -794,6 +798,7 @@ pub(crate) fn apply_general(
         "listen_addr" => general.listen_addr = list(s.value),
         "listen_port" => general.listen_port = s.port()?,
         "unix_socket_dir" => general.unix_socket_dir = s.path(),
+        "so_reuseport" => general.so_reuseport = s.bool()?,
         "unix_socket_mode" => {
             general.unix_socket_mode = u32::from_str_radix(s.value.trim_start_matches("0o"), 8)
                 .ok()

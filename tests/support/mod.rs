@@ -20,7 +20,7 @@ pub use certs::Certs;
 pub use java::{run_java, PGJDBC_JAR};
 pub use node::run_node;
 pub use pgbouncer::PgBouncer;
-pub use pooler::{spawn_supervised, Pooler};
+pub use pooler::{binary as pgcorral_binary, spawn_supervised, Pooler};
 pub use postgres::pg_bin;
 pub(crate) use postgres::postgres_ids;
 pub use postgres::Postgres;

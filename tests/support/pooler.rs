@@ -34,7 +34,12 @@ impl Pooler {
 
     /// `start_result` with extra environment variables for the daemon (NOTIFY_SOCKET, say).
     pub fn start_with_env(ini: &str, userlist: &str, env: &[(&str, &str)]) -> Result<Pooler, String> {
-        Self::launch(ini, userlist, env, None)
+        Self::launch(ini, userlist, env, None, free_port())
+    }
+
+    /// `start_result` on a given port (several processes sharing one, `so_reuseport`).
+    pub fn start_on_port(ini: &str, userlist: &str, port: u16) -> Result<Pooler, String> {
+        Self::launch(ini, userlist, &[], None, port)
     }
 
     /// A daemon that sees `hosts` as its /etc/hosts: it runs in a mount namespace of its own
@@ -42,7 +47,7 @@ impl Pooler {
     /// what its server host names resolve to, and can change it while it runs by rewriting the
     /// file in place.
     pub fn start_with_hosts_file(ini: &str, userlist: &str, hosts: &std::path::Path) -> Pooler {
-        Self::launch(ini, userlist, &[], Some(hosts))
+        Self::launch(ini, userlist, &[], Some(hosts), free_port())
             .unwrap_or_else(|e| panic!("pgcorral did not start:\n{e}"))
     }
 
@@ -51,9 +56,9 @@ impl Pooler {
         userlist: &str,
         env: &[(&str, &str)],
         hosts: Option<&std::path::Path>,
+        port: u16,
     ) -> Result<Pooler, String> {
         let dir = scratch_dir("pooler");
-        let port = free_port();
         std::fs::write(dir.join("userlist.txt"), userlist).expect("write userlist.txt");
         let d = dir.display();
         let config = format!(
@@ -196,7 +201,7 @@ impl Drop for Pooler {
 
 /// PGCORRAL_BIN at run time wins (benches, or a scratch crate testing this
 /// harness); otherwise the binary Cargo built for this test target.
-fn binary() -> PathBuf {
+pub fn binary() -> PathBuf {
     if let Some(p) = std::env::var_os("PGCORRAL_BIN") {
         return p.into();
     }
