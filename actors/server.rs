@@ -242,8 +242,9 @@ impl ServerLink {
 }
 
 impl<C> ServerLink<C> {
-    /// The same connection over another form of its socket: the one place that names every
-    /// field, so that moving a connection moves its socket and nothing is copied or forgotten.
+    /// The same connection over another form of its socket: besides `logged_in`, which makes
+    /// one, the only place that names every field, so that moving a connection moves its
+    /// socket and nothing is copied or forgotten.
     fn with_conn<D>(self, convert: impl FnOnce(C) -> std::io::Result<D>) -> std::io::Result<ServerLink<D>> {
         let ServerLink {
             born,
