@@ -27,6 +27,7 @@ use crate::local_queue::{local_queue, LocalReceiver, LocalSender};
 use crate::net::{Endpoint, Socket};
 use crate::params::TrackedParams;
 use crate::protocol::backend;
+use crate::protocol::cancel_key::KeyId;
 use crate::protocol::error::sqlstate;
 use crate::protocol::PgError;
 
@@ -37,7 +38,7 @@ pub struct ClientSession {
     control: LocalSender<Control>,
     control_rx: Option<LocalReceiver<Control>>,
     admitted: Rc<std::cell::Cell<bool>>,
-    process_id: Rc<std::cell::Cell<Option<i32>>>,
+    cancel_key: Rc<std::cell::Cell<Option<KeyId>>>,
     /// (database, user) this client is counted under once logged in.
     counted: Rc<std::cell::RefCell<Option<(String, String)>>>,
     /// This client in the census (SHOW CLIENTS), from the moment it connected.
@@ -54,7 +55,7 @@ impl ClientSession {
             control,
             control_rx: Some(control_rx),
             admitted: Rc::default(),
-            process_id: Rc::default(),
+            cancel_key: Rc::default(),
             counted: Rc::default(),
             entry: None,
         }
@@ -80,7 +81,7 @@ impl Actor for ClientSession {
             me: ctx.address(),
             cancel: self.cancel.clone(),
             admitted: self.admitted.clone(),
-            process_id: self.process_id.clone(),
+            cancel_key: self.cancel_key.clone(),
             counted: self.counted.clone(),
         };
         // Two futures, one after the other, so that an idle session keeps only the relay's
@@ -140,8 +141,8 @@ impl Drop for ClientSession {
         if self.admitted.get() {
             self.shared.client_left();
         }
-        if let Some(process_id) = self.process_id.get() {
-            self.shared.forget_cancel_key(process_id);
+        if let Some(key) = self.cancel_key.get() {
+            self.shared.forget_cancel_key(key);
         }
         if let Some((database, user)) = self.counted.borrow_mut().take() {
             self.shared.login_left(&database, &user);
@@ -219,7 +220,7 @@ struct Session {
     me: Addr<ClientSession>,
     cancel: Rc<CancelState>,
     admitted: Rc<std::cell::Cell<bool>>,
-    process_id: Rc<std::cell::Cell<Option<i32>>>,
+    cancel_key: Rc<std::cell::Cell<Option<KeyId>>>,
     counted: Rc<std::cell::RefCell<Option<(String, String)>>>,
 }
 
@@ -259,7 +260,7 @@ impl Session {
             Ok(Ok(Accepted::Login(login))) => login,
             Ok(Ok(Accepted::Console(login))) => return self.console(wire, control_rx, login).await,
             Ok(Ok(Accepted::Cancel { process_id, secret_key })) => {
-                self.shared.cancel(process_id, &secret_key);
+                self.shared.cancel(process_id, &secret_key).await;
                 return Err(None);
             }
             Ok(Err(LoginError::Refused(error))) => return Err(self.refuse(&mut wire, error).await),
@@ -300,8 +301,9 @@ impl Session {
         );
         self.logged_in(&login.database, &login.user, login.replication);
 
-        let (process_id, secret_key) = self.shared.register_cancel_key(self.me.clone(), login.protocol_minor);
-        self.process_id.set(Some(process_id));
+        let (key, process_id, secret_key) =
+            self.shared.register_cancel_key(self.me.clone(), login.protocol_minor);
+        self.cancel_key.set(Some(key));
         if login.replication != Replication::None {
             let pool = login.member.pool().clone();
             let key = (process_id, &secret_key);
@@ -411,8 +413,8 @@ impl Session {
             ClientLogin { database: listed, user, pool: None, replication: Replication::None },
             application_name.map_or("", |(_, v)| v.as_str()),
         );
-        let (process_id, secret_key) = self.shared.register_cancel_key(self.me.clone(), protocol_minor);
-        self.process_id.set(Some(process_id));
+        let (key, process_id, secret_key) = self.shared.register_cancel_key(self.me.clone(), protocol_minor);
+        self.cancel_key.set(Some(key));
         let Wire { mut conn, tls } = wire;
         if let Some(tls) = tls {
             self.entry.set_tls(tls.description);

@@ -51,6 +51,8 @@ pub fn show(shared: &Shared, what: &str) -> Result<Shown, PgError> {
         "STATS_AVERAGES" => rows(show::stats_averages(&stats(shared))),
         "TOTALS" => rows(show::totals(&overall(shared))),
         "LISTS" => rows(show::lists(&lists(shared))),
+        "PEERS" => rows(show::peers(&shared.peers.views())),
+        "PEER_POOLS" => rows(show::peer_pools(&shared.peers.views())),
         "MEM" => rows(show::mem(&mem(shared))),
         "STATE" => {
             let (active, paused, suspended) = shared.holds.lock().state();
@@ -363,12 +365,13 @@ fn lists(shared: &Shared) -> Vec<(&'static str, i64)> {
     let clients = shared.census.clients();
     let login = clients.iter().filter(|c| c.state() == ClientState::Login).count();
     let servers = shared.census.servers().len();
+    let peers = shared.peers.views().len();
     [
         ("databases", databases(shared).len()),
         ("users", users(shared).len()),
-        ("peers", 0),
+        ("peers", peers),
         ("pools", shared.all_pools().len() + 1),
-        ("peer_pools", 0),
+        ("peer_pools", peers),
         ("free_clients", 0),
         ("used_clients", clients.len()),
         ("login_clients", login),

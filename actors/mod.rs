@@ -11,6 +11,7 @@ pub mod inspect;
 pub mod listener;
 pub mod messages;
 pub mod metrics_server;
+pub mod peers;
 pub mod pool;
 pub mod registry;
 pub mod relay;

@@ -18,13 +18,14 @@ use crate::actors::census::Census;
 use crate::actors::client::ClientSession;
 use crate::actors::control::Holds;
 use crate::actors::messages::CancelQuery;
+use crate::actors::peers::{self, ForwardLimits, Peers};
 use crate::actors::pool::{Limit, Pool, PoolKey, PoolMember, PoolSettings, PoolShared};
 use crate::actors::supervisor::Supervisor;
 use crate::auth::auth_query::AuthQuery;
 use crate::auth::Secret;
 use crate::config::Config;
 use crate::net::ServerAddr;
-use crate::protocol::cancel_key::SecretKey;
+use crate::protocol::cancel_key::{fresh_key, route, CancelRoute, KeyId, SecretKey};
 use crate::protocol::error::sqlstate;
 use crate::protocol::PgError;
 use crate::stats::{PoolStats, StatsWindow};
@@ -47,7 +48,9 @@ pub struct Shared {
     /// max_user_client_connections.
     clients_per_db: Mutex<HashMap<String, usize>>,
     clients_per_user: Mutex<HashMap<String, usize>>,
-    cancel_keys: Mutex<HashMap<i32, CancelEntry>>,
+    cancel_keys: Mutex<HashMap<KeyId, CancelEntry>>,
+    /// `[peers]`: where the cancel requests for other poolers' keys go.
+    pub peers: Peers,
     pub workers: usize,
     /// Every client and server connection alive, for the console and metrics.
     pub census: Arc<Census>,
@@ -110,6 +113,7 @@ const AUTH_QUERY_CONCURRENCY: usize = 4;
 impl Shared {
     pub fn new(config: Config, workers: usize, home: ArbiterHandle) -> Shared {
         apply_dns_ttls(&config);
+        let peers = Peers::new(&config);
         Shared {
             config: RwLock::new(Arc::new(config)),
             pools: Mutex::new(HashMap::new()),
@@ -120,6 +124,7 @@ impl Shared {
             clients_per_db: Mutex::new(HashMap::new()),
             clients_per_user: Mutex::new(HashMap::new()),
             cancel_keys: Mutex::new(HashMap::new()),
+            peers,
             workers,
             census: Arc::default(),
             home,
@@ -243,6 +248,7 @@ impl Shared {
         apply_dns_ttls(&config);
         let config = Arc::new(config);
         *self.config.write() = config.clone();
+        self.peers.reconfigure(&config);
         self.logins.lock().clear();
         self.auth_cache.lock().clear();
         let pools: Vec<Arc<PoolShared>> = self.pools.lock().values().cloned().collect();
@@ -504,30 +510,66 @@ impl Shared {
     }
 
     /// Gives a client its own BackendKeyData, with a key as long as its protocol allows (32
-    /// bytes in 3.2), and remembers who holds it.
-    pub fn register_cancel_key(&self, client: Addr<ClientSession>, protocol_minor: u16) -> (i32, SecretKey) {
-        let secret_key = SecretKey::random(protocol_minor);
+    /// bytes in 3.2) and this process's `peer_id` stamped in, and remembers who holds it.
+    pub fn register_cancel_key(
+        &self,
+        client: Addr<ClientSession>,
+        protocol_minor: u16,
+    ) -> (KeyId, i32, SecretKey) {
+        let own_peer = self.config().general.peer_id;
         let mut keys = self.cancel_keys.lock();
         // Random, as the secret is: a sequence would tell every client how many came before.
-        let process_id = loop {
-            let id = rand::random::<i32>() & 0x7fff_ffff;
-            if id != 0 && !keys.contains_key(&id) {
-                break id;
+        loop {
+            let (process_id, secret_key) = fresh_key(protocol_minor, own_peer);
+            let Some(id) = KeyId::of(process_id, secret_key.as_bytes()) else { continue };
+            if process_id != 0 && !keys.contains_key(&id) {
+                keys.insert(id, CancelEntry { secret_key: secret_key.clone(), client });
+                return (id, process_id, secret_key);
             }
-        };
-        keys.insert(process_id, CancelEntry { secret_key: secret_key.clone(), client });
-        (process_id, secret_key)
+        }
     }
 
-    pub fn forget_cancel_key(&self, process_id: i32) {
-        self.cancel_keys.lock().remove(&process_id);
+    pub fn forget_cancel_key(&self, id: KeyId) {
+        self.cancel_keys.lock().remove(&id);
     }
 
-    /// Routes a CancelRequest to the client that owns the key; a wrong key, or one of the
-    /// wrong length, is ignored, as PostgreSQL does.
-    pub fn cancel(&self, process_id: i32, secret_key: &[u8]) {
+    /// Answers a CancelRequest: one of this process's keys cancels its client's query; another
+    /// peer's is forwarded to that peer; a wrong key, or one of the wrong length, is ignored, as
+    /// PostgreSQL does. Returns once the request has gone as far as it goes.
+    pub async fn cancel(&self, process_id: i32, secret_key: &[u8]) {
+        let config = self.config();
+        match route(process_id, secret_key, config.general.peer_id) {
+            CancelRoute::Local(secret) => self.cancel_here(process_id, &secret),
+            CancelRoute::Exhausted { peer_id } => {
+                log::info!("cancel request for peer {peer_id} dropped: already forwarded 3 times")
+            }
+            CancelRoute::Forward { peer_id, secret } => {
+                let Some(peer) = self.peers.get(peer_id) else {
+                    log::info!("cancel request for peer {peer_id} dropped: no such peer in [peers]");
+                    return;
+                };
+                let Some(secret) = SecretKey::from_bytes(&secret) else { return };
+                let limits = ForwardLimits {
+                    wait: config.general.cancel_wait_timeout,
+                    connect: config.general.server_connect_timeout,
+                };
+                log::debug!("forwarding a cancel request to peer {peer_id}");
+                if let Err(e) = peers::forward(&peer, process_id, &secret, limits, &config.general.tcp).await
+                {
+                    log::warn!(
+                        "could not forward a cancel request to peer {peer_id} ({}:{}): {e}",
+                        peer.entry.host,
+                        peer.entry.port
+                    );
+                }
+            }
+        }
+    }
+
+    fn cancel_here(&self, process_id: i32, secret_key: &[u8]) {
+        let Some(id) = KeyId::of(process_id, secret_key) else { return };
         let keys = self.cancel_keys.lock();
-        match keys.get(&process_id) {
+        match keys.get(&id) {
             Some(entry) if entry.secret_key.matches(secret_key) => entry.client.do_send(CancelQuery),
             _ => log::debug!("cancel request with an unknown key ignored"),
         }

@@ -525,7 +525,7 @@ pub fn ini(data: &[u8]) {
                 settings::parse_database(&line).map(|(_, w)| w.first().map(|w| w.to_string()))
             }
             ini::Section::Users => settings::parse_user(&line).map(|(_, w)| w.first().map(|w| w.to_string())),
-            ini::Section::Peers => settings::parse_peer(&line).map(|w| Some(w.to_string())),
+            ini::Section::Peers => settings::parse_peer(&line).map(|peer| Some(format!("{peer:?}"))),
         };
         if let Err(e) = result {
             display(e);

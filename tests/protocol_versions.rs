@@ -7,40 +7,12 @@
 
 mod support;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, BytesMut};
-
-use support::wire::Msg;
+use support::wire::{read_msg, send_cancel, startup, KeyedSession, Msg};
 use support::*;
-
-/// A startup packet asking for protocol `major.minor` with `params`.
-fn startup(major: u16, minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = BytesMut::new();
-    body.put_u16(major);
-    body.put_u16(minor);
-    for (name, value) in params {
-        body.put_slice(name.as_bytes());
-        body.put_u8(0);
-        body.put_slice(value.as_bytes());
-        body.put_u8(0);
-    }
-    body.put_u8(0);
-    let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
-    packet.extend_from_slice(&body);
-    packet
-}
-
-fn read_msg(stream: &mut TcpStream) -> Msg {
-    let mut head = [0u8; 5];
-    stream.read_exact(&mut head).expect("a message");
-    let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-    let mut body = vec![0u8; len - 4];
-    stream.read_exact(&mut body).expect("a message body");
-    Msg { tag: head[0], body }
-}
 
 /// The first message a server (or pgcorral) answers `packet` with.
 fn first_answer(port: u16, packet: &[u8]) -> Msg {
@@ -92,55 +64,19 @@ fn newer_versions_and_protocol_options_are_answered_as_postgresql_18_answers() {
 }
 
 /// A logged-in raw client of protocol `3.minor`, with its BackendKeyData.
-struct RawSession {
-    stream: TcpStream,
-    process_id: i32,
-    key: Vec<u8>,
-}
-
-fn raw_login(port: u16, minor: u16) -> RawSession {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    stream.write_all(&startup(3, minor, &[("user", APP_USER), ("database", APP_DB)])).unwrap();
-    let mut key_data = None;
-    loop {
-        let m = read_msg(&mut stream);
-        match m.tag {
-            b'R' if m.body[..4] == [0, 0, 0, 3] => {
-                let mut buf = BytesMut::new();
-                postgres_protocol::message::frontend::password_message(APP_PASSWORD.as_bytes(), &mut buf)
-                    .unwrap();
-                stream.write_all(&buf).unwrap();
-            }
-            b'K' => key_data = Some(m.body),
-            b'E' => panic!("login failed: {:?}", m.field(b'M')),
-            b'Z' => break,
-            _ => {}
-        }
-    }
-    let body = key_data.expect("BackendKeyData");
-    RawSession {
-        stream,
-        process_id: i32::from_be_bytes(body[..4].try_into().unwrap()),
-        key: body[4..].to_vec(),
-    }
+fn raw_login(port: u16, minor: u16) -> KeyedSession {
+    KeyedSession::login(("127.0.0.1", port), minor, APP_USER, APP_PASSWORD, APP_DB)
 }
 
 fn cancel(port: u16, process_id: i32, key: &[u8]) {
-    let mut request = ((12 + key.len()) as i32).to_be_bytes().to_vec();
-    request.extend_from_slice(&80_877_102i32.to_be_bytes());
-    request.extend_from_slice(&process_id.to_be_bytes());
-    request.extend_from_slice(key);
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect for a cancel");
-    stream.write_all(&request).unwrap();
-    let _ = stream.read(&mut [0u8; 1]);
+    send_cancel(("127.0.0.1", port), process_id, key)
 }
 
 /// Runs `pg_sleep(seconds)` on `session` while `cancel_with` is sent after a moment; returns
 /// the SQLSTATE the query ended with (None: it ran to the end) and how long it took.
 fn sleep_and_cancel(
     port: u16,
-    session: &mut RawSession,
+    session: &mut KeyedSession,
     seconds: u32,
     key: &[u8],
 ) -> (Option<String>, Duration) {
@@ -266,7 +202,7 @@ fn a_server_that_refuses_3_2_instead_of_negotiating_is_asked_for_3_0() {
 }
 
 /// The first column of the first row `sql` returns on a raw session.
-fn session_query(session: &mut RawSession, sql: &str) -> String {
+fn session_query(session: &mut KeyedSession, sql: &str) -> String {
     session.stream.write_all(&wire::query(sql)).unwrap();
     let mut value = None;
     loop {

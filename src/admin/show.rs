@@ -111,6 +111,21 @@ pub struct StatsView {
     pub averages: Averages,
 }
 
+/// One `[peers]` entry and the cancel requests on their way to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerView {
+    pub peer_id: u16,
+    pub host: String,
+    pub port: u16,
+    pub pool_size: usize,
+    /// Waiting for a turn (`cl_waiting_cancel_req`).
+    pub waiting: usize,
+    /// Connecting to the peer (`sv_login`).
+    pub connecting: usize,
+    /// Sent, waiting for the peer to close (`cl_active_cancel_req`, `sv_active_cancel`).
+    pub active: usize,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigRow {
     pub key: &'static str,
@@ -533,6 +548,42 @@ pub fn lists(items: &[(&'static str, i64)]) -> ResultSet {
     set
 }
 
+/// `SHOW PEERS`.
+pub fn peers(peers: &[PeerView]) -> ResultSet {
+    let mut set = ResultSet::new(&[("peer_id", Int4), ("host", Text), ("port", Int4), ("pool_size", Int4)]);
+    for peer in peers {
+        set.push(vec![
+            (peer.peer_id as i64).into(),
+            peer.host.as_str().into(),
+            (peer.port as i64).into(),
+            (peer.pool_size as i64).into(),
+        ]);
+    }
+    set
+}
+
+/// `SHOW PEER_POOLS`: a forwarded request holds one connection to its peer, so the active
+/// requests and the active connections are the same count.
+pub fn peer_pools(peers: &[PeerView]) -> ResultSet {
+    let mut set = ResultSet::new(&[
+        ("peer_id", Int4),
+        ("cl_active_cancel_req", Int4),
+        ("cl_waiting_cancel_req", Int4),
+        ("sv_active_cancel", Int4),
+        ("sv_login", Int4),
+    ]);
+    for peer in peers {
+        set.push(vec![
+            (peer.peer_id as i64).into(),
+            (peer.active as i64).into(),
+            (peer.waiting as i64).into(),
+            (peer.active as i64).into(),
+            (peer.connecting as i64).into(),
+        ]);
+    }
+    set
+}
+
 /// `SHOW MEM`: (cache name, object size, used, free).
 pub fn mem(caches: &[(&'static str, usize, usize, usize)]) -> ResultSet {
     let mut set =
@@ -559,8 +610,7 @@ pub fn state(active: bool, paused: bool, suspended: bool) -> ResultSet {
 }
 
 /// The tables pgcorral has no rows for, with PgBouncer's columns: sockets are not handed over
-/// (`FDS`), names are resolved per connection without a cache (`DNS_*`), and peering is not
-/// implemented (`PEERS`, `PEER_POOLS`).
+/// (`FDS`), and names are resolved per connection without a cache (`DNS_*`).
 pub fn empty(what: &str) -> Option<ResultSet> {
     let columns: &[(&'static str, ColumnType)] = match what {
         "FDS" => &[
@@ -582,14 +632,6 @@ pub fn empty(what: &str) -> Option<ResultSet> {
         ],
         "DNS_HOSTS" => &[("hostname", Text), ("ttl", Int8), ("addrs", Text)],
         "DNS_ZONES" => &[("zonename", Text), ("serial", Int8), ("count", Int4)],
-        "PEERS" => &[("peer_id", Int4), ("host", Text), ("port", Int4), ("pool_size", Int4)],
-        "PEER_POOLS" => &[
-            ("peer_id", Int4),
-            ("cl_active_cancel_req", Int4),
-            ("cl_waiting_cancel_req", Int4),
-            ("sv_active_cancel", Int4),
-            ("sv_login", Int4),
-        ],
         _ => return None,
     };
     Some(ResultSet::new(columns))
@@ -705,10 +747,32 @@ mod tests {
     }
 
     #[test]
+    fn peers_and_their_forwards() {
+        let peer = PeerView {
+            peer_id: 2,
+            host: "/tmp/b".into(),
+            port: 6432,
+            pool_size: 4,
+            waiting: 1,
+            connecting: 2,
+            active: 3,
+        };
+        let set = peers(std::slice::from_ref(&peer));
+        assert_eq!(names(&set), ["peer_id", "host", "port", "pool_size"]);
+        assert_eq!(set.rows[0], [2.into(), "/tmp/b".into(), 6432.into(), 4.into()]);
+        let set = peer_pools(&[peer]);
+        assert_eq!(
+            names(&set),
+            ["peer_id", "cl_active_cancel_req", "cl_waiting_cancel_req", "sv_active_cancel", "sv_login"]
+        );
+        assert_eq!(set.rows[0], [Value::from(2), 3.into(), 1.into(), 3.into(), 2.into()]);
+    }
+
+    #[test]
     fn tables_without_rows_still_describe_their_columns() {
         assert_eq!(empty("FDS").unwrap().columns.len(), 15);
-        assert_eq!(names(&empty("PEERS").unwrap()), ["peer_id", "host", "port", "pool_size"]);
-        assert!(empty("POOLS").is_none());
+        assert_eq!(names(&empty("DNS_HOSTS").unwrap()), ["hostname", "ttl", "addrs"]);
+        assert!(empty("POOLS").is_none() && empty("PEERS").is_none());
         let p = fake_parameter("CLIENT_ENCODING").unwrap();
         assert_eq!(names(&p), ["client_encoding"]);
         assert_eq!(p.rows[0][0], Value::from("UTF-8"));

@@ -101,6 +101,9 @@ pub fn keep_restart_only(old: &Config, new: &mut Config, keys: &[String]) {
             "pidfile" => g.pidfile = o.pidfile.clone(),
             "workers" => g.workers = o.workers,
             "metrics_addr" => g.metrics_addr = o.metrics_addr.clone(),
+            // The keys already given out carry the running id.
+            "peer_id" => g.peer_id = o.peer_id,
+            "so_reuseport" => g.so_reuseport = o.so_reuseport,
             _ => {}
         }
         new.written.retain(|(k, _)| k != key);

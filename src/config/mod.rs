@@ -26,7 +26,7 @@ pub(crate) mod userlist;
 use std::path::Path;
 
 pub use error::ConfigError;
-pub use settings::{AuthType, Config, ConfigWarning, DatabaseEntry, General, PoolMode, UserEntry};
+pub use settings::{AuthType, Config, ConfigWarning, DatabaseEntry, General, PeerEntry, PoolMode, UserEntry};
 
 use ini::{Entry, Section};
 use settings::{Line, Setting};
@@ -93,7 +93,7 @@ fn assemble(
     let mut general_warnings: Vec<(String, ConfigWarning)> = Vec::new();
     let mut databases: Vec<(String, (DatabaseEntry, Vec<ConfigWarning>))> = Vec::new();
     let mut users: Vec<(String, (UserEntry, Vec<ConfigWarning>))> = Vec::new();
-    let mut peers: Vec<(String, ConfigWarning)> = Vec::new();
+    let mut peers: Vec<(String, PeerEntry)> = Vec::new();
     let mut written: Vec<(String, String)> = Vec::new();
 
     let mut apply = |setting: &Setting<'_>| -> Result<(), ConfigError> {
@@ -112,7 +112,11 @@ fn assemble(
             }
             Section::Databases => upsert(&mut databases, &entry.key, settings::parse_database(&line)?),
             Section::Users => upsert(&mut users, &entry.key, settings::parse_user(&line)?),
-            Section::Peers => upsert(&mut peers, &entry.key, settings::parse_peer(&line)?),
+            Section::Peers => {
+                // By id, not by spelling: `01` and `1` name one peer.
+                let peer = settings::parse_peer(&line)?;
+                upsert(&mut peers, &peer.peer_id.to_string(), peer)
+            }
         }
     }
     for o in &overrides {
@@ -143,7 +147,7 @@ fn assemble(
             user
         })
         .collect();
-    warnings.extend(peers.into_iter().map(|(_, w)| w));
+    let peers = peers.into_iter().map(|(_, peer)| peer).collect();
 
     let tls = crate::tls::TlsContexts::build(&general.client_tls, &general.server_tls)?;
     let hba = match &general.auth_hba_file {
@@ -185,6 +189,7 @@ fn assemble(
         written,
         databases,
         users,
+        peers,
         userlist,
         mostly_scram,
         mock_scram_iterations,
@@ -505,7 +510,7 @@ batch = pool_mode=session max_user_connections=5
             "[pgbouncer]\ntcp_socket_buffer = 3600\ndns_zone_check_period = 600\n\
              client_tls_dheparams = auto\ntcp_socket_buffer = 10\n\
              [databases]\nd = host=a,b load_balance_hosts=disable target_session_attrs=read-write\n\
-             [users]\nu = query_timeout=5 pool_size=3\n[peers]\n1 = host=/tmp/p1\n",
+             [users]\nu = query_timeout=5 pool_size=3\n[peers]\n1 = host=/tmp/p1\n01 = host=/tmp/p2\n",
         )
         .unwrap();
         assert_eq!(
@@ -514,9 +519,10 @@ batch = pool_mode=session max_user_connections=5
                 "pgbouncer.ini:5: tcp_socket_buffer: not implemented yet by pgcorral; ignored",
                 "pgbouncer.ini:3: dns_zone_check_period: not implemented yet by pgcorral; ignored",
                 "pgbouncer.ini:4: client_tls_dheparams: not implemented yet by pgcorral; ignored",
-                "pgbouncer.ini:11: 1: not implemented yet by pgcorral; ignored",
             ]
         );
+        assert_eq!(config.peers.len(), 1, "01 and 1 name one peer");
+        assert_eq!(config.peers[0].host, "/tmp/p2", "the last definition wins");
         assert_eq!(config.user("u").unwrap().pool_size, Some(3));
         assert_eq!(config.user("u").unwrap().query_timeout, Some(std::time::Duration::from_secs(5)));
 

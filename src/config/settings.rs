@@ -67,6 +67,9 @@ pub struct General {
     /// Other processes may listen on the same TCP port (each with its own pidfile, logfile and
     /// Unix socket directory); the kernel spreads connections across them.
     pub so_reuseport: bool,
+    /// This process's id in a fleet of poolers that forward cancel requests to each other
+    /// (`[peers]`); 0: peering off.
+    pub peer_id: u16,
     pub auth_type: AuthType,
     /// Already resolved against the main config file's directory.
     pub auth_file: Option<PathBuf>,
@@ -188,6 +191,7 @@ impl Default for General {
             unix_socket_dir: Some(PathBuf::from("/tmp")),
             unix_socket_mode: 0o777,
             so_reuseport: false,
+            peer_id: 0,
             unix_socket_group: None,
             auth_type: AuthType::Md5,
             auth_file: None,
@@ -336,6 +340,8 @@ pub struct Config {
     /// last definition.
     pub databases: Vec<DatabaseEntry>,
     pub users: Vec<UserEntry>,
+    /// `[peers]`, in file order, one per id (the last definition wins).
+    pub peers: Vec<PeerEntry>,
     /// `(user, secret)` pairs from `auth_file`; empty without one.
     pub userlist: Vec<(String, String)>,
     /// Most `auth_file` secrets are SCRAM verifiers. With `auth_type = md5` a user with one is
@@ -423,7 +429,6 @@ pub const PGBOUNCER_NOT_IMPLEMENTED: &[&str] = &[
     "job_name",
     "listen_backlog",
     "login_notify_message",
-    "peer_id",
     "pkt_buf",
     "resolv_conf",
     "sbuf_loopcnt",
@@ -451,6 +456,7 @@ pub const USER_NOT_IMPLEMENTED: &[&str] = &[];
 
 /// `[pgbouncer]` keys pgcorral implements; kept for error messages.
 const PGBOUNCER_IMPLEMENTED: &[&str] = &[
+    "peer_id",
     "tcp_keepalive",
     "tcp_keepcnt",
     "tcp_keepidle",
@@ -799,6 +805,17 @@ pub(crate) fn apply_general(
         "listen_port" => general.listen_port = s.port()?,
         "unix_socket_dir" => general.unix_socket_dir = s.path(),
         "so_reuseport" => general.so_reuseport = s.bool()?,
+        "peer_id" => {
+            general.peer_id = match s.value.parse::<u16>() {
+                Ok(id) if id <= MAX_PEER_ID => id,
+                _ => {
+                    return Err(s.invalid(format!(
+                        "expected 0 (no peering) or a peer id up to {MAX_PEER_ID}, got {:?}",
+                        s.value
+                    )))
+                }
+            }
+        }
         "unix_socket_mode" => {
             general.unix_socket_mode = u32::from_str_radix(s.value.trim_start_matches("0o"), 8)
                 .ok()
@@ -1076,35 +1093,49 @@ pub(crate) fn parse_user(line: &Line<'_>) -> Result<(UserEntry, Vec<ConfigWarnin
     Ok((user, warnings))
 }
 
-/// Validates one `[peers]` line; peering is not implemented, so the result
-/// is only the warning saying so.
-pub(crate) fn parse_peer(line: &Line<'_>) -> Result<ConfigWarning, ConfigError> {
-    if !matches!(line.name.parse::<u16>(), Ok(id) if id != 0) {
-        return Err(line.invalid(format!("expected a peer id between 1 and 65535, got {:?}", line.name)));
-    }
-    let mut has_host = false;
+/// The largest `peer_id` (and `[peers]` key): PgBouncer's documented maximum, so that a mixed
+/// fleet agrees on which ids exist.
+pub const MAX_PEER_ID: u16 = 16383;
+
+/// One `[peers]` line: where another pooler of the fleet takes the cancel requests for the
+/// sessions it owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerEntry {
+    pub peer_id: u16,
+    /// A host name or address, or a directory holding the peer's Unix socket.
+    pub host: String,
+    /// Default 6432, as PgBouncer.
+    pub port: u16,
+    /// How many cancel requests may be on their way to this peer at once; `None`:
+    /// `default_pool_size`.
+    pub pool_size: Option<usize>,
+}
+
+fn peer_id(value: &str) -> Option<u16> {
+    value.parse::<u16>().ok().filter(|id| (1..=MAX_PEER_ID).contains(id))
+}
+
+/// Parses one `[peers]` line: `<peer_id> = host=... [port=...] [pool_size=...]`.
+pub(crate) fn parse_peer(line: &Line<'_>) -> Result<PeerEntry, ConfigError> {
+    let Some(id) = peer_id(line.name) else {
+        return Err(
+            line.invalid(format!("expected a peer id between 1 and {MAX_PEER_ID}, got {:?}", line.name))
+        );
+    };
+    let mut peer = PeerEntry { peer_id: id, host: String::new(), port: 6432, pool_size: None };
     line.each_param("peer", PEER_KEYS, &[], |param, s| {
         match param {
-            "host" => has_host = true,
-            "port" => {
-                s.port()?;
-            }
-            "pool_size" => {
-                s.usize()?;
-            }
+            "host" => peer.host = s.value.to_string(),
+            "port" => peer.port = s.port()?,
+            "pool_size" => peer.pool_size = Some(s.usize()?),
             _ => unreachable!("{param} is listed in PEER_KEYS"),
         }
         Ok(())
     })?;
-    if !has_host {
+    if peer.host.is_empty() {
         return Err(line.invalid("a peer needs host=".to_string()));
     }
-    Ok(ConfigWarning {
-        file: line.file.to_string(),
-        line: line.line,
-        key: line.name.to_string(),
-        message: NOT_IMPLEMENTED.to_string(),
-    })
+    Ok(peer)
 }
 
 #[cfg(test)]
@@ -1368,8 +1399,12 @@ mod tests {
 
     #[test]
     fn peers() {
-        let warning = parse_peer(&line("1", "host=/tmp/p1 port=5555 pool_size=3")).unwrap();
-        assert_eq!(warning.to_string(), "pgbouncer.ini:3: 1: not implemented yet by pgcorral; ignored");
+        let peer = parse_peer(&line("1", "host=/tmp/p1 port=5555 pool_size=3")).unwrap();
+        assert_eq!(peer, PeerEntry { peer_id: 1, host: "/tmp/p1".into(), port: 5555, pool_size: Some(3) });
+        let defaults = parse_peer(&line("16383", "host=10.0.0.2")).unwrap();
+        assert_eq!((defaults.peer_id, defaults.port, defaults.pool_size), (16383, 6432, None));
+        let err = parse_peer(&line("16384", "host=a")).unwrap_err().to_string();
+        assert!(err.contains("expected a peer id between 1 and 16383"), "{err}");
         assert!(parse_peer(&line("0", "host=a")).is_err());
         assert!(parse_peer(&line("x", "host=a")).is_err());
         assert!(parse_peer(&line("2", "port=1")).unwrap_err().to_string().contains("host="));

@@ -142,6 +142,89 @@ impl RawClient {
     }
 }
 
+/// A startup packet asking for protocol `major.minor` with `params`.
+pub fn startup(major: u16, minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = BytesMut::new();
+    body.put_u16(major);
+    body.put_u16(minor);
+    for (name, value) in params {
+        body.put_slice(name.as_bytes());
+        body.put_u8(0);
+        body.put_slice(value.as_bytes());
+        body.put_u8(0);
+    }
+    body.put_u8(0);
+    let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    packet
+}
+
+/// The next message on `stream`; panics if there is none.
+pub fn read_msg(stream: &mut TcpStream) -> Msg {
+    let mut head = [0u8; 5];
+    stream.read_exact(&mut head).expect("a message");
+    let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    let mut body = vec![0u8; len - 4];
+    stream.read_exact(&mut body).expect("a message body");
+    Msg { tag: head[0], body }
+}
+
+/// A session logged in with a protocol version of the test's choosing, and the cancel key it
+/// was given, whatever its length.
+pub struct KeyedSession {
+    pub stream: TcpStream,
+    pub process_id: i32,
+    pub key: Vec<u8>,
+}
+
+impl KeyedSession {
+    /// Logs in over protocol `3.minor` with a cleartext or trust exchange.
+    pub fn login(
+        addr: impl std::net::ToSocketAddrs,
+        minor: u16,
+        user: &str,
+        password: &str,
+        db: &str,
+    ) -> KeyedSession {
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        stream.write_all(&startup(3, minor, &[("user", user), ("database", db)])).unwrap();
+        let mut key_data = None;
+        loop {
+            let m = read_msg(&mut stream);
+            match m.tag {
+                b'R' if m.body[..4] == [0, 0, 0, 3] => {
+                    let mut buf = BytesMut::new();
+                    frontend::password_message(password.as_bytes(), &mut buf).unwrap();
+                    stream.write_all(&buf).unwrap();
+                }
+                b'K' => key_data = Some(m.body),
+                b'E' => panic!("login failed: {:?}", m.field(b'M')),
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        let body = key_data.expect("BackendKeyData");
+        KeyedSession {
+            stream,
+            process_id: i32::from_be_bytes(body[..4].try_into().unwrap()),
+            key: body[4..].to_vec(),
+        }
+    }
+}
+
+/// Sends a CancelRequest with a key of any length to `addr`, and waits until it is closed.
+pub fn send_cancel(addr: impl std::net::ToSocketAddrs, process_id: i32, key: &[u8]) {
+    let mut request = ((12 + key.len()) as i32).to_be_bytes().to_vec();
+    request.extend_from_slice(&80_877_102i32.to_be_bytes());
+    request.extend_from_slice(&process_id.to_be_bytes());
+    request.extend_from_slice(key);
+    let mut stream = TcpStream::connect(addr).expect("connect for a cancel");
+    stream.set_read_timeout(Some(ANSWER_DEADLINE)).unwrap();
+    stream.write_all(&request).unwrap();
+    let _ = stream.read(&mut [0u8; 1]);
+}
+
 /// The tags of `messages`, as a string for readable assertions ("12DCZ").
 pub fn tags(messages: &[Msg]) -> String {
     messages.iter().map(|m| m.tag as char).collect()
