@@ -350,7 +350,7 @@ impl Console {
                 done("PAUSE")
             }
             Command::Resume(db) => {
-                control::resume(shared, db.as_deref())?;
+                control::resume_all(shared, db.as_deref()).await?;
                 self.suspended_here = false;
                 done("RESUME")
             }

@@ -15,6 +15,7 @@ use crate::actors::census::ServerState;
 use crate::actors::messages::{Kill, Reload, Shutdown};
 use crate::actors::pool::{Hold, PoolShared};
 use crate::actors::registry::Shared;
+use crate::actors::supervisor::CancelShutdown;
 use crate::admin::command::ShutdownMode;
 use crate::config::catalog;
 use crate::protocol::error::sqlstate;
@@ -127,6 +128,21 @@ pub async fn pause(shared: &Shared, database: Option<&str>) -> Result<(), PgErro
 pub fn hold_all_for_shutdown(shared: &Shared) {
     shared.holds.lock().global = Some(Hold::Paused);
     apply_holds(shared, &shared.all_pools());
+}
+
+/// RESUME [db] from the console or SIGUSR2: as [`resume`], and a RESUME of everything also
+/// cancels a graceful shutdown under way, as PgBouncer's does.
+pub async fn resume_all(shared: &Shared, database: Option<&str>) -> Result<(), PgError> {
+    resume(shared, database)?;
+    if database.is_some() || !shared.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
+        return Ok(());
+    }
+    let supervisor = shared.supervisor().ok_or_else(|| console_error("the daemon is not running"))?;
+    match supervisor.send(CancelShutdown).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(reason)) => Err(console_error(reason)),
+        Err(_) => Err(console_error("the daemon is shutting down")),
+    }
 }
 
 /// RESUME [db]: undoes PAUSE, SUSPEND and KILL; queued clients get servers.

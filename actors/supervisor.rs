@@ -25,16 +25,18 @@ use actix::fut::wrap_future;
 use actix::prelude::*;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
-use crate::actors::census::ServerState;
+use crate::actors::census::{ClientState, ServerState};
 use crate::actors::control;
 use crate::actors::inspect;
 use crate::actors::listener::{BoundListener, Listener, StopAccepting};
-use crate::actors::messages::{Reload, Shutdown};
+use crate::actors::messages::{Kill, Reload, Shutdown};
 use crate::actors::metrics_server::MetricsServer;
 use crate::actors::registry::Shared;
 use crate::actors::router::set_worker_index;
 use crate::admin::command::ShutdownMode;
 use crate::config::{self, Config};
+use crate::protocol::error::sqlstate;
+use crate::protocol::PgError;
 use crate::stats;
 
 /// The signals the daemon handles, installed before anything else happens: until a handler
@@ -76,8 +78,9 @@ pub struct Supervisor {
     listeners: Vec<Vec<BoundListener>>,
     workers: Vec<Arbiter>,
     accepting: Vec<Addr<Listener>>,
-    /// A graceful shutdown under way: a second request exits at once.
-    shutting_down: bool,
+    /// A graceful shutdown under way (its poll, which exits when the mode's condition holds):
+    /// a second request exits at once; RESUME cancels it.
+    shutdown: Option<(ShutdownMode, SpawnHandle)>,
     /// `metrics_addr`'s socket, until the MetricsServer takes it.
     metrics: Option<std::net::TcpListener>,
 }
@@ -97,7 +100,7 @@ impl Supervisor {
             listeners,
             workers: Vec::new(),
             accepting: Vec::new(),
-            shutting_down: false,
+            shutdown: None,
             metrics,
         }
     }
@@ -139,9 +142,12 @@ impl Supervisor {
                     }
                     _ = usr2.recv() => {
                         log::info!("got SIGUSR2, resuming");
-                        if let Err(e) = control::resume(&shared, None) {
-                            log::warn!("SIGUSR2: {}", e.message);
-                        }
+                        let shared = shared.clone();
+                        actix::spawn(async move {
+                            if let Err(e) = control::resume_all(&shared, None).await {
+                                log::warn!("SIGUSR2: {}", e.message);
+                            }
+                        });
                     }
                 }
             }
@@ -164,17 +170,41 @@ impl Supervisor {
         });
     }
 
-    /// Stops accepting, then exits when `ready` says so.
-    fn shut_down_when(&mut self, ctx: &mut Context<Self>, ready: fn(&Shared) -> bool) {
+    /// Stops accepting, then exits when `ready` says so. Under WAIT_FOR_SERVERS, a client that
+    /// waits for a server is told the server is shutting down and let go, as PgBouncer does:
+    /// the pools are paused, so it would wait for nothing.
+    fn shut_down_when(&mut self, ctx: &mut Context<Self>, mode: ShutdownMode, ready: fn(&Shared) -> bool) {
         for listener in self.accepting.drain(..) {
             listener.do_send(StopAccepting);
         }
-        ctx.run_interval(SHUTDOWN_POLL, move |supervisor, _| {
+        let poll = ctx.run_interval(SHUTDOWN_POLL, move |supervisor, _| {
+            if mode == ShutdownMode::WaitForServers {
+                for client in supervisor.shared.census.clients() {
+                    if client.state() == ClientState::Waiting {
+                        client
+                            .session
+                            .do_send(Kill(PgError::fatal(sqlstate::ADMIN_SHUTDOWN, "server shutting down")));
+                    }
+                }
+            }
             if ready(&supervisor.shared) {
                 log::info!("shutdown complete");
                 System::current().stop();
             }
         });
+        self.shutdown = Some((mode, poll));
+    }
+
+    /// Starts a Listener actor for each socket, on the worker it belongs to.
+    fn start_listeners(&mut self, listeners: Vec<Vec<BoundListener>>) {
+        for (worker, listeners) in self.workers.iter().zip(listeners) {
+            for bound in listeners {
+                let shared = self.shared.clone();
+                let listener =
+                    Listener::start_in_arbiter(&worker.handle(), move |_| Listener::new(shared, bound));
+                self.accepting.push(listener);
+            }
+        }
     }
 }
 
@@ -184,17 +214,13 @@ impl Actor for Supervisor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.shared.set_supervisor(ctx.address());
         self.watch_signals(ctx);
-        for (index, listeners) in std::mem::take(&mut self.listeners).into_iter().enumerate() {
+        let listeners = std::mem::take(&mut self.listeners);
+        for index in 0..listeners.len() {
             let arbiter = Arbiter::new();
             arbiter.spawn_fn(move || set_worker_index(index));
-            for bound in listeners {
-                let shared = self.shared.clone();
-                let listener =
-                    Listener::start_in_arbiter(&arbiter.handle(), move |_| Listener::new(shared, bound));
-                self.accepting.push(listener);
-            }
             self.workers.push(arbiter);
         }
+        self.start_listeners(listeners);
         self.shared.set_worker_arbiters(self.workers.iter().map(Arbiter::handle).collect());
         log::info!("pgcorral started with {} workers", self.workers.len());
         ctx.run_interval(WATCH_PERIOD, |supervisor, _| {
@@ -218,12 +244,11 @@ impl Handler<Shutdown> for Supervisor {
     type Result = ();
 
     fn handle(&mut self, msg: Shutdown, ctx: &mut Context<Self>) {
-        if self.shutting_down || msg.0 == ShutdownMode::Now {
+        if self.shutdown.is_some() || msg.0 == ShutdownMode::Now {
             log::info!("exiting now");
             System::current().stop();
             return;
         }
-        self.shutting_down = true;
         self.shared.shutting_down.store(true, std::sync::atomic::Ordering::Relaxed);
         crate::daemon::notify_systemd("STOPPING=1");
         match msg.0 {
@@ -231,7 +256,7 @@ impl Handler<Shutdown> for Supervisor {
                 // PgBouncer's SIGINT: pause (transactions under way finish, servers close as
                 // they come back), exit once no server is left lent.
                 control::hold_all_for_shutdown(&self.shared);
-                self.shut_down_when(ctx, |shared| {
+                self.shut_down_when(ctx, msg.0, |shared| {
                     shared
                         .census
                         .servers()
@@ -240,7 +265,7 @@ impl Handler<Shutdown> for Supervisor {
                 });
             }
             ShutdownMode::WaitForClients | ShutdownMode::Now => {
-                self.shut_down_when(ctx, |shared| {
+                self.shut_down_when(ctx, msg.0, |shared| {
                     shared
                         .census
                         .clients()
@@ -249,6 +274,37 @@ impl Handler<Shutdown> for Supervisor {
                 });
             }
         }
+    }
+}
+
+/// RESUME (or SIGUSR2) during a graceful shutdown: PgBouncer cancels the shutdown. pgcorral
+/// also listens again, since a pooler that stays up without listening would serve nobody new;
+/// if its sockets cannot be bound again (another process took the port), the shutdown goes on
+/// and the caller is told why.
+#[derive(Message)]
+#[rtype(result = "Result<bool, String>")]
+pub struct CancelShutdown;
+
+impl Handler<CancelShutdown> for Supervisor {
+    /// Ok(false): no shutdown was under way.
+    type Result = Result<bool, String>;
+
+    fn handle(&mut self, _: CancelShutdown, ctx: &mut Context<Self>) -> Result<bool, String> {
+        let Some((mode, _)) = &self.shutdown else { return Ok(false) };
+        let mode = *mode;
+        let config = self.shared.config();
+        let listeners = crate::daemon::bind_listeners(&config.general, self.workers.len()).map_err(|e| {
+            log::warn!("cannot cancel the shutdown: {e}");
+            format!("cannot cancel the shutdown, the sockets cannot be bound again: {e}")
+        })?;
+        if let Some((_, poll)) = self.shutdown.take() {
+            ctx.cancel_future(poll);
+        }
+        self.start_listeners(listeners);
+        self.shared.shutting_down.store(false, std::sync::atomic::Ordering::Relaxed);
+        crate::daemon::notify_systemd("READY=1");
+        log::info!("canceling shutdown ({mode:?}): listening again");
+        Ok(true)
     }
 }
 
