@@ -6,6 +6,11 @@
 //! (ParameterStatus, BackendKeyData, ReadyForQuery), then the [`Relay`] loop until the client
 //! leaves. The actor stops when that future ends, and gives back its `max_client_conn` slot
 //! and its cancel key.
+//!
+//! During an online restart ([`super::takeover`]) it also takes [`WakeForHandover`]: its relay
+//! looks whether it is idle, and if so the session hands its client to the new process. A
+//! session started by [`ClientSession::moved_in`] is the other end: a client moved here, served
+//! from its next query without a login.
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -20,16 +25,19 @@ use crate::actors::console::Console;
 use crate::actors::control::ADMIN_DATABASES;
 use crate::actors::messages::{CancelQuery, Kill};
 use crate::actors::registry::Shared;
-use crate::actors::relay::{send_cancel, CancelState, Control, Relay};
+use crate::actors::relay::{send_cancel, CancelState, Control, HandedOver, Relay, RelayEnd};
 use crate::actors::replication::{self, Replication, ReplicationPipe};
 use crate::actors::router::local_router;
+use crate::actors::takeover::{self, WakeForHandover};
 use crate::local_queue::{local_queue, LocalReceiver, LocalSender};
-use crate::net::{Endpoint, Socket};
+use crate::net::{Endpoint, Framed, Socket};
 use crate::params::TrackedParams;
 use crate::protocol::backend;
-use crate::protocol::cancel_key::KeyId;
+use crate::protocol::cancel_key::{KeyId, SecretKey};
 use crate::protocol::error::sqlstate;
+use crate::protocol::prepared::ClientStatements;
 use crate::protocol::PgError;
+use crate::takeover::{MovedClient, MovedStatement, ParamSet};
 
 pub struct ClientSession {
     shared: Arc<Shared>,
@@ -43,6 +51,8 @@ pub struct ClientSession {
     counted: Rc<std::cell::RefCell<Option<(String, String)>>>,
     /// This client in the census (SHOW CLIENTS), from the moment it connected.
     entry: Option<Arc<ClientEntry>>,
+    /// A client moved here by an online restart, with what its session held.
+    moved: Option<Box<MovedClient>>,
 }
 
 impl ClientSession {
@@ -58,7 +68,15 @@ impl ClientSession {
             cancel_key: Rc::default(),
             counted: Rc::default(),
             entry: None,
+            moved: None,
         }
+    }
+
+    /// A client the process this one took over from handed over, idle between transactions.
+    pub fn moved_in(shared: Arc<Shared>, socket: Socket, moved: Box<MovedClient>) -> ClientSession {
+        let mut session = ClientSession::new(shared, socket);
+        session.moved = Some(moved);
+        session
     }
 }
 
@@ -86,12 +104,19 @@ impl Actor for ClientSession {
         };
         // Two futures, one after the other, so that an idle session keeps only the relay's
         // state, not the login's.
-        let login = session.login(socket, control_rx);
+        let login: std::pin::Pin<Box<dyn std::future::Future<Output = _>>> = match self.moved.take() {
+            Some(moved) => Box::pin(session.moved_in(socket, control_rx, moved)),
+            None => Box::pin(session.login(socket, control_rx)),
+        };
         ctx.spawn(wrap_future(login).map(|serve, session: &mut Self, ctx: &mut Context<Self>| match serve {
             Ok(Serve::Relay(relay)) => {
                 let run = relay.run();
                 log::trace!("relay future: {} bytes", std::mem::size_of_val(&run));
-                ctx.spawn(wrap_future(run).map(|reason, session: &mut Self, ctx: &mut Context<Self>| {
+                ctx.spawn(wrap_future(run).map(|end, session: &mut Self, ctx: &mut Context<Self>| {
+                    let reason = match end {
+                        RelayEnd::Closed(reason) => reason,
+                        RelayEnd::Moved(handed) => session.move_out(*handed),
+                    };
                     session.closing(&reason);
                     ctx.stop()
                 }));
@@ -150,6 +175,56 @@ impl Drop for ClientSession {
         if let Some(entry) = &self.entry {
             self.shared.census.leave_client(entry.id);
         }
+    }
+}
+
+impl ClientSession {
+    /// Hands the client to the new process: its socket, and what its session holds. Returns
+    /// what the log says of it.
+    fn move_out(&mut self, handed: HandedOver) -> String {
+        let HandedOver { client, params, initial_params, statements } = handed;
+        let (Some(entry), Some(key)) = (&self.entry, self.cancel_key.get()) else {
+            return "online restart: a client without a login cannot move".into();
+        };
+        let (Some(login), Some(secret)) = (entry.login(), self.shared.cancel_secret(key)) else {
+            return "online restart: a client without a login cannot move".into();
+        };
+        let set =
+            |p: &TrackedParams| ParamSet { reported: p.reported().to_vec(), session: p.session().to_vec() };
+        let moved = MovedClient {
+            database: login.database.clone(),
+            user: login.user.clone(),
+            application_name: entry.application_name(),
+            process_id: key.process_id,
+            secret_key: secret.as_bytes().to_vec(),
+            params: set(&params),
+            initial_params: set(&initial_params),
+            statements: statements
+                .entries()
+                .map(|(name, def)| MovedStatement {
+                    name: name.to_string(),
+                    query: def.query.clone(),
+                    param_types: def.param_types.clone(),
+                })
+                .collect(),
+        };
+        let sent = client
+            .socket
+            .detach()
+            .map_err(|e| e.to_string())
+            .and_then(|socket| takeover::send_moved(moved, socket));
+        match sent {
+            Ok(()) => "moved to the new process (online restart)".into(),
+            Err(e) => format!("online restart: could not move ({e})"),
+        }
+    }
+}
+
+impl Handler<WakeForHandover> for ClientSession {
+    type Result = ();
+
+    fn handle(&mut self, _: WakeForHandover, _: &mut Context<Self>) {
+        self.control.send(Control::HandOver);
     }
 }
 
@@ -222,6 +297,73 @@ struct Session {
     admitted: Rc<std::cell::Cell<bool>>,
     cancel_key: Rc<std::cell::Cell<Option<KeyId>>>,
     counted: Rc<std::cell::RefCell<Option<(String, String)>>>,
+}
+
+impl Session {
+    /// A client moved here by an online restart: counted, filed under its own cancel key, and
+    /// served by a relay that starts with its parameters and statements, without a login.
+    async fn moved_in(
+        self,
+        socket: Socket,
+        control_rx: LocalReceiver<Control>,
+        moved: Box<MovedClient>,
+    ) -> Result<Serve, Option<String>> {
+        let MovedClient {
+            database,
+            user,
+            application_name,
+            process_id,
+            secret_key,
+            params,
+            initial_params,
+            statements,
+        } = *moved;
+        let mut conn = Framed::new(socket);
+        // The process it comes from admitted it: no limit turns it away now.
+        self.shared.count_moved_client(&database, &user);
+        self.admitted.set(true);
+        self.counted.replace(Some((database.clone(), user.clone())));
+        let statements =
+            ClientStatements::restore(statements.into_iter().map(|s| (s.name, s.query, s.param_types)));
+        let member = self.shared.pool(&database, &user);
+        let (member, statements) = match (member, statements) {
+            (Ok(member), Ok(statements)) => (member, statements),
+            (Err(error), _) => {
+                error.encode(&mut conn.outbox);
+                conn.say_goodbye().await;
+                return Err(Some(error.message));
+            }
+            (_, Err(error)) => return Err(Some(error.to_string())),
+        };
+        let pool = member.pool().clone();
+        self.entry.logged_in(
+            ClientLogin { database, user, pool: Some(pool.clone()), replication: Replication::None },
+            &application_name,
+        );
+        if self.shared.config().general.log_connections {
+            log::info!("{} moved in from the process this one took over from", self.entry.describe());
+        }
+        if let Some(key) = SecretKey::from_bytes(&secret_key)
+            .and_then(|secret| self.shared.adopt_cancel_key(self.me.clone(), process_id, secret))
+        {
+            self.cancel_key.set(Some(key));
+        }
+        let config = self.shared.config();
+        let mut relay = Relay::new(
+            conn,
+            member,
+            local_router(&pool),
+            TrackedParams::default(),
+            self.cancel.clone(),
+            control_rx,
+            config.general.max_packet_size,
+            self.entry.clone(),
+        );
+        let params = TrackedParams::from_parts(params.reported, params.session).share(&pool.shared_params);
+        let initial = TrackedParams::from_parts(initial_params.reported, initial_params.session);
+        relay.restore(params, initial, statements);
+        Ok(Serve::Relay(relay))
+    }
 }
 
 /// Why a login was cut short.

@@ -118,7 +118,8 @@ impl Console {
                 Ok(Input::Data(0)) | Err(_) => return,
                 Ok(Input::Data(_)) => {}
                 Ok(Input::Control(Control::Kill(error))) => return self.last_words(&error).await,
-                Ok(Input::Control(Control::CancelDelivered)) => continue,
+                // The console stays in the old process until it exits.
+                Ok(Input::Control(Control::CancelDelivered | Control::HandOver)) => continue,
             }
             loop {
                 let frame = match frame_at(&self.conn.inbox, MAX_CONSOLE_MESSAGE) {

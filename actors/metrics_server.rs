@@ -33,6 +33,19 @@ impl MetricsServer {
     }
 }
 
+/// Stop serving: the socket went to a new process (online restart).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopServing;
+
+impl Handler<StopServing> for MetricsServer {
+    type Result = ();
+
+    fn handle(&mut self, _: StopServing, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
 impl Actor for MetricsServer {
     type Context = Context<Self>;
 

@@ -20,3 +20,4 @@ pub mod router;
 pub mod server;
 pub mod server_open;
 pub mod supervisor;
+pub mod takeover;

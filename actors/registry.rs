@@ -480,6 +480,14 @@ impl Shared {
         Ok(())
     }
 
+    /// Counts a client moved here by an online restart: the process it comes from admitted it,
+    /// so no limit turns it away now.
+    pub fn count_moved_client(&self, database: &str, user: &str) {
+        self.clients.fetch_add(1, Ordering::AcqRel);
+        *self.clients_per_db.lock().entry(database.to_string()).or_default() += 1;
+        *self.clients_per_user.lock().entry(user.to_string()).or_default() += 1;
+    }
+
     pub fn login_left(&self, database: &str, user: &str) {
         for (map, key) in [(&self.clients_per_db, database), (&self.clients_per_user, user)] {
             let mut map = map.lock();
@@ -529,6 +537,25 @@ impl Shared {
         }
     }
 
+    /// Files the key a client moved from the process this one took over from kept there: its
+    /// driver will cancel with it. (A clash with a key given out here is a 1 in 2^45 chance;
+    /// the moved client's key wins, as the other client may cancel no more than a stranger.)
+    pub fn adopt_cancel_key(
+        &self,
+        client: Addr<ClientSession>,
+        process_id: i32,
+        secret_key: SecretKey,
+    ) -> Option<KeyId> {
+        let id = KeyId::of(process_id, secret_key.as_bytes())?;
+        self.cancel_keys.lock().insert(id, CancelEntry { secret_key, client });
+        Some(id)
+    }
+
+    /// The whole secret of a key this process filed, for a client that moves on.
+    pub fn cancel_secret(&self, id: KeyId) -> Option<SecretKey> {
+        self.cancel_keys.lock().get(&id).map(|entry| entry.secret_key.clone())
+    }
+
     pub fn forget_cancel_key(&self, id: KeyId) {
         self.cancel_keys.lock().remove(&id);
     }
@@ -539,7 +566,12 @@ impl Shared {
     pub async fn cancel(&self, process_id: i32, secret_key: &[u8]) {
         let config = self.config();
         match route(process_id, secret_key, config.general.peer_id) {
-            CancelRoute::Local(secret) => self.cancel_here(process_id, &secret),
+            CancelRoute::Local(secret) => {
+                if !self.cancel_here(process_id, &secret) {
+                    // During an online restart, the client may still be in the old process.
+                    crate::actors::takeover::forward_cancel_to_predecessor(process_id, &secret);
+                }
+            }
             CancelRoute::Exhausted { peer_id } => {
                 log::info!("cancel request for peer {peer_id} dropped: already forwarded 3 times")
             }
@@ -566,12 +598,19 @@ impl Shared {
         }
     }
 
-    fn cancel_here(&self, process_id: i32, secret_key: &[u8]) {
-        let Some(id) = KeyId::of(process_id, secret_key) else { return };
+    /// Whether the key is one of this process's (and so its client's query was cancelled).
+    pub fn cancel_here(&self, process_id: i32, secret_key: &[u8]) -> bool {
+        let Some(id) = KeyId::of(process_id, secret_key) else { return false };
         let keys = self.cancel_keys.lock();
         match keys.get(&id) {
-            Some(entry) if entry.secret_key.matches(secret_key) => entry.client.do_send(CancelQuery),
-            _ => log::debug!("cancel request with an unknown key ignored"),
+            Some(entry) if entry.secret_key.matches(secret_key) => {
+                entry.client.do_send(CancelQuery);
+                true
+            }
+            _ => {
+                log::debug!("cancel request with an unknown key ignored");
+                false
+            }
         }
     }
 }

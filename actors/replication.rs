@@ -116,7 +116,17 @@ impl ReplicationPipe {
             return format!("server gone: {e}");
         }
         let copy = tokio::io::copy_bidirectional(&mut self.client.socket, &mut self.server.socket);
-        let control = poll_fn(|cx| self.control_rx.poll_recv(cx));
+        // A replication client holds its server for its whole life: it stays through an
+        // online restart, so a handover nudge changes nothing.
+        let control_rx = &mut self.control_rx;
+        let control = async move {
+            loop {
+                match poll_fn(|cx| control_rx.poll_recv(cx)).await {
+                    Control::HandOver => continue,
+                    other => return other,
+                }
+            }
+        };
         let reason = tokio::select! {
             copied = copy => match copied {
                 Ok((up, down)) => format!("replication connection closed ({up} bytes sent, {down} received)"),
@@ -129,7 +139,7 @@ impl ReplicationPipe {
                     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.client.socket.write_all(&buf)).await;
                     error.message
                 }
-                Control::CancelDelivered => "replication connection ended".into(),
+                Control::CancelDelivered | Control::HandOver => "replication connection ended".into(),
             },
         };
         let _ = self.server.socket.shutdown().await;

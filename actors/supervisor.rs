@@ -17,6 +17,7 @@
 //! not, and a dead Router is replaced on its worker by the next client or server that needs it
 //! ([`crate::actors::router::live_router`]).
 
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,14 +31,16 @@ use crate::actors::control;
 use crate::actors::inspect;
 use crate::actors::listener::{BoundListener, Listener, StopAccepting};
 use crate::actors::messages::{Kill, Reload, Shutdown};
-use crate::actors::metrics_server::MetricsServer;
+use crate::actors::metrics_server::{MetricsServer, StopServing};
 use crate::actors::registry::Shared;
 use crate::actors::router::set_worker_index;
+use crate::actors::takeover::{self, BeginHandover};
 use crate::admin::command::ShutdownMode;
 use crate::config::{self, Config};
 use crate::protocol::error::sqlstate;
 use crate::protocol::PgError;
 use crate::stats;
+use crate::takeover::ListenerKind;
 
 /// The signals the daemon handles, installed before anything else happens: until a handler
 /// exists, a SIGHUP or SIGTERM would kill the process and leave its pidfile behind.
@@ -83,6 +86,15 @@ pub struct Supervisor {
     shutdown: Option<(ShutdownMode, SpawnHandle)>,
     /// `metrics_addr`'s socket, until the MetricsServer takes it.
     metrics: Option<std::net::TcpListener>,
+    metrics_server: Option<Addr<MetricsServer>>,
+    /// A second descriptor of every listening socket, for an online restart to hand over
+    /// (the same socket, so its accept queue goes with it). Dropped when a shutdown begins,
+    /// or the sockets would stay open, queueing connections nobody accepts.
+    handover_fds: Vec<(ListenerKind, OwnedFd)>,
+    /// The takeover socket a later `pgcorral -R` connects to, and its path.
+    takeover_socket: Option<(std::os::unix::net::UnixListener, PathBuf)>,
+    /// Started with `-R`: the process taken over from, whose clients are on their way.
+    inherited: Option<takeover::Inherited>,
 }
 
 impl Supervisor {
@@ -101,8 +113,24 @@ impl Supervisor {
             workers: Vec::new(),
             accepting: Vec::new(),
             shutdown: None,
+            metrics_server: None,
+            handover_fds: Vec::new(),
+            takeover_socket: None,
+            inherited: None,
             metrics,
         }
+    }
+
+    /// The online restart's two ends: the socket a later `-R` takes this process over by, and
+    /// (started with `-R`) the process this one takes over from.
+    pub fn with_takeover(
+        mut self,
+        socket: Option<(std::os::unix::net::UnixListener, PathBuf)>,
+        inherited: Option<takeover::Inherited>,
+    ) -> Supervisor {
+        self.takeover_socket = socket;
+        self.inherited = inherited;
+        self
     }
 
     fn watch_signals(&mut self, ctx: &mut Context<Self>) {
@@ -177,6 +205,7 @@ impl Supervisor {
         for listener in self.accepting.drain(..) {
             listener.do_send(StopAccepting);
         }
+        self.handover_fds.clear();
         let poll = ctx.run_interval(SHUTDOWN_POLL, move |supervisor, _| {
             if mode == ShutdownMode::WaitForServers {
                 for client in supervisor.shared.census.clients() {
@@ -199,6 +228,14 @@ impl Supervisor {
     fn start_listeners(&mut self, listeners: Vec<Vec<BoundListener>>) {
         for (worker, listeners) in self.workers.iter().zip(listeners) {
             for bound in listeners {
+                let dup = match &bound {
+                    BoundListener::Tcp(l) => l.try_clone().map(|l| (ListenerKind::Tcp, OwnedFd::from(l))),
+                    BoundListener::Unix(l) => l.try_clone().map(|l| (ListenerKind::Unix, OwnedFd::from(l))),
+                };
+                match dup {
+                    Ok(dup) => self.handover_fds.push(dup),
+                    Err(e) => log::warn!("an online restart could not take over a listening socket: {e}"),
+                }
                 let shared = self.shared.clone();
                 let listener =
                     Listener::start_in_arbiter(&worker.handle(), move |_| Listener::new(shared, bound));
@@ -222,6 +259,13 @@ impl Actor for Supervisor {
         }
         self.start_listeners(listeners);
         self.shared.set_worker_arbiters(self.workers.iter().map(Arbiter::handle).collect());
+        if let Some(inherited) = self.inherited.take() {
+            inherited
+                .receive_clients(self.shared.clone(), self.workers.iter().map(Arbiter::handle).collect());
+        }
+        if let Some((listener, path)) = self.takeover_socket.take() {
+            takeover::serve(listener, path, self.shared.clone(), ctx.address());
+        }
         log::info!("pgcorral started with {} workers", self.workers.len());
         ctx.run_interval(WATCH_PERIOD, |supervisor, _| {
             supervisor.shared.revive_pools();
@@ -229,7 +273,10 @@ impl Actor for Supervisor {
         });
         self.stats_tick(ctx);
         if let Some(listener) = self.metrics.take() {
-            MetricsServer::new(self.shared.clone(), listener).start();
+            if let Ok(dup) = listener.try_clone() {
+                self.handover_fds.push((ListenerKind::Metrics, OwnedFd::from(dup)));
+            }
+            self.metrics_server = Some(MetricsServer::new(self.shared.clone(), listener).start());
         }
     }
 
@@ -291,6 +338,9 @@ impl Handler<CancelShutdown> for Supervisor {
 
     fn handle(&mut self, _: CancelShutdown, ctx: &mut Context<Self>) -> Result<bool, String> {
         let Some((mode, _)) = &self.shutdown else { return Ok(false) };
+        if takeover::handing_over() {
+            return Err("a new process took over; its clients are moving there".into());
+        }
         let mode = *mode;
         let config = self.shared.config();
         let listeners = crate::daemon::bind_listeners(&config.general, self.workers.len()).map_err(|e| {
@@ -305,6 +355,47 @@ impl Handler<CancelShutdown> for Supervisor {
         crate::daemon::notify_systemd("READY=1");
         log::info!("canceling shutdown ({mode:?}): listening again");
         Ok(true)
+    }
+}
+
+/// A new process takes over (`pgcorral -R`): it gets the listening sockets, this process stops
+/// accepting, and exits once every client that can move has moved (the others, which hold a
+/// server for their whole session, finish here first).
+impl Handler<BeginHandover> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: BeginHandover, ctx: &mut Context<Self>) {
+        if self.shutdown.is_some() {
+            let _ = msg.reply.send(Err("the running process is shutting down".into()));
+            return;
+        }
+        let fds = std::mem::take(&mut self.handover_fds);
+        if msg.reply.send(Ok(fds)).is_err() {
+            return;
+        }
+        if let Some(metrics) = self.metrics_server.take() {
+            metrics.do_send(StopServing);
+        }
+        self.shared.shutting_down.store(true, std::sync::atomic::Ordering::Relaxed);
+        crate::daemon::notify_systemd("STOPPING=1");
+        for listener in self.accepting.drain(..) {
+            listener.do_send(StopAccepting);
+        }
+        let poll = ctx.run_interval(SHUTDOWN_POLL, |supervisor, ctx| {
+            let left =
+                supervisor.shared.census.clients().iter().any(|c| c.login().is_none_or(|l| l.pool.is_some()));
+            if !left {
+                if let Some((_, poll)) = supervisor.shutdown.take() {
+                    ctx.cancel_future(poll);
+                }
+                // The takeover thread stops the system once the new process has heard.
+                if !takeover::finish() {
+                    log::info!("shutdown complete");
+                    System::current().stop();
+                }
+            }
+        });
+        self.shutdown = Some((ShutdownMode::WaitForClients, poll));
     }
 }
 

@@ -233,7 +233,6 @@ pub struct Pidfile(PathBuf);
 
 impl Pidfile {
     pub fn create(path: &Path) -> Result<Pidfile, DaemonError> {
-        let err = |source| DaemonError::Pidfile { path: path.display().to_string(), source };
         if let Ok(text) = fs::read_to_string(path) {
             if let Ok(pid) = text.trim().parse::<i32>() {
                 // SAFETY: kill with signal 0 only checks that the process exists.
@@ -242,14 +241,27 @@ impl Pidfile {
                 }
             }
         }
+        Self::replace(path)
+    }
+
+    /// Writes this process's pid over whatever is there: an online restart takes the file
+    /// over from the running process.
+    pub fn replace(path: &Path) -> Result<Pidfile, DaemonError> {
+        let err = |source| DaemonError::Pidfile { path: path.display().to_string(), source };
         fs::write(path, format!("{}\n", std::process::id())).map_err(err)?;
         Ok(Pidfile(path.to_path_buf()))
     }
 }
 
 impl Drop for Pidfile {
+    /// Removes the file only while it names this process: after an online restart it names the
+    /// new one.
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
+        let ours =
+            fs::read_to_string(&self.0).is_ok_and(|text| text.trim() == std::process::id().to_string());
+        if ours {
+            let _ = fs::remove_file(&self.0);
+        }
     }
 }
 

@@ -61,6 +61,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("admin_command", admin_command),
     ("query", query),
     ("session", session),
+    ("takeover", takeover),
 ];
 
 /// The untagged first packet; the `options` parameter of a StartupMessage goes on to its parser.
@@ -578,6 +579,25 @@ pub fn admin_command(data: &[u8]) {
             let _ = command.read_only();
         }
         Err(e) => display(e),
+    }
+}
+
+/// The messages of an online restart's takeover socket, as the new process reads the old
+/// one's (and back): each message read must write back as the same bytes' meaning, and a
+/// malformed or cut stream must end in an error or a wait, never a panic or a huge allocation.
+pub fn takeover(data: &[u8]) {
+    let mut rest = data;
+    loop {
+        match crate::takeover::Message::decode(rest) {
+            Ok(Some((message, len))) => {
+                assert!(len > 0 && len <= rest.len());
+                let again = crate::takeover::Message::decode(&message.encode());
+                assert_eq!(again.map(|m| m.map(|(m, _)| m)), Ok(Some(message)));
+                rest = &rest[len..];
+            }
+            Ok(None) => return,
+            Err(e) => return display(e),
+        }
     }
 }
 

@@ -18,6 +18,7 @@ pub mod params;
 pub mod protocol;
 pub mod session;
 pub mod stats;
+pub mod takeover;
 pub mod tls;
 pub mod version;
 

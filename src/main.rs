@@ -10,6 +10,7 @@ use clap::{ArgAction, Parser};
 
 use pgcorral::actors::registry::Shared;
 use pgcorral::actors::supervisor::{Signals, Supervisor};
+use pgcorral::actors::takeover;
 use pgcorral::config::Config;
 use pgcorral::{daemon, logging, version};
 
@@ -32,6 +33,10 @@ struct Args {
     /// Switch to this user at start-up
     #[arg(short = 'u', long = "user")]
     user: Option<String>,
+    /// Online restart: take over the listening sockets and the clients of the pgcorral running
+    /// with this configuration (found through unix_socket_dir), which then exits
+    #[arg(short = 'R', long = "reboot")]
+    reboot: bool,
     /// Check the configuration file and exit (0 if valid, 1 if not)
     #[arg(long = "check")]
     check: bool,
@@ -86,9 +91,28 @@ fn run(
     }
     daemon::raise_file_limit(daemon::files_needed(&config));
     let workers = general.workers.max(1);
-    // Bind before detaching so that an address in use is reported on the terminal.
-    let listeners = daemon::bind_listeners(&general, workers)?;
-    let metrics = daemon::bind_metrics(&general)?;
+    // Bind (or take over) before detaching so that an address in use is reported on the
+    // terminal.
+    let mut inherited = match args.reboot {
+        true => Some(takeover::take_over(&general)?),
+        false => None,
+    };
+    let (listeners, metrics) = match &mut inherited {
+        Some(inherited) => {
+            log::info!("took over the listening sockets of the running process; its clients follow");
+            let metrics = match inherited.metrics.take() {
+                Some(metrics) => Some(metrics),
+                None => daemon::bind_metrics(&general)?,
+            };
+            (inherited.listeners(workers), metrics)
+        }
+        None => (daemon::bind_listeners(&general, workers)?, daemon::bind_metrics(&general)?),
+    };
+    // Where the next online restart will find this process.
+    let takeover_socket = match takeover::bind(&general)? {
+        Some(listener) => takeover::socket_path(&general).map(|path| (listener, path)),
+        None => None,
+    };
     if args.daemon {
         daemon::detach()?;
     }
@@ -97,6 +121,7 @@ fn run(
     // without one.
     let signals = system.block_on(async { Signals::install() })?;
     let _pidfile = match &general.pidfile {
+        Some(path) if args.reboot => Some(daemon::Pidfile::replace(path)?),
         Some(path) => Some(daemon::Pidfile::create(path)?),
         None => None,
     };
@@ -104,7 +129,9 @@ fn run(
     let config_path = std::fs::canonicalize(&args.config).unwrap_or(args.config);
     system.block_on(async move {
         let shared = Arc::new(Shared::new(config, workers, Arbiter::current()));
-        Supervisor::new(shared, signals, config_path, listeners, metrics).start();
+        Supervisor::new(shared, signals, config_path, listeners, metrics)
+            .with_takeover(takeover_socket, inherited)
+            .start();
     });
     // The sockets are bound and the workers started: connections are accepted from now on.
     daemon::notify_systemd(&format!("READY=1\nSTATUS=listening on port {}", general.listen_port));

@@ -101,6 +101,16 @@ impl TrackedParams {
         self
     }
 
+    /// The reported values, as an online restart carries them (with [`Self::session`]).
+    pub fn reported(&self) -> &[(String, String)] {
+        &self.values
+    }
+
+    /// The values a client had in the process that handed it over.
+    pub fn from_parts(reported: Vec<(String, String)>, session: Vec<(String, String)>) -> TrackedParams {
+        TrackedParams { values: Arc::new(reported), session: Arc::new(sorted_session(session)) }
+    }
+
     /// True when both are the very same shared set of values (not merely equal ones).
     pub fn same_set(&self, other: &TrackedParams) -> bool {
         Arc::ptr_eq(&self.values, &other.values) && Arc::ptr_eq(&self.session, &other.session)

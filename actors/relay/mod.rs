@@ -39,7 +39,7 @@ use crate::admin::resultset::command_complete;
 use crate::auth::{server_error, BackendLoginError};
 use crate::config::PoolMode;
 use crate::local_queue::LocalReceiver;
-use crate::net::{Framed, ServerAddr};
+use crate::net::{Framed, ServerAddr, Socket};
 use crate::params::TrackedParams;
 use crate::protocol::backend::{parameter_status, parse_parameter_status, ready_for_query};
 use crate::protocol::error::sqlstate;
@@ -72,6 +72,8 @@ pub enum Control {
     Kill(PgError),
     /// A cancel request for this client has been delivered to PostgreSQL.
     CancelDelivered,
+    /// An online restart began: move to the new process once idle between transactions.
+    HandOver,
 }
 
 struct Lease {
@@ -104,6 +106,8 @@ enum Event {
     ClientGone,
     ServerGone,
     Control(Control),
+    /// Idle between transactions while a new process takes over.
+    HandOver,
 }
 
 /// Why the loop ended; decides what is sent to the client and what happens to a leased server.
@@ -115,6 +119,24 @@ enum Ending {
     /// Tell the client, then close it.
     Error(PgError),
     ServerLost,
+    /// Idle while a new process takes over: the client moves there.
+    HandedOver,
+}
+
+/// A relay that ended because its client moves to a new process (`pgcorral -R`): its socket
+/// and everything its session holds.
+pub struct HandedOver {
+    pub client: Framed,
+    pub params: TrackedParams,
+    pub initial_params: TrackedParams,
+    pub statements: ClientStatements,
+}
+
+/// How a relay ended.
+pub enum RelayEnd {
+    /// The client is gone, for this reason (PgBouncer's words, for the log).
+    Closed(String),
+    Moved(Box<HandedOver>),
 }
 
 pub struct Relay {
@@ -219,33 +241,53 @@ impl Relay {
         }
     }
 
+    /// Nothing under way: no server, nothing buffered or half-sent either way, no cancel on
+    /// its way. Only then can the client move to another process without a byte lost.
+    fn between_transactions(&self) -> bool {
+        self.lease.is_none()
+            && self.session.phase() == Phase::Idle
+            && self.session.tracker().idle()
+            && self.client.inbox.is_empty()
+            && self.client.outbox.is_empty()
+            && self.client_passthrough == 0
+            && self.cancel.in_flight.get() == 0
+    }
+
     /// Queues bytes for the client (the login phase's welcome messages).
     pub fn queue_to_client(&mut self, bytes: &[u8]) {
         self.client.outbox.extend_from_slice(bytes);
     }
 
-    /// Runs until the client leaves or is disconnected; the leased server, if any, goes back
-    /// to its actor in a state that is safe for the next client.
-    /// Returns why the session ended, in PgBouncer's words for its log.
-    pub async fn run(mut self) -> String {
+    /// Runs until the client leaves or is disconnected, or moves to a new process; the leased
+    /// server, if any, goes back to its actor in a state that is safe for the next client.
+    pub async fn run(mut self) -> RelayEnd {
         let ending = self.serve().await;
+        if matches!(ending, Ending::HandedOver) {
+            return RelayEnd::Moved(Box::new(HandedOver {
+                client: self.client,
+                params: self.params,
+                initial_params: self.initial_params,
+                statements: self.statements,
+            }));
+        }
         let after = self.session.on_exit(self.wire(), matches!(ending, Ending::ServerLost));
         if let Some(lease) = self.lease.take() {
             self.cancel.target.replace(None);
             self.give_back(lease, after);
         }
         let goodbye = match ending {
-            Ending::Terminated => return "client close request".into(),
-            Ending::ClientLeft => return "client unexpected eof".into(),
+            Ending::Terminated => return RelayEnd::Closed("client close request".into()),
+            Ending::ClientLeft => return RelayEnd::Closed("client unexpected eof".into()),
             Ending::Error(e) => e,
             Ending::ServerLost => PgError::fatal(sqlstate::CONNECTION_FAILURE, "server conn crashed?"),
+            Ending::HandedOver => unreachable!("returned above"),
         };
         if self.settings.1.log_pooler_errors {
             log::warn!("{} pooler error: {}", self.entry.describe(), goodbye.message);
         }
         goodbye.encode(&mut self.client.outbox);
         self.client.say_goodbye().await;
-        goodbye.message
+        RelayEnd::Closed(goodbye.message)
     }
 
     async fn serve(&mut self) -> Ending {
@@ -291,6 +333,17 @@ impl Relay {
                     self.maybe_release();
                     Ok(())
                 }
+                // Woken to look: poll_event says when it is idle.
+                Event::Control(Control::HandOver) => Ok(()),
+                // A TLS session's keys stay in this process's OpenSSL: such a client cannot
+                // move, and is let go between transactions, where its driver reconnects.
+                Event::HandOver if matches!(self.client.socket, Socket::ClientTls(_)) => {
+                    return Ending::Error(PgError::fatal(
+                        sqlstate::ADMIN_SHUTDOWN,
+                        "pgcorral is restarting; reconnect (TLS sessions cannot move)",
+                    ))
+                }
+                Event::HandOver => return Ending::HandedOver,
             };
             if let Err(ending) = step {
                 return ending;
@@ -321,6 +374,9 @@ impl Relay {
         }
         if let Poll::Ready(control) = self.control.poll_recv(cx) {
             return Poll::Ready(Event::Control(control));
+        }
+        if crate::actors::takeover::handing_over() && self.between_transactions() {
+            return Poll::Ready(Event::HandOver);
         }
         if let Some((_, sleep)) = &mut self.timer {
             if sleep.as_mut().poll(cx).is_ready() {
@@ -367,6 +423,15 @@ impl Relay {
     /// Sends what is queued for the client and ends the session (a login that failed late).
     pub async fn run_closing(mut self) {
         self.client.say_goodbye().await;
+    }
+
+    /// A client moved here by an online restart: its parameters now and as it logged in (where
+    /// `RESET` takes it), and its prepared statements.
+    pub fn restore(&mut self, params: TrackedParams, initial: TrackedParams, statements: ClientStatements) {
+        self.params = params;
+        self.initial_params = initial;
+        self.params_confirmed = false;
+        self.statements = statements;
     }
 
     pub fn set_params(&mut self, params: TrackedParams) {

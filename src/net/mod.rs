@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
 pub mod dns;
+pub mod fd_passing;
 mod framed;
 pub use framed::{Framed, ReadError, Stream, GOODBYE_DEADLINE};
 

@@ -17,6 +17,8 @@ pub struct Pooler {
     pub port: u16,
     pub dir: PathBuf,
     child: Child,
+    /// Another process took over from this one and works in the same directory.
+    dir_taken_over: bool,
 }
 
 impl Pooler {
@@ -87,7 +89,7 @@ impl Pooler {
             .stdout(out.try_clone().expect("dup stderr.log"))
             .stderr(out);
         let child = spawn_supervised(cmd).map_err(|e| format!("spawn {}: {e}", binary().display()))?;
-        let mut pooler = Pooler { port, dir, child };
+        let mut pooler = Pooler { port, dir, child, dir_taken_over: false };
 
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -105,6 +107,40 @@ impl Pooler {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// `pgcorral -R` with the same configuration: a new process that takes over this one's
+    /// sockets and clients (this one exits once its clients have moved). Returns once the new
+    /// process holds the sockets.
+    pub fn reboot(&mut self) -> Result<Pooler, String> {
+        let out = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.join("stderr.log"))
+            .expect("open stderr.log");
+        let mut cmd = Command::new(binary());
+        cmd.arg("-v")
+            .arg("-R")
+            .arg(self.dir.join("pgcorral.ini"))
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("dup stderr.log"))
+            .stderr(out);
+        let before = self.log().matches("took over the listening sockets").count();
+        let child = spawn_supervised(cmd).map_err(|e| format!("spawn {}: {e}", binary().display()))?;
+        self.dir_taken_over = true;
+        let mut next = Pooler { port: self.port, dir: self.dir.clone(), child, dir_taken_over: false };
+        let taken = |p: &Pooler| p.log().matches("took over the listening sockets").count() > before;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !taken(&next) {
+            if let Ok(Some(status)) = next.child.try_wait() {
+                return Err(format!("pgcorral -R exited with {status}:\n{}", next.log()));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("pgcorral -R did not take over within 10 s:\n{}", next.log()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(next)
     }
 
     /// stderr.log, then the logfile named in the ini.
@@ -193,7 +229,7 @@ impl Drop for Pooler {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        if !panicking {
+        if !panicking && !self.dir_taken_over {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }

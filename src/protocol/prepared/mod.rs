@@ -114,6 +114,23 @@ impl ClientStatements {
         }
     }
 
+    /// Every statement: (client's name, definition), for an online restart to carry.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &StatementDef)> {
+        self.by_name.iter().map(|(name, def)| (name.as_str(), def.as_ref()))
+    }
+
+    /// The books of a client handed over by the process this one took over from: (name,
+    /// query, parameter types) each, within the same limit.
+    pub fn restore(
+        statements: impl IntoIterator<Item = (String, String, Vec<u8>)>,
+    ) -> Result<ClientStatements, ProtocolError> {
+        let mut books = ClientStatements::default();
+        for (name, query, param_types) in statements {
+            books.insert(name, Arc::new(StatementDef::new(query, param_types)))?;
+        }
+        Ok(books)
+    }
+
     /// `DEALLOCATE ALL`, `DISCARD ALL`.
     pub fn clear(&mut self) {
         self.by_name.clear();
