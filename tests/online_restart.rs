@@ -61,7 +61,7 @@ async fn an_idle_client_moves_with_its_session_and_the_old_process_exits() {
     assert!(took < Duration::from_secs(20), "cancelled only after {took:?}");
 }
 
-/// pgbench with 50 clients for about 12 s while pgcorral is replaced twice. Returns pgbench's
+/// pgbench with 50 clients for 30 s while pgcorral is replaced twice. Returns pgbench's
 /// report, how many clients each new process says moved in, and how many of the database's
 /// clients the last process lists in SHOW CLIENTS once it is alone.
 fn pgbench_through_two_restarts(connect_per_transaction: bool) -> (String, Vec<usize>, usize) {
@@ -77,7 +77,7 @@ fn pgbench_through_two_restarts(connect_per_transaction: bool) -> (String, Vec<u
     assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
     let mut first = Pooler::start(&ini(pg, &db), &app_userlist());
     let mut bench = Command::new(pg_bin("pgbench"));
-    bench.args(["-S", "-c", "50", "-j", "2", "-T", "12", "-n", "-h", "127.0.0.1", "-U", APP_USER, "-p"]);
+    bench.args(["-S", "-c", "50", "-j", "2", "-T", "30", "-n", "-h", "127.0.0.1", "-U", APP_USER, "-p"]);
     bench.arg(first.port.to_string()).arg(&db).env("PGPASSWORD", APP_PASSWORD);
     if connect_per_transaction {
         bench.arg("-C");
