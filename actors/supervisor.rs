@@ -34,7 +34,7 @@ use crate::actors::messages::{Kill, Reload, Shutdown};
 use crate::actors::metrics_server::{MetricsServer, StopServing};
 use crate::actors::registry::Shared;
 use crate::actors::router::set_worker_index;
-use crate::actors::takeover::{self, BeginHandover};
+use crate::actors::takeover::{self, BeginHandover, TakeBack};
 use crate::admin::command::ShutdownMode;
 use crate::config::{self, Config};
 use crate::protocol::error::sqlstate;
@@ -396,6 +396,43 @@ impl Handler<BeginHandover> for Supervisor {
             }
         });
         self.shutdown = Some((ShutdownMode::WaitForClients, poll));
+    }
+}
+
+impl Handler<TakeBack> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: TakeBack, ctx: &mut Context<Self>) {
+        if let Some((_, poll)) = self.shutdown.take() {
+            ctx.cancel_future(poll);
+        }
+        let (mut tcp, mut unix, mut metrics) = (Vec::new(), None, None);
+        for (kind, fd) in msg.0 {
+            match kind {
+                ListenerKind::Tcp => tcp.push(std::net::TcpListener::from(fd)),
+                ListenerKind::Unix => unix = Some(std::os::unix::net::UnixListener::from(fd)),
+                ListenerKind::Metrics => metrics = Some(std::net::TcpListener::from(fd)),
+            }
+        }
+        self.start_listeners(takeover::per_worker(tcp, unix, self.workers.len()));
+        if let Some(listener) = metrics {
+            if let Ok(dup) = listener.try_clone() {
+                self.handover_fds.push((ListenerKind::Metrics, OwnedFd::from(dup)));
+            }
+            self.metrics_server = Some(MetricsServer::new(self.shared.clone(), listener).start());
+        }
+        self.shared.shutting_down.store(false, std::sync::atomic::Ordering::Relaxed);
+        crate::daemon::notify_systemd("READY=1");
+        // The takeover socket's path was removed for the new process: a later -R needs it.
+        match takeover::bind(&self.shared.config().general) {
+            Ok(Some(listener)) => {
+                if let Some(path) = takeover::socket_path(&self.shared.config().general) {
+                    takeover::serve(listener, path, self.shared.clone(), ctx.address());
+                }
+            }
+            Ok(None) => {}
+            Err(e) => log::warn!("a later online restart cannot reach this process: {e}"),
+        }
     }
 }
 

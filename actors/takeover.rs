@@ -61,6 +61,43 @@ static OUTBOX: Mutex<Option<mpsc::Sender<Outgoing>>> = Mutex::new(None);
 /// In the new process, while the old one still has clients: where cancels for them go.
 static PREDECESSOR: Mutex<Option<FdChannel>> = Mutex::new(None);
 
+/// In the old process, until the new one has heard Done: the listening sockets handed over,
+/// so that if the new process dies meanwhile this one takes them back and listens again.
+static KEPT: Mutex<Option<Vec<(ListenerKind, OwnedFd)>>> = Mutex::new(None);
+
+/// The new process went away before the takeover was complete: this process listens on its
+/// sockets again, serves the clients it still has, and can be taken over again.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct TakeBack(pub Vec<(ListenerKind, OwnedFd)>);
+
+fn take_back(supervisor: &Addr<crate::actors::supervisor::Supervisor>, why: &str) {
+    let Some(listeners) = KEPT.lock().take() else { return };
+    HANDING_OVER.store(false, Ordering::Relaxed);
+    OUTBOX.lock().take();
+    log::error!("takeover failed: {why}; listening again on the sockets handed over");
+    supervisor.do_send(TakeBack(listeners));
+}
+
+/// The listening sockets per worker: each TCP socket to one worker in turn, the Unix socket to
+/// the first.
+pub fn per_worker(
+    tcp: Vec<std::net::TcpListener>,
+    unix: Option<std::os::unix::net::UnixListener>,
+    workers: usize,
+) -> Vec<Vec<crate::actors::listener::BoundListener>> {
+    use crate::actors::listener::BoundListener;
+    let mut per_worker: Vec<Vec<BoundListener>> = (0..workers.max(1)).map(|_| Vec::new()).collect();
+    let count = per_worker.len();
+    for (i, tcp) in tcp.into_iter().enumerate() {
+        per_worker[i % count].push(BoundListener::Tcp(tcp));
+    }
+    if let Some(unix) = unix {
+        per_worker[0].push(BoundListener::Unix(unix));
+    }
+    per_worker
+}
+
 /// Where the takeover socket of a configuration lives; None without `unix_socket_dir`, which
 /// an online restart needs (as PgBouncer's `-R` does).
 pub fn socket_path(general: &General) -> Option<PathBuf> {
@@ -192,16 +229,16 @@ fn hand_over(
         OUTBOX.lock().take();
         return Err(e);
     }
-    drop(listeners);
+    *KEPT.lock() = Some(listeners);
     log::info!("takeover: the new process has the listening sockets; moving clients as they become idle");
     HANDING_OVER.store(true, Ordering::Relaxed);
     wake_clients(shared);
     let reader = channel.try_clone()?;
-    let cancels = shared.clone();
+    let (cancels, watcher) = (shared.clone(), supervisor.clone());
     std::thread::Builder::new()
         .name("takeover-cancels".into())
-        .spawn(move || read_cancels(reader, cancels))?;
-    write_clients(channel, outgoing, system);
+        .spawn(move || read_cancels(reader, cancels, watcher))?;
+    write_clients(channel, outgoing, system, supervisor);
     Ok(())
 }
 
@@ -217,38 +254,54 @@ fn wake_clients(shared: &Shared) {
 #[rtype(result = "()")]
 pub struct WakeForHandover;
 
-fn write_clients(mut channel: FdChannel, outgoing: mpsc::Receiver<Outgoing>, system: &System) {
+fn write_clients(
+    mut channel: FdChannel,
+    outgoing: mpsc::Receiver<Outgoing>,
+    system: &System,
+    supervisor: &Addr<crate::actors::supervisor::Supervisor>,
+) {
     let mut moved = 0usize;
     for item in outgoing {
-        let result = match &item {
-            Outgoing::Client(client, fd) => channel.send(&Message::Client(client.clone()), &[fd.as_raw_fd()]),
-            Outgoing::Done => channel.send(&Message::Done, &[]),
-        };
-        match (result, item) {
-            (Ok(()), Outgoing::Client(..)) => moved += 1,
-            (Ok(()), Outgoing::Done) => {
+        match item {
+            Outgoing::Client(client, fd) => match channel.send(&Message::Client(client), &[fd.as_raw_fd()]) {
+                Ok(()) => moved += 1,
+                Err(e) => {
+                    // The clients that had moved went with the new process; the others stay.
+                    let why =
+                        format!("the new process stopped answering ({e}) after {moved} clients had moved");
+                    return take_back(supervisor, &why);
+                }
+            },
+            Outgoing::Done => {
+                // Taken first: once the new process has Done it may hang up at once, and the
+                // cancel reader must not mistake that for a death.
+                let kept = KEPT.lock().take();
+                if let Err(e) = channel.send(&Message::Done, &[]) {
+                    *KEPT.lock() = kept;
+                    return take_back(supervisor, &format!("the new process stopped answering ({e})"));
+                }
+                drop(kept);
                 log::info!("takeover complete: {moved} clients moved to the new process; exiting");
                 system.stop();
-                return;
-            }
-            (Err(e), _) => {
-                // The new process is gone: the clients still here stay and are served until
-                // they leave (this process no longer listens).
-                log::error!("takeover: the new process stopped answering ({e}); {moved} clients had moved");
-                HANDING_OVER.store(false, Ordering::Relaxed);
-                OUTBOX.lock().take();
                 return;
             }
         }
     }
 }
 
-fn read_cancels(mut channel: FdChannel, shared: Arc<Shared>) {
+/// Reads the new process's cancels; its end of the channel closing before it heard Done means
+/// it died.
+fn read_cancels(
+    mut channel: FdChannel,
+    shared: Arc<Shared>,
+    supervisor: Addr<crate::actors::supervisor::Supervisor>,
+) {
     while let Ok(Some((message, _))) = channel.receive() {
         if let Message::Cancel { process_id, secret_key } = message {
             shared.cancel_here(process_id, &secret_key);
         }
     }
+    take_back(&supervisor, "the new process went away");
 }
 
 /// A relay that reached idle during a takeover hands its client here. Err gives the socket
@@ -292,6 +345,11 @@ pub fn take_over(general: &General) -> Result<Inherited, TakeoverFailed> {
     let path = socket_path(general).ok_or(TakeoverFailed::NoSocketDir)?;
     let stream = UnixStream::connect(&path)
         .map_err(|source| TakeoverFailed::Connect { path: path.display().to_string(), source })?;
+    // Whoever listens there gets this process's trust (it hands over clients): it must be
+    // pgcorral running as this OS user, not a socket someone else left in a shared directory.
+    if !same_user(&stream) {
+        return Err(TakeoverFailed::Refused(format!("{} belongs to another OS user", path.display())));
+    }
     let mut channel = FdChannel::new(stream);
     channel.send(&Message::Takeover { version: VERSION }, &[])?;
     let (kinds, fds) = match channel.receive()? {
@@ -323,16 +381,7 @@ impl Inherited {
     /// The listeners per worker: each inherited TCP socket to one worker in turn, the Unix
     /// socket to the first.
     pub fn listeners(&mut self, workers: usize) -> Vec<Vec<crate::actors::listener::BoundListener>> {
-        use crate::actors::listener::BoundListener;
-        let mut per_worker: Vec<Vec<BoundListener>> = (0..workers.max(1)).map(|_| Vec::new()).collect();
-        let count = per_worker.len();
-        for (i, tcp) in self.tcp.drain(..).enumerate() {
-            per_worker[i % count].push(BoundListener::Tcp(tcp));
-        }
-        if let Some(unix) = self.unix.take() {
-            per_worker[0].push(BoundListener::Unix(unix));
-        }
-        per_worker
+        per_worker(std::mem::take(&mut self.tcp), self.unix.take(), workers)
     }
 
     /// Receives the moved clients on a thread of its own and starts a session for each on the

@@ -176,3 +176,42 @@ async fn a_session_pooling_client_stays_on_the_old_process_until_it_leaves() {
     );
     assert_eq!(first_value(&newcomer, "SELECT 2").await.unwrap(), "2");
 }
+
+/// The new process dies in the middle of the takeover: the old one takes its listening
+/// sockets back, goes on serving the client that had not moved yet (it was in a transaction),
+/// accepts new clients again, and can be taken over again later.
+#[tokio::test(flavor = "multi_thread")]
+async fn if_the_new_process_dies_the_old_one_listens_again() {
+    let pg = Postgres::shared();
+    let db = pg.create_database("reboot_dies");
+    let mut old = Pooler::start(&ini(pg, &db), &app_userlist());
+    let in_transaction = old.connect(APP_USER, APP_PASSWORD, &db).await.unwrap();
+    in_transaction.batch_execute("BEGIN").await.unwrap();
+    first_value(&in_transaction, "SELECT 1").await.unwrap();
+    let mut doomed = old.reboot().unwrap();
+    doomed.signal(libc::SIGKILL);
+    assert!(wait_until(Duration::from_secs(5), || doomed.has_exited()));
+    assert!(
+        wait_until(Duration::from_secs(5), || old
+            .log()
+            .contains("listening again on the sockets handed over")),
+        "{}",
+        old.log()
+    );
+    assert!(!old.has_exited(), "the old process stays");
+    assert_eq!(first_value(&in_transaction, "SELECT 2").await.unwrap(), "2");
+    in_transaction.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        first_value(&in_transaction, "SELECT 3").await.unwrap(),
+        "3",
+        "served here after its transaction"
+    );
+    let newcomer = old.connect(APP_USER, APP_PASSWORD, &db).await.expect("the old process accepts again");
+    assert_eq!(first_value(&newcomer, "SELECT 4").await.unwrap(), "4");
+
+    // And a later takeover works.
+    let new = old.reboot().unwrap();
+    assert!(wait_until(Duration::from_secs(10), || old.has_exited()), "{}", new.log());
+    assert_eq!(first_value(&newcomer, "SELECT 5").await.unwrap(), "5");
+    assert_eq!(first_value(&in_transaction, "SELECT 6").await.unwrap(), "6");
+}
