@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use support::console::show;
 use support::*;
+use support::{python, Certs};
 
 fn ini(pg: &Postgres, db: &str) -> String {
     pool_ini(pg, db, "pool_size=4", "transaction", &format!("admin_users = {APP_USER}"))
@@ -214,4 +215,62 @@ async fn if_the_new_process_dies_the_old_one_listens_again() {
     assert!(wait_until(Duration::from_secs(10), || old.has_exited()), "{}", new.log());
     assert_eq!(first_value(&newcomer, "SELECT 5").await.unwrap(), "5");
     assert_eq!(first_value(&in_transaction, "SELECT 6").await.unwrap(), "6");
+}
+
+/// A TLS client cannot move: its session keys live in the old process's OpenSSL. It is let go
+/// between transactions, never in the middle of one, and its driver reconnects, over TLS, to
+/// the new process; the old process does not wait for it.
+#[test]
+fn a_tls_client_is_let_go_between_transactions_and_reconnects_to_the_new_process() {
+    use std::io::{BufRead, BufReader, Write};
+    let pg = Postgres::shared();
+    let db = pg.create_database("reboot_tls");
+    let certs = Certs::make();
+    let general = format!(
+        "client_tls_sslmode = require\nclient_tls_key_file = {}\nclient_tls_cert_file = {}\n",
+        certs.server_key.display(),
+        certs.server_cert.display()
+    );
+    let mut old = Pooler::start(&pool_ini(pg, &db, "", "transaction", &general), &app_userlist());
+    let script = r#"
+import os, sys, psycopg
+dsn = f"host=127.0.0.1 port={os.environ['PORT']} user=app_user password=app-pass dbname={os.environ['DB']} sslmode=require"
+conn = psycopg.connect(dsn, autocommit=True)
+print("before", conn.execute("SELECT 1").fetchone()[0], conn.info.pgconn.ssl_in_use, flush=True)
+sys.stdin.readline()
+try:
+    conn.execute("SELECT 2")
+    print("after: still served", flush=True)
+except psycopg.Error as e:
+    print("after: let go", flush=True)
+with psycopg.connect(dsn) as again:
+    print("again", again.execute("SELECT 3").fetchone()[0], again.info.pgconn.ssl_in_use, flush=True)
+"#;
+    let path = old.dir.join("tls_client.py");
+    std::fs::write(&path, script).unwrap();
+    let mut child = Command::new(python())
+        .arg(&path)
+        .env("PORT", old.port.to_string())
+        .env("DB", &db)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "before 1 True");
+    let new = old.reboot().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || old.has_exited()),
+        "the old process waits for no TLS client\n{}",
+        new.log()
+    );
+    assert!(
+        old.log().contains("pgcorral is restarting; reconnect (TLS sessions cannot move)"),
+        "{}",
+        old.log()
+    );
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "after: let go");
+    assert_eq!(lines.next().unwrap().unwrap(), "again 3 True", "reconnected over TLS to the new process");
+    assert!(child.wait().unwrap().success());
 }
