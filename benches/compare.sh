@@ -13,7 +13,13 @@
 # while pgbench runs, scrape each pooler every second as monitoring would:
 # pgcorral's /metrics, PgBouncer's console SHOW POOLS and SHOW STATS), BASELINE (a
 # second pgcorral binary run beside the first on every pgcorral row, with a
-# pgcorral/baseline column: a change's cost measured in the same sitting).
+# pgcorral/baseline column: a change's cost measured in the same sitting), PROFILE (a
+# directory: each pooler run is recorded with `perf record -g` there, and its hottest
+# symbols written to PROFILE/<row>.<target>.txt).
+#
+# A second table gives each pooler's CPU per transaction (user and system time of the
+# daemon process, all threads, from /proc/<pid>/stat, over the transactions pgbench
+# counted): the budget that stays when CPUs get faster.
 set -euo pipefail
 
 # One line per table row: "name|pgbench args|targets[|conninfo]". -T, -n and the
@@ -41,6 +47,8 @@ ONLY=${ONLY:-}
 RAW=${RAW:-}
 SCRAPE=${SCRAPE:-0}
 BASELINE=${BASELINE:-}
+PROFILE=${PROFILE:-}
+CLK_TCK=$(getconf CLK_TCK)
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BENCH_USER=bench
 BENCH_PASSWORD=bench-pass
@@ -202,7 +210,7 @@ EOF
 # max_client_conn needs file descriptors; the poolers inherit this limit.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-declare -A PORT
+declare -A PORT PID
 PORT[direct]=$PG_PORT
 start_pooler() { # name binary
   local name=$1 bin=$2 port
@@ -221,6 +229,7 @@ start_pooler() { # name binary
   # and $! must be the daemon's own pid for the cleanup to reach it.
   "${AS_PG[@]}" "$WORK/$name.bin" "$WORK/$name.ini" </dev/null >"$WORK/$name.out" 2>&1 &
   echo $! >>"$WORK/pids"
+  PID[$name]=$!
   wait_port "$port" $! "$name"
   PORT[$name]=$port
   log "$name on port $port"
@@ -253,9 +262,15 @@ scrape_loop() { # target
   done
 }
 
-declare -A TPS LAT P99   # "workload|target" -> space-separated values, one per run
+# A process's user and system CPU so far, in clock ticks (after the last ')': the command
+# name may hold spaces).
+cpu_ticks() { # pid
+  sed 's/.*) //' "/proc/$1/stat" | awk '{print $12, $13}'
+}
+
+declare -A TPS LAT P99 CPU_USER CPU_SYS  # "workload|target" -> space-separated values, one per run
 run_pgbench() { # workload-index target
-  local name args conninfo out tps lat rc=0
+  local name args conninfo out tps lat rc=0 before= perf= row
   IFS='|' read -r name args _ conninfo <<<"${WORKLOADS[$1]}"
   args=${args//@BIGROWS@/$WORK/bigrows.sql}
   out="$WORK/run.out"
@@ -263,9 +278,33 @@ run_pgbench() { # workload-index target
   rm -f "$WORK"/txlog.*
   local scraper=
   if [[ $SCRAPE == 1 && $2 != direct ]]; then scrape_loop "$2" & scraper=$!; fi
+  row=$(printf '%s' "$name" | tr -c 'A-Za-z0-9' '_')
+  if [[ $2 != direct ]]; then
+    before=$(cpu_ticks "${PID[$2]}")
+    if [[ -n $PROFILE ]]; then
+      mkdir -p "$PROFILE"
+      perf record -q -g -F 499 -p "${PID[$2]}" -o "$PROFILE/$row.$2.data" -- sleep "$DURATION" >/dev/null 2>&1 &
+      perf=$!
+    fi
+  fi
   pgbench -n -T "$DURATION" -h 127.0.0.1 -p "${PORT[$2]}" -U "$BENCH_USER" -l --log-prefix="$WORK/txlog" \
     $args "dbname=bench $conninfo" >"$out" 2>&1 || rc=$?
   [[ -n $scraper ]] && { kill "$scraper" 2>/dev/null; wait "$scraper" 2>/dev/null || true; }
+  if [[ -n $before ]]; then
+    local after xacts
+    after=$(cpu_ticks "${PID[$2]}")
+    xacts=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out" | head -1)
+    if [[ -n $xacts && $xacts -gt 0 ]]; then
+      read -r u0 s0 <<<"$before"; read -r u1 s1 <<<"$after"
+      CPU_USER["$1|$2"]+="$(awk -v t=$((u1 - u0)) -v n="$xacts" -v hz="$CLK_TCK" 'BEGIN {printf "%.2f", t * 1e6 / hz / n}') "
+      CPU_SYS["$1|$2"]+="$(awk -v t=$((s1 - s0)) -v n="$xacts" -v hz="$CLK_TCK" 'BEGIN {printf "%.2f", t * 1e6 / hz / n}') "
+    fi
+  fi
+  if [[ -n $perf ]]; then
+    wait "$perf" 2>/dev/null || true
+    perf report -i "$PROFILE/$row.$2.data" --stdio --no-children --percent-limit 1 -g none \
+      2>/dev/null | grep -v '^#' | grep -v '^$' | head -40 >"$PROFILE/$row.$2.txt" || true
+  fi
   tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$out" | head -1)
   lat=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$out" | head -1)
   # p99 from the per-transaction log (third field: latency in microseconds).
@@ -342,4 +381,29 @@ for i in "${selected[@]}"; do
     "$(ratio "${mt[pgcorral]}" "${mt[pgbouncer]}")" "$(ratio "${mt[pgcorral]}" "${mt[direct]}")" \
     "$(fmt "${ml[direct]}" 2)" "$(fmt "${ml[pgbouncer]}" 2)" "$(fmt "${ml[pgcorral]}" 2)" \
     "$(fmt "${mp[pgbouncer]}" 2)" "$(fmt "${mp[pgcorral]}" 2)" "$(ratio "${mp[pgcorral]}" "${mp[pgbouncer]}")" "$extra"
+done
+
+echo
+echo "CPU per transaction of each pooler process (µs of user + system time, all threads, median of $RUNS runs):"
+echo
+cpu_head= cpu_rule=
+if [[ -n $BASELINE ]]; then cpu_head=" baseline user + sys | pgcorral/baseline |"; cpu_rule="---:|---:|"; fi
+echo "| workload | PgBouncer user + sys | pgcorral user + sys | pgcorral/PgBouncer |$cpu_head"
+echo "|---|---:|---:|---:|$cpu_rule"
+for i in "${selected[@]}"; do
+  IFS='|' read -r name _ _ <<<"${WORKLOADS[$i]}"
+  declare -A cu=() cs=() ct=()
+  for t in $ALL_TARGETS; do
+    [[ $t == direct ]] && continue
+    # shellcheck disable=SC2086
+    cu[$t]=$(median ${CPU_USER["$i|$t"]:-})
+    # shellcheck disable=SC2086
+    cs[$t]=$(median ${CPU_SYS["$i|$t"]:-})
+    ct[$t]=$(awk -v u="${cu[$t]}" -v s="${cs[$t]}" 'BEGIN { if (u ~ /^[0-9.]+$/ && s ~ /^[0-9.]+$/) printf "%.1f", u + s; else print "-" }')
+  done
+  cell() { [[ ${ct[$1]:-"-"} == "-" ]] && { echo "-"; return; }; echo "$(fmt "${cu[$1]}" 1) + $(fmt "${cs[$1]}" 1) = ${ct[$1]}"; }
+  extra=
+  [[ -n $BASELINE ]] && extra=" $(cell baseline) | $(ratio "${ct[pgcorral]}" "${ct[baseline]}") |"
+  printf '| %s | %s | %s | %s |%s\n' "$name" "$(cell pgbouncer)" "$(cell pgcorral)" \
+    "$(ratio "${ct[pgcorral]}" "${ct[pgbouncer]}")" "$extra"
 done
