@@ -294,7 +294,8 @@ run_pgbench() { # workload-index target
     local after xacts
     after=$(cpu_ticks "${PID[$2]}")
     xacts=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out" | head -1)
-    if [[ -n $xacts && $xacts -gt 0 ]]; then
+    # A failed run (PgBouncer 1.18 on the prepared row) has no meaningful cost per transaction.
+    if [[ $rc == 0 && -n $xacts && $xacts -gt 0 ]]; then
       read -r u0 s0 <<<"$before"; read -r u1 s1 <<<"$after"
       CPU_USER["$1|$2"]+="$(awk -v t=$((u1 - u0)) -v n="$xacts" -v hz="$CLK_TCK" 'BEGIN {printf "%.2f", t * 1e6 / hz / n}') "
       CPU_SYS["$1|$2"]+="$(awk -v t=$((s1 - s0)) -v n="$xacts" -v hz="$CLK_TCK" 'BEGIN {printf "%.2f", t * 1e6 / hz / n}') "
