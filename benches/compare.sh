@@ -37,6 +37,10 @@ WORKLOADS=(
   "select-only, client TLS|-S -c 50 -j 2|pgbouncer pgcorral|sslmode=require"
   # Large results: four 10 MB rows (stored uncompressed), selected at random by 4 clients.
   "select 10 MB rows|-f @BIGROWS@ -c 4 -j 2|direct pgbouncer pgcorral"
+  # Scale-out: two processes sharing the port with so_reuseport (pool 10 each), against one
+  # process (pool 20): PgBouncer's single thread, and pgcorral with workers = 1 and peering
+  # against one pgcorral with a worker per core. Reported in a table of its own.
+  "select-only, two processes|-S -c 50 -j 2|pgbouncer pgbouncer-x2 pgcorral pgcorral-x2"
 )
 
 RUNS=${RUNS:-3}
@@ -57,6 +61,16 @@ log() { printf '%s\n' "$*" >&2; }
 die() { log "compare.sh: $*"; exit 1; }
 
 case $AUTH in md5|trust) ;; *) die "AUTH must be md5 or trust" ;; esac
+
+selected=()
+for i in "${!WORKLOADS[@]}"; do
+  IFS='|' read -r name _ _ <<<"${WORKLOADS[$i]}"
+  [[ -z $ONLY || $name =~ $ONLY ]] && selected+=("$i")
+done
+[[ ${#selected[@]} -gt 0 ]] || die "ONLY=$ONLY matches no workload"
+# The scale-out targets run only when a selected workload names them.
+SCALE_OUT= MAIN_ROWS=
+for i in "${selected[@]}"; do if [[ ${WORKLOADS[$i]} == *-x2* ]]; then SCALE_OUT=1; else MAIN_ROWS=1; fi; done
 
 if [[ -z ${PG_BIN:-} ]]; then
   for v in 17 16 15 14 13; do
@@ -210,37 +224,57 @@ EOF
 # max_client_conn needs file descriptors; the poolers inherit this limit.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-declare -A PORT PID
+declare -A PORT PID  # PID: the target's daemon processes, space-separated
 PORT[direct]=$PG_PORT
-start_pooler() { # name binary
-  local name=$1 bin=$2 port
+# name: the target; kind: pgbouncer or pgcorral (what the ini needs); processes: how many
+# share the port with so_reuseport, splitting the pool of 20 between them.
+start_pooler() { # name binary kind [processes]
+  local name=$1 bin=$2 kind=$3 n=${4:-1} port k inst
   port=$(free_port)
-  mkdir -p "$WORK/$name"
-  sed -e "s|@PORT@|$port|" -e "s|@NAME@|$name|g" "$WORK/pgbouncer.ini.in" >"$WORK/$name.ini"
-  if [[ $name == pgcorral ]]; then
-    METRICS_PORT=$(free_port)
-    printf 'metrics_addr = 127.0.0.1:%s\n' "$METRICS_PORT" >>"$WORK/$name.ini"
-  fi
   # A copy, so that user postgres can execute it wherever the build lives.
   cp "$bin" "$WORK/$name.bin"
   chmod 755 "$WORK/$name.bin"
-  [[ $(id -u) == 0 ]] && chown -R postgres: "$WORK/$name" "$WORK/$name.ini"
-  # Not through the as_pg function: a backgrounded function is a subshell,
-  # and $! must be the daemon's own pid for the cleanup to reach it.
-  "${AS_PG[@]}" "$WORK/$name.bin" "$WORK/$name.ini" </dev/null >"$WORK/$name.out" 2>&1 &
-  echo $! >>"$WORK/pids"
-  PID[$name]=$!
-  wait_port "$port" $! "$name"
+  PID[$name]=
+  for ((k = 1; k <= n; k++)); do
+    inst=$name
+    ((n > 1)) && inst=$name-$k
+    mkdir -p "$WORK/$inst"
+    sed -e "s|@PORT@|$port|" -e "s|@NAME@|$inst|g" -e "s|^default_pool_size = .*|default_pool_size = $((20 / n))|" \
+      "$WORK/pgbouncer.ini.in" >"$WORK/$inst.ini"
+    ((n > 1)) && echo "so_reuseport = 1" >>"$WORK/$inst.ini"
+    if [[ $name == pgcorral ]]; then
+      METRICS_PORT=$(free_port)
+      printf 'metrics_addr = 127.0.0.1:%s\n' "$METRICS_PORT" >>"$WORK/$inst.ini"
+    fi
+    if [[ $kind == pgcorral ]] && ((n > 1)); then
+      # One worker each, and every process a peer of the others, so cancels find their query.
+      printf 'workers = 1\npeer_id = %s\n[peers]\n' "$k" >>"$WORK/$inst.ini"
+      local j
+      for ((j = 1; j <= n; j++)); do printf '%s = host=%s port=%s\n' "$j" "$WORK/$name-$j" "$port" >>"$WORK/$inst.ini"; done
+    fi
+    [[ $(id -u) == 0 ]] && chown -R postgres: "$WORK/$inst" "$WORK/$inst.ini"
+    # Not through the as_pg function: a backgrounded function is a subshell,
+    # and $! must be the daemon's own pid for the cleanup to reach it.
+    "${AS_PG[@]}" "$WORK/$name.bin" "$WORK/$inst.ini" </dev/null >"$WORK/$inst.out" 2>&1 &
+    echo $! >>"$WORK/pids"
+    PID[$name]+="$! "
+    wait_port "$port" $! "$inst"
+  done
   PORT[$name]=$port
-  log "$name on port $port"
+  log "$name on port $port ($n process$( ((n > 1)) && echo es))"
 }
-start_pooler pgbouncer "$PGBOUNCER"
-start_pooler pgcorral "$PGCORRAL"
+start_pooler pgbouncer "$PGBOUNCER" pgbouncer
+start_pooler pgcorral "$PGCORRAL" pgcorral
 ALL_TARGETS="direct pgbouncer pgcorral"
 if [[ -n $BASELINE ]]; then
   [[ -x $BASELINE ]] || die "BASELINE=$BASELINE is not an executable"
-  start_pooler baseline "$BASELINE"
+  start_pooler baseline "$BASELINE" pgcorral
   ALL_TARGETS+=" baseline"
+fi
+if [[ -n $SCALE_OUT ]]; then
+  start_pooler pgbouncer-x2 "$PGBOUNCER" pgbouncer 2
+  start_pooler pgcorral-x2 "$PGCORRAL" pgcorral 2
+  ALL_TARGETS+=" pgbouncer-x2 pgcorral-x2"
 fi
 
 for t in $ALL_TARGETS; do
@@ -263,9 +297,10 @@ scrape_loop() { # target
 }
 
 # A process's user and system CPU so far, in clock ticks (after the last ')': the command
-# name may hold spaces).
-cpu_ticks() { # pid
-  sed 's/.*) //' "/proc/$1/stat" | awk '{print $12, $13}'
+# name may hold spaces), summed over the target's processes.
+cpu_ticks() { # pids...
+  local pid
+  for pid in "$@"; do sed 's/.*) //' "/proc/$pid/stat"; done | awk '{u += $12; s += $13} END {print u, s}'
 }
 
 declare -A TPS LAT P99 CPU_USER CPU_SYS  # "workload|target" -> space-separated values, one per run
@@ -280,10 +315,12 @@ run_pgbench() { # workload-index target
   if [[ $SCRAPE == 1 && $2 != direct ]]; then scrape_loop "$2" & scraper=$!; fi
   row=$(printf '%s' "$name" | tr -c 'A-Za-z0-9' '_')
   if [[ $2 != direct ]]; then
-    before=$(cpu_ticks "${PID[$2]}")
+    # shellcheck disable=SC2086  # one word per process
+    before=$(cpu_ticks ${PID[$2]})
     if [[ -n $PROFILE ]]; then
       mkdir -p "$PROFILE"
-      perf record -q -g -F 499 -p "${PID[$2]}" -o "$PROFILE/$row.$2.data" -- sleep "$DURATION" >/dev/null 2>&1 &
+      local pids=${PID[$2]% }
+      perf record -q -g -F 499 -p "${pids// /,}" -o "$PROFILE/$row.$2.data" -- sleep "$DURATION" >/dev/null 2>&1 &
       perf=$!
     fi
   fi
@@ -292,7 +329,8 @@ run_pgbench() { # workload-index target
   [[ -n $scraper ]] && { kill "$scraper" 2>/dev/null; wait "$scraper" 2>/dev/null || true; }
   if [[ -n $before ]]; then
     local after xacts
-    after=$(cpu_ticks "${PID[$2]}")
+    # shellcheck disable=SC2086
+    after=$(cpu_ticks ${PID[$2]})
     xacts=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out" | head -1)
     # A failed run (PgBouncer 1.18 on the prepared row) has no meaningful cost per transaction.
     if [[ $rc == 0 && -n $xacts && $xacts -gt 0 ]]; then
@@ -324,13 +362,6 @@ run_pgbench() { # workload-index target
   return 0
 }
 
-selected=()
-for i in "${!WORKLOADS[@]}"; do
-  IFS='|' read -r name _ _ <<<"${WORKLOADS[$i]}"
-  [[ -z $ONLY || $name =~ $ONLY ]] && selected+=("$i")
-done
-[[ ${#selected[@]} -gt 0 ]] || die "ONLY=$ONLY matches no workload"
-
 for ((round = 0; round < RUNS; round++)); do
   log "round $((round + 1))/$RUNS"
   # History grows with every tpcb-like run; keep rounds comparable.
@@ -358,11 +389,13 @@ echo "pgbench, median of $RUNS runs of ${DURATION}s, scale $SCALE, auth $AUTH, p
 echo "$(nproc) cores; PgBouncer $("$PGBOUNCER" --version | head -1 | awk '{print $2}'); pgcorral $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?') ($PGCORRAL); $(date -u +%F)"
 echo
 [[ -n $BASELINE ]] && echo "baseline: $BASELINE"
+if [[ -n $MAIN_ROWS ]]; then
 extra_head= extra_rule=
 if [[ -n $BASELINE ]]; then extra_head=" baseline tps | pgcorral/baseline | baseline p99 ms |"; extra_rule="---:|---:|---:|"; fi
 echo "| workload | direct tps | PgBouncer tps | pgcorral tps | pgcorral/PgBouncer | pgcorral/direct | direct ms | PgBouncer ms | pgcorral ms | PgBouncer p99 ms | pgcorral p99 ms | p99 pgcorral/PgBouncer |$extra_head"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|$extra_rule"
 for i in "${selected[@]}"; do
+  [[ ${WORKLOADS[$i]} == *-x2* ]] && continue
   IFS='|' read -r name args _ <<<"${WORKLOADS[$i]}"
   declare -A mt=() ml=() mp=()
   for t in $ALL_TARGETS; do
@@ -391,7 +424,16 @@ cpu_head= cpu_rule=
 if [[ -n $BASELINE ]]; then cpu_head=" baseline user + sys | pgcorral/baseline |"; cpu_rule="---:|---:|"; fi
 echo "| workload | PgBouncer user + sys | pgcorral user + sys | pgcorral/PgBouncer |$cpu_head"
 echo "|---|---:|---:|---:|$cpu_rule"
+cpu_total() { # workload-index target: median µs of user + system time per transaction
+  local u s
+  # shellcheck disable=SC2086
+  u=$(median ${CPU_USER["$1|$2"]:-})
+  # shellcheck disable=SC2086
+  s=$(median ${CPU_SYS["$1|$2"]:-})
+  awk -v u="$u" -v s="$s" 'BEGIN { if (u ~ /^[0-9.]+$/ && s ~ /^[0-9.]+$/) printf "%.1f", u + s; else print "-" }'
+}
 for i in "${selected[@]}"; do
+  [[ ${WORKLOADS[$i]} == *-x2* ]] && continue
   IFS='|' read -r name _ _ <<<"${WORKLOADS[$i]}"
   declare -A cu=() cs=() ct=()
   for t in $ALL_TARGETS; do
@@ -407,4 +449,25 @@ for i in "${selected[@]}"; do
   [[ -n $BASELINE ]] && extra=" $(cell baseline) | $(ratio "${ct[pgcorral]}" "${ct[baseline]}") |"
   printf '| %s | %s | %s | %s |%s\n' "$name" "$(cell pgbouncer)" "$(cell pgcorral)" \
     "$(ratio "${ct[pgcorral]}" "${ct[pgbouncer]}")" "$extra"
+done
+
+fi  # MAIN_ROWS
+[[ -z $SCALE_OUT ]] && exit 0
+echo
+echo "Scale-out: two processes sharing the port with so_reuseport (pool 10 each) against one process"
+echo "(pool 20); pgcorral's two run workers = 1 and peer each other, its one runs a worker per core."
+echo "Median tps of $RUNS runs, and CPU per transaction summed over a target's processes (µs):"
+echo
+echo "| workload | PgBouncer | PgBouncer ×2 | ×2/×1 | pgcorral | pgcorral ×2 | ×2/×1 | pgcorral ×2/PgBouncer ×2 | CPU PgBouncer ×2 | CPU pgcorral ×2 |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+for i in "${selected[@]}"; do
+  [[ ${WORKLOADS[$i]} == *-x2* ]] || continue
+  IFS='|' read -r name args _ <<<"${WORKLOADS[$i]}"
+  declare -A mt=()
+  # shellcheck disable=SC2086
+  for t in pgbouncer pgbouncer-x2 pgcorral pgcorral-x2; do mt[$t]=$(median ${TPS["$i|$t"]:-}); done
+  printf '| %s (`%s`) | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$name" "$args" \
+    "$(fmt "${mt[pgbouncer]}" 0)" "$(fmt "${mt[pgbouncer-x2]}" 0)" "$(ratio "${mt[pgbouncer-x2]}" "${mt[pgbouncer]}")" \
+    "$(fmt "${mt[pgcorral]}" 0)" "$(fmt "${mt[pgcorral-x2]}" 0)" "$(ratio "${mt[pgcorral-x2]}" "${mt[pgcorral]}")" \
+    "$(ratio "${mt[pgcorral-x2]}" "${mt[pgbouncer-x2]}")" "$(cpu_total "$i" pgbouncer-x2)" "$(cpu_total "$i" pgcorral-x2)"
 done
