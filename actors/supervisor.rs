@@ -424,7 +424,7 @@ impl Handler<TakeBack> for Supervisor {
         self.shared.shutting_down.store(false, std::sync::atomic::Ordering::Relaxed);
         crate::daemon::notify_systemd("READY=1");
         // The takeover socket's path was removed for the new process: a later -R needs it.
-        match takeover::bind(&self.shared.config().general) {
+        match takeover::bind_after_failed_takeover(&self.shared.config().general) {
             Ok(Some(listener)) => {
                 if let Some(path) = takeover::socket_path(&self.shared.config().general) {
                     takeover::serve(listener, path, self.shared.clone(), ctx.address());

@@ -123,9 +123,21 @@ pub enum TakeoverFailed {
 
 /// Binds the takeover socket, readable by this OS user only.
 pub fn bind(general: &General) -> io::Result<Option<UnixListener>> {
+    bind_with(general, false)
+}
+
+/// Binds the takeover socket again after a takeover failed. Whatever the path holds is the
+/// failed process's socket: that process may still be exiting (the kernel closes its files in
+/// no set order, so its takeover listener can outlive the channel whose end told us it died),
+/// and a connect would still succeed.
+pub fn bind_after_failed_takeover(general: &General) -> io::Result<Option<UnixListener>> {
+    bind_with(general, true)
+}
+
+fn bind_with(general: &General, replace: bool) -> io::Result<Option<UnixListener>> {
     let Some(path) = socket_path(general) else { return Ok(None) };
     if path.exists() {
-        if UnixStream::connect(&path).is_ok() {
+        if !replace && UnixStream::connect(&path).is_ok() {
             return Err(io::Error::new(
                 io::ErrorKind::AddrInUse,
                 format!("{}: another process takes over here", path.display()),
@@ -469,4 +481,31 @@ pub fn forward_cancel_to_predecessor(process_id: i32, secret_key: &[u8]) -> bool
         return false;
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn general_in(dir: &std::path::Path) -> General {
+        General { unix_socket_dir: Some(dir.to_path_buf()), listen_port: 7, ..General::default() }
+    }
+
+    /// A failed new process may still be exiting with its takeover listener open: the old
+    /// process must win the path back all the same, or no later `-R` can reach it.
+    #[test]
+    fn after_a_failed_takeover_a_still_listening_socket_is_replaced() {
+        let dir = std::env::temp_dir().join(format!("pgcorral-takeover-bind-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let general = general_in(&dir);
+        let dying = bind(&general).unwrap().expect("a socket directory is set");
+        let refused = bind(&general).expect_err("a live takeover socket is not taken");
+        assert_eq!(refused.kind(), io::ErrorKind::AddrInUse);
+        let ours = bind_after_failed_takeover(&general).unwrap().expect("bound");
+        drop(dying);
+        let path = socket_path(&general).unwrap();
+        let _client = UnixStream::connect(&path).expect("the path leads to the new listener");
+        assert!(ours.accept().is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -14,6 +14,9 @@ use pgcorral::actors::takeover;
 use pgcorral::config::Config;
 use pgcorral::{daemon, logging, version};
 
+// `--features system-alloc` leaves the C allocator in place, so that valgrind's heap tools
+// (dhat, massif) see every allocation; benches/README.md shows how.
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
