@@ -27,7 +27,7 @@ use crate::actors::messages::{CancelQuery, Kill};
 use crate::actors::registry::Shared;
 use crate::actors::relay::{send_cancel, CancelState, Control, HandedOver, Relay, RelayEnd};
 use crate::actors::replication::{self, Replication, ReplicationPipe};
-use crate::actors::router::local_router;
+use crate::actors::router::shared_local_router;
 use crate::actors::takeover::{self, WakeForHandover};
 use crate::local_queue::{local_queue, LocalReceiver, LocalSender};
 use crate::net::{Endpoint, Framed, Socket};
@@ -96,7 +96,6 @@ impl Actor for ClientSession {
         let session = Session {
             entry,
             shared: self.shared.clone(),
-            me: ctx.address(),
             cancel: self.cancel.clone(),
             admitted: self.admitted.clone(),
             cancel_key: self.cancel_key.clone(),
@@ -292,7 +291,6 @@ enum Serve {
 struct Session {
     entry: Arc<ClientEntry>,
     shared: Arc<Shared>,
-    me: Addr<ClientSession>,
     cancel: Rc<CancelState>,
     admitted: Rc<std::cell::Cell<bool>>,
     cancel_key: Rc<std::cell::Cell<Option<KeyId>>>,
@@ -344,7 +342,7 @@ impl Session {
             log::info!("{} moved in from the process this one took over from", self.entry.describe());
         }
         if let Some(key) = SecretKey::from_bytes(&secret_key)
-            .and_then(|secret| self.shared.adopt_cancel_key(self.me.clone(), process_id, secret))
+            .and_then(|secret| self.shared.adopt_cancel_key(self.entry.clone(), process_id, secret))
         {
             self.cancel_key.set(Some(key));
         }
@@ -352,7 +350,7 @@ impl Session {
         let mut relay = Relay::new(
             conn,
             member,
-            local_router(&pool),
+            shared_local_router(&pool),
             TrackedParams::default(),
             self.cancel.clone(),
             control_rx,
@@ -444,7 +442,7 @@ impl Session {
         self.logged_in(&login.database, &login.user, login.replication);
 
         let (key, process_id, secret_key) =
-            self.shared.register_cancel_key(self.me.clone(), login.protocol_minor);
+            self.shared.register_cancel_key(self.entry.clone(), login.protocol_minor);
         self.cancel_key.set(Some(key));
         if login.replication != Replication::None {
             let pool = login.member.pool().clone();
@@ -465,7 +463,7 @@ impl Session {
             };
         }
         let config = self.shared.config();
-        let router = local_router(login.member.pool());
+        let router = shared_local_router(login.member.pool());
         let pool = login.member.pool().clone();
         let mut relay = Relay::new(
             wire.conn,
@@ -555,7 +553,8 @@ impl Session {
             ClientLogin { database: listed, user, pool: None, replication: Replication::None },
             application_name.map_or("", |(_, v)| v.as_str()),
         );
-        let (key, process_id, secret_key) = self.shared.register_cancel_key(self.me.clone(), protocol_minor);
+        let (key, process_id, secret_key) =
+            self.shared.register_cancel_key(self.entry.clone(), protocol_minor);
         self.cancel_key.set(Some(key));
         let Wire { mut conn, tls } = wire;
         if let Some(tls) = tls {

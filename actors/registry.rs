@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use tokio::sync::Notify;
 
-use crate::actors::census::Census;
-use crate::actors::client::ClientSession;
+use crate::actors::census::{Census, ClientEntry};
 use crate::actors::control::Holds;
 use crate::actors::messages::CancelQuery;
 use crate::actors::peers::{self, ForwardLimits, Peers};
@@ -32,7 +31,9 @@ use crate::stats::{PoolStats, StatsWindow};
 
 struct CancelEntry {
     secret_key: SecretKey,
-    client: Addr<ClientSession>,
+    /// The client's census entry, which holds its session's address: one address per client
+    /// is enough, and each copy of an actix address is an allocation of its own.
+    client: Arc<ClientEntry>,
 }
 
 pub struct Shared {
@@ -521,7 +522,7 @@ impl Shared {
     /// bytes in 3.2) and this process's `peer_id` stamped in, and remembers who holds it.
     pub fn register_cancel_key(
         &self,
-        client: Addr<ClientSession>,
+        client: Arc<ClientEntry>,
         protocol_minor: u16,
     ) -> (KeyId, i32, SecretKey) {
         let own_peer = self.config().general.peer_id;
@@ -542,7 +543,7 @@ impl Shared {
     /// the moved client's key wins, as the other client may cancel no more than a stranger.)
     pub fn adopt_cancel_key(
         &self,
-        client: Addr<ClientSession>,
+        client: Arc<ClientEntry>,
         process_id: i32,
         secret_key: SecretKey,
     ) -> Option<KeyId> {
@@ -604,7 +605,7 @@ impl Shared {
         let keys = self.cancel_keys.lock();
         match keys.get(&id) {
             Some(entry) if entry.secret_key.matches(secret_key) => {
-                entry.client.do_send(CancelQuery);
+                entry.client.session.do_send(CancelQuery);
                 true
             }
             _ => {

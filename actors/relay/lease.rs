@@ -88,12 +88,12 @@ impl Relay {
 
     /// A clean server goes straight back to the Router; one that needs work first goes to its
     /// actor.
-    pub(super) fn give_back(&mut self, lease: Lease, after: AfterLease) {
+    pub(super) fn give_back(&mut self, lease: Box<Lease>, after: AfterLease) {
         // Statements pgcorral added whose fate is unknown: the server's books cannot be
         // trusted, so neither can the server.
         let after = if self.rewriter.settled() { self.session.vetted(after) } else { AfterLease::Close };
         if after == AfterLease::Reuse && !self.settings.1.reset_query_always {
-            let router = live_router(&mut self.router, &self.pool);
+            let router = live_shared_router(&mut self.router, &self.pool);
             router.do_send(Checkin { server: lease.server, link: lease.link, fresh: false });
         } else {
             lease.server.do_send(Return { link: lease.link, after });
@@ -108,7 +108,7 @@ impl Relay {
         let asked = Instant::now();
         let census = &self.pool.census;
         self.entry.waits(census.clock.stamp(asked));
-        live_router(&mut self.router, &self.pool).do_send(Checkout { reply });
+        live_shared_router(&mut self.router, &self.pool).do_send(Checkout { reply });
         let notify = self.settings.1.query_wait_notify;
         let mut notice = (!notify.is_zero()).then(|| Box::pin(tokio::time::sleep(notify)));
         let mut said_goodbye = false;
@@ -133,7 +133,7 @@ impl Relay {
             secret_key: link.secret_key.clone(),
             tcp: self.settings.1.tcp,
         }));
-        self.lease = Some(Lease { server, link, pending_syncs: 0, passthrough: 0 });
+        self.lease = Some(Box::new(Lease { server, link, pending_syncs: 0, passthrough: 0 }));
         self.rewriter = Rewriter::default();
         self.session.leased();
         self.sync_params().await

@@ -33,7 +33,7 @@ use tokio::sync::oneshot;
 use crate::actors::census::ClientEntry;
 use crate::actors::messages::{Checkin, Checkout, Return, ServerOffer};
 use crate::actors::pool::{PoolMember, PoolSettings, PoolShared, Welcome};
-use crate::actors::router::{live_router, worker_index, Router};
+use crate::actors::router::{live_shared_router, worker_index, Router};
 use crate::actors::server::{AfterLease, ServerConnection, ServerLink};
 use crate::admin::resultset::command_complete;
 use crate::auth::{server_error, BackendLoginError};
@@ -142,11 +142,12 @@ pub enum RelayEnd {
 pub struct Relay {
     /// The client's connection: what it sent (`inbox`) and what goes to it (`outbox`).
     client: Framed,
-    lease: Option<Lease>,
+    /// Boxed: an idle client holds no server.
+    lease: Option<Box<Lease>>,
     /// Every decision about the lease, the clocks and the protocol state (no I/O).
     session: Session,
     pool: Arc<PoolShared>,
-    router: Addr<Router>,
+    router: Rc<Addr<Router>>,
     params: TrackedParams,
     /// The values this client logged in with: where its `RESET` takes it back to.
     initial_params: TrackedParams,
@@ -187,7 +188,7 @@ impl Relay {
     pub fn new(
         client: Framed,
         member: PoolMember,
-        router: Addr<Router>,
+        router: Rc<Addr<Router>>,
         params: TrackedParams,
         cancel: Rc<CancelState>,
         control: LocalReceiver<Control>,
@@ -236,7 +237,7 @@ impl Relay {
     /// What the buffers say about the lease, for the session machine.
     fn wire(&self) -> Wire {
         Wire {
-            clean: self.lease.as_ref().is_none_or(Lease::wire_clean) && self.client_passthrough == 0,
+            clean: self.lease.as_deref().is_none_or(Lease::wire_clean) && self.client_passthrough == 0,
             cancel_in_flight: self.cancel.in_flight.get() > 0,
         }
     }
@@ -260,34 +261,40 @@ impl Relay {
 
     /// Runs until the client leaves or is disconnected, or moves to a new process; the leased
     /// server, if any, goes back to its actor in a state that is safe for the next client.
-    pub async fn run(mut self) -> RelayEnd {
-        let ending = self.serve().await;
-        if matches!(ending, Ending::HandedOver) {
-            return RelayEnd::Moved(Box::new(HandedOver {
-                client: self.client,
-                params: self.params,
-                initial_params: self.initial_params,
-                statements: self.statements,
-            }));
+    ///
+    /// Not an `async fn`: one would hold `self` twice in its future (the argument, and the
+    /// binding it is moved into), and this future is what an idle client costs.
+    #[allow(clippy::manual_async_fn)] // deliberately not async fn: see above
+    pub fn run(mut self) -> impl Future<Output = RelayEnd> {
+        async move {
+            let ending = self.serve().await;
+            if matches!(ending, Ending::HandedOver) {
+                return RelayEnd::Moved(Box::new(HandedOver {
+                    client: self.client,
+                    params: self.params,
+                    initial_params: self.initial_params,
+                    statements: self.statements,
+                }));
+            }
+            let after = self.session.on_exit(self.wire(), matches!(ending, Ending::ServerLost));
+            if let Some(lease) = self.lease.take() {
+                self.cancel.target.replace(None);
+                self.give_back(lease, after);
+            }
+            let goodbye = match ending {
+                Ending::Terminated => return RelayEnd::Closed("client close request".into()),
+                Ending::ClientLeft => return RelayEnd::Closed("client unexpected eof".into()),
+                Ending::Error(e) => e,
+                Ending::ServerLost => PgError::fatal(sqlstate::CONNECTION_FAILURE, "server conn crashed?"),
+                Ending::HandedOver => unreachable!("returned above"),
+            };
+            if self.settings.1.log_pooler_errors {
+                log::warn!("{} pooler error: {}", self.entry.describe(), goodbye.message);
+            }
+            goodbye.encode(&mut self.client.outbox);
+            self.client.say_goodbye().await;
+            RelayEnd::Closed(goodbye.message)
         }
-        let after = self.session.on_exit(self.wire(), matches!(ending, Ending::ServerLost));
-        if let Some(lease) = self.lease.take() {
-            self.cancel.target.replace(None);
-            self.give_back(lease, after);
-        }
-        let goodbye = match ending {
-            Ending::Terminated => return RelayEnd::Closed("client close request".into()),
-            Ending::ClientLeft => return RelayEnd::Closed("client unexpected eof".into()),
-            Ending::Error(e) => e,
-            Ending::ServerLost => PgError::fatal(sqlstate::CONNECTION_FAILURE, "server conn crashed?"),
-            Ending::HandedOver => unreachable!("returned above"),
-        };
-        if self.settings.1.log_pooler_errors {
-            log::warn!("{} pooler error: {}", self.entry.describe(), goodbye.message);
-        }
-        goodbye.encode(&mut self.client.outbox);
-        self.client.say_goodbye().await;
-        RelayEnd::Closed(goodbye.message)
     }
 
     async fn serve(&mut self) -> Ending {
@@ -349,7 +356,8 @@ impl Relay {
                 return ending;
             }
             if self.session.settle_due(self.wire()) {
-                if let Err(ending) = self.settle_session().await {
+                // Boxed: rare (after a SET), and inline it would be part of every idle client.
+                if let Err(ending) = Box::pin(self.settle_session()).await {
                     return ending;
                 }
                 self.maybe_release();
@@ -421,8 +429,12 @@ impl Relay {
     }
 
     /// Sends what is queued for the client and ends the session (a login that failed late).
-    pub async fn run_closing(mut self) {
-        self.client.say_goodbye().await;
+    /// Not an `async fn`, for the reason given at [`Relay::run`].
+    #[allow(clippy::manual_async_fn)]
+    pub fn run_closing(mut self) -> impl Future<Output = ()> {
+        async move {
+            self.client.say_goodbye().await;
+        }
     }
 
     /// A client moved here by an online restart: its parameters now and as it logged in (where

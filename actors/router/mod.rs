@@ -22,6 +22,7 @@ use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -40,7 +41,9 @@ use self::core::{Lendable, RouterCore, RouterIo, Timer, JANITOR_PERIOD};
 
 thread_local! {
     static WORKER: Cell<usize> = const { Cell::new(0) };
-    static ROUTERS: RefCell<HashMap<PoolKey, Addr<Router>>> = RefCell::new(HashMap::new());
+    /// Shared by this worker's clients: every copy of an actix address is an allocation of its
+    /// own, and each client would otherwise hold one.
+    static ROUTERS: RefCell<HashMap<PoolKey, Rc<Addr<Router>>>> = RefCell::new(HashMap::new());
 }
 
 /// Called once on each worker arbiter's thread so actors there know their worker slot.
@@ -54,6 +57,11 @@ pub fn worker_index() -> usize {
 
 /// This worker's router for `pool`, started on the current arbiter on first use.
 pub fn local_router(pool: &Arc<PoolShared>) -> Addr<Router> {
+    (*shared_local_router(pool)).clone()
+}
+
+/// [`local_router`], as the worker's one shared copy of its address.
+pub fn shared_local_router(pool: &Arc<PoolShared>) -> Rc<Addr<Router>> {
     ROUTERS.with(|routers| {
         let mut routers = routers.borrow_mut();
         if let Some(router) = routers.get(&pool.key).filter(|r| r.connected()) {
@@ -62,6 +70,7 @@ pub fn local_router(pool: &Arc<PoolShared>) -> Addr<Router> {
         let worker = worker_index();
         let router = Router::new(pool.clone(), worker).start();
         pool.set_router(worker, Arc::new(router.clone()));
+        let router = Rc::new(router);
         routers.insert(pool.key.clone(), router.clone());
         router
     })
@@ -73,6 +82,15 @@ pub fn live_router<'a>(held: &'a mut Addr<Router>, pool: &Arc<PoolShared>) -> &'
     if !held.connected() {
         log::error!("pool {}: router on worker {} died; using a new one", pool.key, worker_index());
         *held = local_router(pool);
+    }
+    held
+}
+
+/// [`live_router`] for a shared copy of the address.
+pub fn live_shared_router<'a>(held: &'a mut Rc<Addr<Router>>, pool: &Arc<PoolShared>) -> &'a Addr<Router> {
+    if !held.connected() {
+        log::error!("pool {}: router on worker {} died; using a new one", pool.key, worker_index());
+        *held = shared_local_router(pool);
     }
     held
 }
@@ -307,7 +325,7 @@ impl Actor for Router {
         let me = ctx.address();
         ROUTERS.with(|routers| {
             let mut routers = routers.borrow_mut();
-            if routers.get(&self.pool.key).is_some_and(|r| *r == me) {
+            if routers.get(&self.pool.key).is_some_and(|r| **r == me) {
                 routers.remove(&self.pool.key);
             }
         });
