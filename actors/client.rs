@@ -231,7 +231,7 @@ impl Handler<Kill> for ClientSession {
     type Result = ();
 
     fn handle(&mut self, msg: Kill, _: &mut Context<Self>) {
-        self.control.send(Control::Kill(msg.0));
+        self.control.send(Control::Kill(Box::new(msg.0)));
     }
 }
 
@@ -262,10 +262,10 @@ impl Handler<CancelQuery> for ClientSession {
                     // The request may still reach PostgreSQL later and cancel whatever runs on
                     // that server then: the client goes, and its server is closed, not reused.
                     log::warn!("cancel request to {} not delivered within cancel_wait_timeout", target.addr);
-                    control.send(Control::Kill(PgError::fatal(
+                    control.send(Control::Kill(Box::new(PgError::fatal(
                         sqlstate::CONNECTION_FAILURE,
                         "cancel request could not be delivered within cancel_wait_timeout",
-                    )));
+                    ))));
                     return;
                 }
             }

@@ -151,7 +151,7 @@ impl Console {
         poll_fn(|cx| {
             while let Poll::Ready(message) = control.poll_recv(cx) {
                 if let Control::Kill(error) = message {
-                    return Poll::Ready(Ok(Some(error)));
+                    return Poll::Ready(Ok(Some(*error)));
                 }
             }
             conn.poll_send(cx).map_ok(|()| None)

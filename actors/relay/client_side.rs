@@ -54,13 +54,13 @@ impl Relay {
             let frame = match header_at(&self.client.inbox[end..], self.max_packet) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
-                Err(e) => return Err(Ending::Error(e.to_pg())),
+                Err(e) => return Err(Ending::Error(Box::new(e.to_pg()))),
             };
             let available = self.client.inbox.len() - end;
             let head = match client_hold(frame, &self.client.inbox[end..], self.rewrites_statements()) {
                 Hold::Head(head) if available >= head => head,
                 Hold::Head(_) | Hold::More => break,
-                Hold::TooLarge => return Err(Ending::Error(too_large_to_read(frame))),
+                Hold::TooLarge => return Err(Ending::Error(Box::new(too_large_to_read(frame)))),
             };
             let whole = available >= frame.len;
             if frame.tag == b'X' {
@@ -89,7 +89,9 @@ impl Relay {
             let rewritten = self.rewrites_statements()
                 && matches!(frame.tag, b'P' | b'B' | b'D' | b'C' | b'Q' | b'S' | b'F')
                 && self.rewrite_client_message(end, head.max(available.min(frame.len)))?;
-            self.rewriter.syncs_ignored(ignored_syncs);
+            if let Some(lease) = &mut self.lease {
+                lease.rewriter.syncs_ignored(ignored_syncs);
+            }
             if rewritten {
                 end = 0;
                 self.client_passthrough = frame.len - head.max(available.min(frame.len));
@@ -110,10 +112,10 @@ impl Relay {
         let Some(lease) = &mut self.lease else { return Ok(false) };
         let capacity = self.settings.1.max_prepared_statements;
         let frame = &self.client.inbox[end..end + len];
-        let rewritten = self
+        let rewritten = lease
             .rewriter
             .client_message(frame, &mut self.statements, &mut lease.link.statements, capacity)
-            .map_err(|e| Ending::Error(e.to_pg()))?;
+            .map_err(|e| Ending::Error(Box::new(e.to_pg())))?;
         let tag = frame[0];
         if tag == b'P' || tag == b'C' || tag == b'Q' {
             self.entry.set_prepared(self.statements.len());

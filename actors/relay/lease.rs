@@ -13,9 +13,10 @@ pub(super) type RouterAnswer = Result<Result<ServerOffer, PgError>, oneshot::err
 /// with values it did not choose.
 pub(super) fn restore_failed(error: BackendLoginError) -> Ending {
     match error {
-        BackendLoginError::Server { code, message, .. } => {
-            Ending::Error(PgError::fatal(&code, format!("could not restore session parameters: {message}")))
-        }
+        BackendLoginError::Server { code, message, .. } => Ending::Error(Box::new(PgError::fatal(
+            &code,
+            format!("could not restore session parameters: {message}"),
+        ))),
         _ => Ending::ServerLost,
     }
 }
@@ -91,7 +92,7 @@ impl Relay {
     pub(super) fn give_back(&mut self, lease: Box<Lease>, after: AfterLease) {
         // Statements pgcorral added whose fate is unknown: the server's books cannot be
         // trusted, so neither can the server.
-        let after = if self.rewriter.settled() { self.session.vetted(after) } else { AfterLease::Close };
+        let after = if lease.rewriter.settled() { self.session.vetted(after) } else { AfterLease::Close };
         if after == AfterLease::Reuse && !self.settings.1.reset_query_always {
             let router = live_shared_router(&mut self.router, &self.pool);
             router.do_send(Checkin { server: lease.server, link: lease.link, fresh: false });
@@ -115,12 +116,12 @@ impl Relay {
         let answer = poll_fn(|cx| self.poll_wait(&mut answer, &mut notice, &mut said_goodbye, cx)).await?;
         let (server, link) = match answer {
             Ok(Ok(offer)) => offer.claim(),
-            Ok(Err(error)) => return Err(Ending::Error(error)),
+            Ok(Err(error)) => return Err(Ending::Error(Box::new(error))),
             Err(_) => {
-                return Err(Ending::Error(PgError::fatal(
+                return Err(Ending::Error(Box::new(PgError::fatal(
                     sqlstate::CONNECTION_FAILURE,
                     format!("pool {} is shutting down", self.pool.key),
-                )))
+                ))))
             }
         };
         let now = Instant::now();
@@ -133,8 +134,13 @@ impl Relay {
             secret_key: link.secret_key.clone(),
             tcp: self.settings.1.tcp,
         }));
-        self.lease = Some(Box::new(Lease { server, link, pending_syncs: 0, passthrough: 0 }));
-        self.rewriter = Rewriter::default();
+        self.lease = Some(Box::new(Lease {
+            server,
+            link,
+            pending_syncs: 0,
+            passthrough: 0,
+            rewriter: Rewriter::default(),
+        }));
         self.session.leased();
         self.sync_params().await
     }
@@ -222,8 +228,9 @@ impl Relay {
             // release makes this once per transaction); their answers are swallowed in
             // server_input. Unreported ones can stop being valid (a dropped text search
             // configuration) and are set first, so that no client query runs without them.
-            postgres_protocol::message::frontend::query(&sql, &mut lease.link.conn.outbox)
-                .map_err(|e| Ending::Error(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())))?;
+            postgres_protocol::message::frontend::query(&sql, &mut lease.link.conn.outbox).map_err(|e| {
+                Ending::Error(Box::new(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())))
+            })?;
             lease.pending_syncs += 1;
             lease.link.matches_client = Some(self.params.clone());
             return Ok(());
@@ -253,7 +260,7 @@ impl Relay {
         }
         match self.acquire().await {
             Ok(()) => {}
-            Err(Ending::Error(e)) => return Err(e),
+            Err(Ending::Error(e)) => return Err(*e),
             Err(_) => return Err(PgError::fatal(sqlstate::CONNECTION_FAILURE, "server conn crashed?")),
         }
         let welcome = self.lease.as_ref().map(|l| l.link.params.clone()).unwrap_or_default();

@@ -69,7 +69,8 @@ const MAX_SERVER_MESSAGE: usize = 1 << 30;
 /// Instructions from the ClientSession actor to its relay loop.
 #[derive(Debug)]
 pub enum Control {
-    Kill(PgError),
+    /// Boxed, as in [`Ending`]: a rare message should not size every event.
+    Kill(Box<PgError>),
     /// A cancel request for this client has been delivered to PostgreSQL.
     CancelDelivered,
     /// An online restart began: move to the new process once idle between transactions.
@@ -86,6 +87,8 @@ struct Lease {
     pending_syncs: u8,
     /// Bytes of the server message at the front still to stream to the client unread.
     passthrough: usize,
+    /// Which of this lease's responses answer messages pgcorral added.
+    rewriter: Rewriter,
 }
 
 impl Lease {
@@ -116,8 +119,9 @@ enum Ending {
     Terminated,
     /// The client's connection ended without a Terminate.
     ClientLeft,
-    /// Tell the client, then close it.
-    Error(PgError),
+    /// Tell the client, then close it. Boxed: the error is rare, and inline it would size
+    /// every step of every idle client's future.
+    Error(Box<PgError>),
     ServerLost,
     /// Idle while a new process takes over: the client moves there.
     HandedOver,
@@ -179,8 +183,6 @@ pub struct Relay {
     xact_started: Option<Instant>,
     /// This client's named prepared statements, kept across servers in transaction mode.
     statements: ClientStatements,
-    /// Which of the current lease's responses answer messages pgcorral added.
-    rewriter: Rewriter,
 }
 
 impl Relay {
@@ -220,7 +222,6 @@ impl Relay {
             query_started: None,
             xact_started: None,
             statements: ClientStatements::default(),
-            rewriter: Rewriter::default(),
         }
     }
 
@@ -284,7 +285,7 @@ impl Relay {
             let goodbye = match ending {
                 Ending::Terminated => return RelayEnd::Closed("client close request".into()),
                 Ending::ClientLeft => return RelayEnd::Closed("client unexpected eof".into()),
-                Ending::Error(e) => e,
+                Ending::Error(e) => *e,
                 Ending::ServerLost => PgError::fatal(sqlstate::CONNECTION_FAILURE, "server conn crashed?"),
                 Ending::HandedOver => unreachable!("returned above"),
             };
@@ -298,8 +299,12 @@ impl Relay {
     }
 
     async fn serve(&mut self) -> Ending {
-        let configuration_changed =
-            || Ending::Error(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "database configuration changed"));
+        let configuration_changed = || {
+            Ending::Error(Box::new(PgError::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                "database configuration changed",
+            )))
+        };
         loop {
             if self.session.finished(self.lease.is_some()) {
                 return Ending::Terminated;
@@ -318,7 +323,7 @@ impl Relay {
                         if *clock == Clock::Query {
                             self.cancel_running_query();
                         }
-                        return Ending::Error(clock.expired());
+                        return Ending::Error(Box::new(clock.expired()));
                     }
                     None => Ok(()),
                 },
@@ -326,10 +331,10 @@ impl Relay {
                     if self.session.tracker().busy() {
                         self.cancel_running_query();
                     }
-                    return Ending::Error(PgError::fatal(
+                    return Ending::Error(Box::new(PgError::fatal(
                         sqlstate::PROTOCOL_VIOLATION,
                         "transaction timeout",
-                    ));
+                    )));
                 }
                 Event::ClientData => self.client_input().await,
                 Event::ServerData => self.server_input(),
@@ -345,10 +350,10 @@ impl Relay {
                 // A TLS session's keys stay in this process's OpenSSL: such a client cannot
                 // move, and is let go between transactions, where its driver reconnects.
                 Event::HandOver if matches!(self.client.socket, Socket::ClientTls(_)) => {
-                    return Ending::Error(PgError::fatal(
+                    return Ending::Error(Box::new(PgError::fatal(
                         sqlstate::ADMIN_SHUTDOWN,
                         "pgcorral is restarting; reconnect (TLS sessions cannot move)",
-                    ))
+                    )))
                 }
                 Event::HandOver => return Ending::HandedOver,
             };

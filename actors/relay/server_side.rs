@@ -36,11 +36,11 @@ impl Relay {
                 // Streams to the client as it arrives: its tag is all the model needs.
                 if frame.tag == b'E' && rewriting {
                     let header = &lease.link.conn.inbox[end..end + 5];
-                    self.rewriter.server_message(header, &mut self.statements, &mut lease.link.statements);
+                    lease.rewriter.server_message(header, &mut self.statements, &mut lease.link.statements);
                 }
                 self.session.server_message(frame.tag, None);
                 if matches!(frame.tag, b'G' | b'W') {
-                    self.rewriter.syncs_ignored(self.session.take_ignored_syncs());
+                    lease.rewriter.syncs_ignored(self.session.take_ignored_syncs());
                 }
                 lease.passthrough = frame.len - available;
                 end += available;
@@ -69,7 +69,7 @@ impl Relay {
             if rewriting && matches!(frame.tag, b'1' | b'3' | b'E' | b'Z') {
                 let message = &lease.link.conn.inbox[end..end + frame.len];
                 let verdict =
-                    self.rewriter.server_message(message, &mut self.statements, &mut lease.link.statements);
+                    lease.rewriter.server_message(message, &mut self.statements, &mut lease.link.statements);
                 if verdict != ServerVerdict::Forward {
                     let forwarded =
                         take_frame(&mut lease.link.conn.inbox, end, frame.len, &mut self.client.outbox);
@@ -85,7 +85,7 @@ impl Relay {
             let body = frame.body(&lease.link.conn.inbox[end..]);
             self.session.server_message(frame.tag, body.first().copied());
             match frame.tag {
-                b'G' | b'W' => self.rewriter.syncs_ignored(self.session.take_ignored_syncs()),
+                b'G' | b'W' => lease.rewriter.syncs_ignored(self.session.take_ignored_syncs()),
                 b'Z' => {
                     let now = Instant::now();
                     let stats = &self.pool.stats;
@@ -110,7 +110,7 @@ impl Relay {
                     let tag = body.strip_suffix(b"\0").unwrap_or(body);
                     self.session.command_complete(tag);
                     if rewriting
-                        && self.rewriter.command_complete(
+                        && lease.rewriter.command_complete(
                             tag,
                             &mut self.statements,
                             &mut lease.link.statements,
