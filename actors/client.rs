@@ -45,10 +45,7 @@ pub struct ClientSession {
     cancel: Rc<CancelState>,
     control: LocalSender<Control>,
     control_rx: Option<LocalReceiver<Control>>,
-    admitted: Rc<std::cell::Cell<bool>>,
-    cancel_key: Rc<std::cell::Cell<Option<KeyId>>>,
-    /// (database, user) this client is counted under once logged in.
-    counted: Rc<std::cell::RefCell<Option<(String, String)>>>,
+    holdings: Rc<Holdings>,
     /// This client in the census (SHOW CLIENTS), from the moment it connected.
     entry: Option<Arc<ClientEntry>>,
     /// A client moved here by an online restart, with what its session held.
@@ -64,9 +61,7 @@ impl ClientSession {
             cancel: Rc::new(CancelState::default()),
             control,
             control_rx: Some(control_rx),
-            admitted: Rc::default(),
-            cancel_key: Rc::default(),
-            counted: Rc::default(),
+            holdings: Rc::default(),
             entry: None,
             moved: None,
         }
@@ -97,9 +92,7 @@ impl Actor for ClientSession {
             entry,
             shared: self.shared.clone(),
             cancel: self.cancel.clone(),
-            admitted: self.admitted.clone(),
-            cancel_key: self.cancel_key.clone(),
-            counted: self.counted.clone(),
+            holdings: self.holdings.clone(),
         };
         // Two futures, one after the other, so that an idle session keeps only the relay's
         // state, not the login's.
@@ -157,18 +150,29 @@ impl ClientSession {
     }
 }
 
+/// What a session holds in the process's shared books, given back when its actor goes: one
+/// allocation, shared by the actor and its login future.
+#[derive(Default)]
+struct Holdings {
+    /// It holds a `max_client_conn` slot.
+    admitted: std::cell::Cell<bool>,
+    cancel_key: std::cell::Cell<Option<KeyId>>,
+    /// (database, user) this client is counted under once logged in.
+    counted: std::cell::RefCell<Option<(String, String)>>,
+}
+
 /// In Drop rather than `stopped`: a session whose code panicked is dropped without being
 /// stopped, and must still give back its `max_client_conn` slot, its cancel key and its
 /// per-database and per-user counts.
 impl Drop for ClientSession {
     fn drop(&mut self) {
-        if self.admitted.get() {
+        if self.holdings.admitted.get() {
             self.shared.client_left();
         }
-        if let Some(key) = self.cancel_key.get() {
+        if let Some(key) = self.holdings.cancel_key.get() {
             self.shared.forget_cancel_key(key);
         }
-        if let Some((database, user)) = self.counted.borrow_mut().take() {
+        if let Some((database, user)) = self.holdings.counted.borrow_mut().take() {
             self.shared.login_left(&database, &user);
         }
         if let Some(entry) = &self.entry {
@@ -182,7 +186,7 @@ impl ClientSession {
     /// what the log says of it.
     fn move_out(&mut self, handed: HandedOver) -> String {
         let HandedOver { client, params, initial_params, statements } = handed;
-        let (Some(entry), Some(key)) = (&self.entry, self.cancel_key.get()) else {
+        let (Some(entry), Some(key)) = (&self.entry, self.holdings.cancel_key.get()) else {
             return "online restart: a client without a login cannot move".into();
         };
         let (Some(login), Some(secret)) = (entry.login(), self.shared.cancel_secret(key)) else {
@@ -292,9 +296,7 @@ struct Session {
     entry: Arc<ClientEntry>,
     shared: Arc<Shared>,
     cancel: Rc<CancelState>,
-    admitted: Rc<std::cell::Cell<bool>>,
-    cancel_key: Rc<std::cell::Cell<Option<KeyId>>>,
-    counted: Rc<std::cell::RefCell<Option<(String, String)>>>,
+    holdings: Rc<Holdings>,
 }
 
 impl Session {
@@ -319,8 +321,8 @@ impl Session {
         let mut conn = Framed::new(socket);
         // The process it comes from admitted it: no limit turns it away now.
         self.shared.count_moved_client(&database, &user);
-        self.admitted.set(true);
-        self.counted.replace(Some((database.clone(), user.clone())));
+        self.holdings.admitted.set(true);
+        self.holdings.counted.replace(Some((database.clone(), user.clone())));
         let statements =
             ClientStatements::restore(statements.into_iter().map(|s| (s.name, s.query, s.param_types)));
         let member = self.shared.pool(&database, &user);
@@ -344,7 +346,7 @@ impl Session {
         if let Some(key) = SecretKey::from_bytes(&secret_key)
             .and_then(|secret| self.shared.adopt_cancel_key(self.entry.clone(), process_id, secret))
         {
-            self.cancel_key.set(Some(key));
+            self.holdings.cancel_key.set(Some(key));
         }
         let config = self.shared.config();
         let mut relay = Relay::new(
@@ -395,7 +397,7 @@ impl Session {
             () = pending.evicted() => Err(LoginCut::Crowded),
         };
         drop(pending);
-        self.admitted.set(admitted);
+        self.holdings.admitted.set(admitted);
         let login = match login {
             Ok(Ok(Accepted::Login(login))) => login,
             Ok(Ok(Accepted::Console(login))) => return self.console(wire, control_rx, login).await,
@@ -425,7 +427,7 @@ impl Session {
             wire.conn.outbox.clear();
             return Err(self.refuse(&mut wire, error).await);
         }
-        self.counted.replace(Some((login.database.clone(), login.user.clone())));
+        self.holdings.counted.replace(Some((login.database.clone(), login.user.clone())));
         if let Some(tls) = &wire.tls {
             self.entry.set_tls(tls.description.clone());
         }
@@ -443,7 +445,7 @@ impl Session {
 
         let (key, process_id, secret_key) =
             self.shared.register_cancel_key(self.entry.clone(), login.protocol_minor);
-        self.cancel_key.set(Some(key));
+        self.holdings.cancel_key.set(Some(key));
         if login.replication != Replication::None {
             let pool = login.member.pool().clone();
             let key = (process_id, &secret_key);
@@ -547,7 +549,7 @@ impl Session {
         log::debug!("client {}: console login as {user} ({role:?})", wire.conn.socket.peer());
         // Counted under the name PgBouncer lists the console as.
         let listed = ADMIN_DATABASES[0].to_string();
-        self.counted.replace(Some((database.clone(), user.clone())));
+        self.holdings.counted.replace(Some((database.clone(), user.clone())));
         let application_name = startup.iter().find(|(n, _)| n == "application_name");
         self.entry.logged_in(
             ClientLogin { database: listed, user, pool: None, replication: Replication::None },
@@ -555,7 +557,7 @@ impl Session {
         );
         let (key, process_id, secret_key) =
             self.shared.register_cancel_key(self.entry.clone(), protocol_minor);
-        self.cancel_key.set(Some(key));
+        self.holdings.cancel_key.set(Some(key));
         let Wire { mut conn, tls } = wire;
         if let Some(tls) = tls {
             self.entry.set_tls(tls.description);

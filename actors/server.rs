@@ -21,12 +21,12 @@ use actix::prelude::*;
 use crate::actors::census::ServerEntry;
 use crate::actors::messages::*;
 use crate::actors::pool::{Permit, PoolShared};
+use crate::actors::relay::CancelTarget;
 use crate::actors::router::{live_router, Router};
 use crate::auth::{self, BackendLoginError};
 use crate::config::PoolMode;
-use crate::net::{DetachedSocket, Framed, ServerAddr};
+use crate::net::{DetachedSocket, Framed, ServerAddr, TcpSettings};
 use crate::params::{sorted_session, TrackedParams, SESSION_PROBE};
-use crate::protocol::cancel_key::SecretKey;
 use crate::protocol::prepared::{is_discard_all, ServerStatements};
 use crate::protocol::PgError;
 
@@ -38,10 +38,11 @@ pub struct ServerLink<C = Framed> {
     /// The socket, with what was read from it and not yet consumed and what is queued for it
     /// (a bare detached socket while the connection moves between workers).
     pub conn: C,
-    pub addr: ServerAddr,
     pub process_id: i32,
-    /// 4 bytes in protocol 3.0, up to 256 in 3.2.
-    pub secret_key: SecretKey,
+    /// Where and how to cancel what runs on it (the address reached, its key, up to 256 bytes
+    /// in protocol 3.2): made once, and shared with each client it serves, at no cost per
+    /// lease.
+    pub cancel: Arc<CancelTarget>,
     /// The server's current ParameterStatus values, kept up to date by whoever reads its output.
     pub params: Vec<(String, String)>,
     /// The client values these parameters were last found to match; any ParameterStatus
@@ -217,16 +218,17 @@ impl ServerLink {
     pub(crate) fn logged_in(
         conn: Framed,
         addr: ServerAddr,
+        tcp: TcpSettings,
         outcome: crate::auth::LoginOutcome,
         entry: Arc<ServerEntry>,
         permit: Permit,
     ) -> ServerLink {
+        let process_id = outcome.process_id;
         ServerLink {
             born: Instant::now(),
             conn,
-            addr,
-            process_id: outcome.process_id,
-            secret_key: outcome.secret_key,
+            process_id,
+            cancel: Arc::new(CancelTarget { addr, process_id, secret_key: outcome.secret_key, tcp }),
             params: outcome.params,
             matches_client: None,
             statements: ServerStatements::default(),
@@ -249,9 +251,8 @@ impl<C> ServerLink<C> {
         let ServerLink {
             born,
             conn,
-            addr,
             process_id,
-            secret_key,
+            cancel,
             params,
             matches_client,
             generation,
@@ -266,9 +267,8 @@ impl<C> ServerLink<C> {
         Ok(ServerLink {
             born,
             conn: convert(conn)?,
-            addr,
             process_id,
-            secret_key,
+            cancel,
             params,
             matches_client,
             generation,

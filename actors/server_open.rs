@@ -256,7 +256,7 @@ async fn finish(
         }
         _ => addr.clone(),
     };
-    let mut link = ServerLink::logged_in(conn, reached, outcome, entry, permit);
+    let mut link = ServerLink::logged_in(conn, reached, settings.tcp, outcome, entry, permit);
     let application_name = link.param("application_name").unwrap_or_default().to_string();
     link.entry.logged_in(endpoints, link.process_id, &application_name, tls);
     if let Some(query) = &settings.connect_query {

@@ -19,7 +19,8 @@ pub struct CancelTarget {
 /// the same thread.
 #[derive(Debug, Default)]
 pub struct CancelState {
-    pub target: RefCell<Option<CancelTarget>>,
+    /// The leased server's, shared with its link: a pointer, so an idle client pays 8 bytes.
+    pub target: RefCell<Option<Arc<CancelTarget>>>,
     /// Cancels sent and not yet delivered: the server is not released meanwhile, so that a late
     /// cancel can never hit the next client's query.
     pub in_flight: Cell<u32>,

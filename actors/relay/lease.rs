@@ -128,12 +128,7 @@ impl Relay {
         self.pool.stats.assigned(self.worker, now - asked);
         self.entry.holds(link.entry.id);
         link.entry.lent(self.entry.id, self.pool.census.clock.stamp(now));
-        self.cancel.target.replace(Some(CancelTarget {
-            addr: link.addr.clone(),
-            process_id: link.process_id,
-            secret_key: link.secret_key.clone(),
-            tcp: self.settings.1.tcp,
-        }));
+        self.cancel.target.replace(Some(link.cancel.clone()));
         self.lease = Some(Box::new(Lease {
             server,
             link,
