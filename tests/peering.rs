@@ -12,7 +12,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::console::{show, Table};
-use support::wire::{read_msg, send_cancel, KeyedSession};
+use support::wire::{send_cancel, KeyedSession};
 use support::*;
 
 /// Each node's own address, on which its peers reach it.
@@ -52,20 +52,7 @@ fn peer_in(process_id: i32) -> u16 {
 /// Runs `pg_sleep(60)` on `session`, sends its cancel request to `cancel_at`, and returns the
 /// SQLSTATE the query ended with and how long it ran.
 fn sleep_cancelled_through(session: &mut KeyedSession, cancel_at: (&str, u16)) -> (Option<String>, Duration) {
-    use std::io::Write;
-    let started = Instant::now();
-    session.stream.write_all(&wire::query("SELECT pg_sleep(60)")).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    send_cancel(cancel_at, session.process_id, &session.key);
-    let mut error = None;
-    loop {
-        let m = read_msg(&mut session.stream);
-        match m.tag {
-            b'E' => error = m.sqlstate(),
-            b'Z' => return (error, started.elapsed()),
-            _ => {}
-        }
-    }
+    session.query_while("SELECT pg_sleep(60)", |s| send_cancel(cancel_at, s.process_id, &s.key))
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -9,7 +9,7 @@ mod support;
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::wire::{read_msg, send_cancel, startup, KeyedSession, Msg};
 use support::*;
@@ -80,19 +80,7 @@ fn sleep_and_cancel(
     seconds: u32,
     key: &[u8],
 ) -> (Option<String>, Duration) {
-    let started = Instant::now();
-    session.stream.write_all(&wire::query(&format!("SELECT pg_sleep({seconds})"))).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    cancel(port, session.process_id, key);
-    let mut error = None;
-    loop {
-        let m = read_msg(&mut session.stream);
-        match m.tag {
-            b'E' => error = m.sqlstate(),
-            b'Z' => return (error, started.elapsed()),
-            _ => {}
-        }
-    }
+    session.query_while(&format!("SELECT pg_sleep({seconds})"), |s| cancel(port, s.process_id, key))
 }
 
 /// Each client's key is as long as its protocol allows, and only the whole key cancels: over

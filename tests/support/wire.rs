@@ -211,6 +211,25 @@ impl KeyedSession {
             key: body[4..].to_vec(),
         }
     }
+
+    /// Sends `sql`, runs `meanwhile` once it has had a moment to start (a cancel, say), and
+    /// reads until ReadyForQuery; returns the SQLSTATE it ended with (None: it ran to the end)
+    /// and how long it took.
+    pub fn query_while(&mut self, sql: &str, meanwhile: impl FnOnce(&Self)) -> (Option<String>, Duration) {
+        let started = std::time::Instant::now();
+        self.stream.write_all(&query(sql)).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        meanwhile(self);
+        let mut error = None;
+        loop {
+            let m = read_msg(&mut self.stream);
+            match m.tag {
+                b'E' => error = m.sqlstate(),
+                b'Z' => return (error, started.elapsed()),
+                _ => {}
+            }
+        }
+    }
 }
 
 /// Sends a CancelRequest with a key of any length to `addr`, and waits until it is closed.
